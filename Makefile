@@ -1,0 +1,80 @@
+# The one way to build, test, demo and benchmark tcp-exporter.
+# `make demo` and `make test` work on a fresh machine: they install what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTHON ?= python3
+export TCP_EXPORTER_CACHE ?= $(HOME)/.cache/tcp-exporter
+LOCALKUBE := PYTHONPATH=tests $(PY) -m localkube
+APT_PACKAGES := iptables nftables conntrack iproute2 prometheus openssl util-linux
+STAMP := $(VENV)/.installed
+
+.PHONY: help deps venv lint test test-unit demo bench cluster-up cluster-down clean lock
+
+help:
+	@echo "make demo         run the whole thing on a local control plane"
+	@echo "make test         all tests (installs what they need)"
+	@echo "make lint         ruff, mypy, hadolint"
+	@echo "make bench        benchmarks under bench/ (tables + JSON in bench/results/)"
+	@echo "make cluster-up   start the local control plane (.local/kubeconfig)"
+	@echo "make cluster-down stop it and remove its state"
+
+# Debian packages the tests use; installed only when missing and when root.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "==> apt-get install$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "==> not root: skipping apt packages:$$missing"; fi; \
+	fi
+	@command -v go >/dev/null || { echo "Go is needed to build the local control plane"; exit 1; }
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "==> creating $(VENV) and installing tcp-exporter with pinned dependencies"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@PIP_CONSTRAINT=constraints.txt $(PIP) install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+lint: venv
+	@echo "==> ruff"; $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	@echo "==> mypy"; $(VENV)/bin/mypy
+	@echo "==> hadolint"; $(VENV)/bin/hadolint Dockerfile.operator Dockerfile.sidecar
+	@echo "==> go vet (control-plane tooling)"; cd tests/localkube && go vet . && test -z "$$(gofmt -l .)"
+
+test: deps venv
+	@echo "==> building (or reusing) the local control plane"
+	@$(LOCALKUBE) build >/dev/null
+	@echo "==> pytest"
+	@$(VENV)/bin/pytest -v $(PYTEST_ARGS)
+
+test-unit: venv
+	@$(VENV)/bin/pytest -v -m "not cluster and not netns and not prometheus" $(PYTEST_ARGS)
+
+cluster-up: deps venv
+	@$(LOCALKUBE) up
+
+cluster-down: venv
+	@$(LOCALKUBE) down
+
+demo: deps venv
+	@$(PY) -m demo
+
+bench: deps venv
+	@$(PY) -m bench.sidecar
+	@$(PY) -m bench.operator
+
+clean: cluster-down
+	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache
+
+# Re-resolve every dependency to its newest version and pin the result.
+lock:
+	rm -rf /tmp/tcp-exporter-lock && $(PYTHON) -m venv /tmp/tcp-exporter-lock
+	/tmp/tcp-exporter-lock/bin/pip install -q '.[dev]' setuptools
+	{ echo "# Every dependency pinned, transitive ones included; used by the Makefile (PIP_CONSTRAINT) and both Dockerfiles."; \
+	  echo "# Regenerate: make lock"; \
+	  /tmp/tcp-exporter-lock/bin/pip freeze --all | grep -v -e '^tcp-exporter' -e '^pip==' | sort -f; } > constraints.txt

@@ -1,0 +1,520 @@
+"""Build and run a real local Kubernetes control plane on loopback.
+
+etcd, kube-apiserver and kube-controller-manager come from one binary built
+from the published Go modules (see main.go beside this file). The binary is
+cached outside the repository, keyed by the Kubernetes version and a hash of
+the Go sources, so it is built once per version.
+
+Two ways to run it:
+- detached (`make cluster-up`): processes in their own session, state and
+  kubeconfig under `.local/`, stopped by `make cluster-down`;
+- attached (the pytest fixture): every process dies with its parent
+  (PR_SET_PDEATHSIG), so an interrupted test run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+LOCAL = REPO / ".local"
+KUBE_VERSION = "v1.37.2"
+ADMIN_USER = "localkube-admin"
+# The service range is only allocated from, never routed: the test range keeps
+# even a stray connection attempt on addresses this project may use.
+SERVICE_CIDR = "198.19.255.0/24"
+CRDS = REPO / "tests" / "crds"
+
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: None
+    verbs: ["get", "list", "watch"]
+  - level: Metadata
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[localkube] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("TCP_EXPORTER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tcp-exporter"
+    )
+    return Path(base)
+
+
+def _ldflags() -> str:
+    """Stamp the version, as Kubernetes' own build does, so clients and servers report it."""
+    major, minor, _ = KUBE_VERSION.lstrip("v").split(".", 2)
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={KUBE_VERSION}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+            f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
+        ]
+    return " ".join(flags)
+
+
+def binary_path() -> Path:
+    digest = hashlib.sha256(_ldflags().encode())
+    for name in ("go.mod", "go.sum", "main.go"):
+        digest.update((HERE / name).read_bytes())
+    return cache_dir() / "localkube" / f"{KUBE_VERSION}-{digest.hexdigest()[:12]}" / "localkube"
+
+
+def build() -> Path:
+    """Build the control-plane binary unless the cache already holds it."""
+    target = binary_path()
+    if target.exists():
+        return target
+    if shutil.which("go") is None:
+        raise RuntimeError("Go is needed to build the local control plane and was not found on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"building etcd + kube-apiserver + kube-controller-manager {KUBE_VERSION} from Go modules")
+    log("a cold build takes several minutes on two cores; it is cached in " + str(target.parent))
+    started = time.monotonic()
+    tmp = target.with_suffix(".tmp")
+    proc = subprocess.Popen(
+        ["go", "build", "-trimpath", "-ldflags", _ldflags(), "-o", str(tmp), "."],
+        cwd=HERE,
+        env={**os.environ, "CGO_ENABLED": "0"},
+    )
+    while True:
+        try:
+            rc = proc.wait(timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            log(f"  still building ({time.monotonic() - started:.0f} s)")
+    if rc != 0:
+        raise RuntimeError(f"go build failed with exit code {rc}")
+    tmp.rename(target)
+    log(f"built in {time.monotonic() - started:.0f} s")
+    return target
+
+
+def kubectl() -> str:
+    """kubectl of the same version as the control plane: the multi-call binary under that name."""
+    link = build().parent / "kubectl"
+    if not link.exists():
+        link.symlink_to("localkube")
+    return str(link)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _set_pdeathsig() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Cluster:
+    """A running control plane: where it is and how to reach it."""
+
+    state_dir: str
+    kubeconfig: str
+    server: str
+    audit_log: str
+    log_dir: str
+    pids: dict[str, int]
+    etcd_url: str
+    binary: str
+    detached: bool
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Cluster:
+        return cls(**json.loads(path.read_text()))
+
+    def logs_tail(self, lines: int = 40) -> str:
+        out = []
+        for f in sorted(Path(self.log_dir).glob("*.log")):
+            text = f.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"==> {f} <==\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def ready(self) -> bool:
+        return _get(self, "/readyz") == "ok"
+
+    def alive(self) -> bool:
+        return all(_pid_alive(pid) for pid in self.pids.values())
+
+    def stop(self, remove_state: bool = True) -> None:
+        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+            pid = self.pids.get(name)
+            if pid is not None:
+                _terminate(pid)
+        if remove_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def restart_apiserver(self) -> None:
+        """Kill and start the apiserver again on the same port and state (for resilience tests)."""
+        _terminate(self.pids["kube-apiserver"])
+        self.pids["kube-apiserver"] = _spawn(
+            self, "kube-apiserver", json.loads(Path(self.state_dir, "apiserver.args").read_text())
+        )
+        _wait(self.ready, 60, "kube-apiserver to be ready again", self)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0): reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _terminate(pid: int, grace: float = 10.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+
+
+def _get(cluster: Cluster, path: str) -> str | None:
+    token = Path(cluster.state_dir, "admin.token").read_text().strip()
+    ctx = ssl.create_default_context(cafile=str(Path(cluster.state_dir, "pki", "ca.crt")))
+    req = urllib.request.Request(cluster.server + path, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
+            return str(resp.read().decode())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait(check, timeout: float, what: str, cluster: Cluster) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if not cluster.alive():
+            raise RuntimeError(f"a control-plane process exited while waiting for {what}\n{cluster.logs_tail()}")
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}\n{cluster.logs_tail()}")
+
+
+def _spawn(cluster: Cluster, name: str, args: list[str]) -> int:
+    logf = open(Path(cluster.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [cluster.binary, name, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=cluster.detached,
+        preexec_fn=None if cluster.detached else _set_pdeathsig,  # noqa: PLW1509 - prctl only, async-signal-safe
+    )
+    logf.close()
+    return proc.pid
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_pki(pki: Path) -> None:
+    pki.mkdir(parents=True)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=localkube-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=pki,
+    )
+    (pki / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=kube-apiserver",
+        "-keyout",
+        "apiserver.key",
+        "-out",
+        "apiserver.csr",
+        cwd=pki,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "apiserver.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        "apiserver.crt",
+        cwd=pki,
+    )
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def kubeconfig_text(server: str, ca_file: Path, token: str, user: str) -> str:
+    import base64
+
+    ca = base64.b64encode(ca_file.read_bytes()).decode()
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "localkube", "cluster": {"server": server, "certificate-authority-data": ca}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "localkube", "context": {"cluster": "localkube", "user": user}}],
+            "current-context": "localkube",
+        },
+        indent=2,
+    )
+
+
+def start(state_dir: Path, kubeconfig: Path, detached: bool) -> Cluster:
+    binary = build()
+    started = time.monotonic()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    pki = state_dir / "pki"
+    _make_pki(pki)
+    log_dir = state_dir / "logs"
+    log_dir.mkdir()
+    admin_token = os.urandom(16).hex()
+    kcm_token = os.urandom(16).hex()
+    (state_dir / "admin.token").write_text(admin_token)
+    # Static tokens: the admin and the controller-manager act with full rights,
+    # under their own names so that the audit log tells their writes apart.
+    (state_dir / "tokens.csv").write_text(
+        f'{admin_token},{ADMIN_USER},uid-admin,"system:masters"\n'
+        f'{kcm_token},system:kube-controller-manager,uid-kcm,"system:masters"\n'
+    )
+    (state_dir / "audit-policy.yaml").write_text(AUDIT_POLICY)
+    etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    server = f"https://127.0.0.1:{api_port}"
+    cluster = Cluster(
+        state_dir=str(state_dir),
+        kubeconfig=str(kubeconfig),
+        server=server,
+        audit_log=str(state_dir / "audit.log"),
+        log_dir=str(log_dir),
+        pids={},
+        etcd_url=etcd_url,
+        binary=str(binary),
+        detached=detached,
+    )
+    peer = f"http://127.0.0.1:{peer_port}"
+    cluster.pids["etcd"] = _spawn(
+        cluster,
+        "etcd",
+        [
+            f"--data-dir={state_dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}",
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ],
+    )
+    apiserver_args = [
+        f"--etcd-servers={etcd_url}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={api_port}",
+        "--advertise-address=127.0.0.1",
+        f"--tls-cert-file={pki / 'apiserver.crt'}",
+        f"--tls-private-key-file={pki / 'apiserver.key'}",
+        f"--client-ca-file={pki / 'ca.crt'}",
+        f"--token-auth-file={state_dir / 'tokens.csv'}",
+        "--authorization-mode=RBAC",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={pki / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki / 'sa.key'}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        "--allow-privileged=true",
+        # The kubernetes Service endpoints may not point at loopback; nothing here needs them.
+        "--endpoint-reconciler-type=none",
+        f"--audit-policy-file={state_dir / 'audit-policy.yaml'}",
+        f"--audit-log-path={cluster.audit_log}",
+        "--audit-log-format=json",
+        "--audit-log-mode=blocking",
+        f"--cert-dir={pki}",
+        "--v=1",
+    ]
+    (state_dir / "apiserver.args").write_text(json.dumps(apiserver_args))
+    try:
+        cluster.pids["kube-apiserver"] = _spawn(cluster, "kube-apiserver", apiserver_args)
+        _wait(cluster.ready, 90, "kube-apiserver /readyz", cluster)
+        kcm_kubeconfig = state_dir / "kcm.kubeconfig"
+        kcm_kubeconfig.write_text(kubeconfig_text(server, pki / "ca.crt", kcm_token, "kcm"))
+        cluster.pids["kube-controller-manager"] = _spawn(
+            cluster,
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={kcm_kubeconfig}",
+                "--secure-port=0",
+                "--leader-elect=false",
+                "--controllers=garbage-collector-controller,deployment-controller,replicaset-controller,"
+                "serviceaccount-controller,namespace-controller,clusterrole-aggregation-controller",
+                "--concurrent-gc-syncs=5",
+                "--v=1",
+            ],
+        )
+        kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+        kubeconfig.write_text(kubeconfig_text(server, pki / "ca.crt", admin_token, ADMIN_USER))
+        # The serviceaccount controller creating "default" shows the controller-manager is working.
+        _wait(
+            lambda: _get(cluster, "/api/v1/namespaces/default/serviceaccounts/default") is not None,
+            60,
+            "the controller-manager to create the default ServiceAccount",
+            cluster,
+        )
+        install_crds(cluster)
+    except BaseException:
+        cluster.stop(remove_state=False)
+        raise
+    log(f"control plane {KUBE_VERSION} ready at {server} in {time.monotonic() - started:.1f} s")
+    return cluster
+
+
+def install_crds(cluster: Cluster) -> None:
+    """The test CRDs (KEDA's ScaledObject), applied and established."""
+    subprocess.run(
+        [kubectl(), "--kubeconfig", cluster.kubeconfig, "apply", "-f", str(CRDS / "keda.yaml")],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            kubectl(),
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/scaledobjects.keda.sh",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def local_cluster() -> Cluster | None:
+    """The detached cluster of `make cluster-up`, if it is running."""
+    info = LOCAL / "cluster.json"
+    if not info.exists():
+        return None
+    cluster = Cluster.load(info)
+    if cluster.alive() and cluster.ready():
+        return cluster
+    return None
+
+
+def up() -> Cluster:
+    running = local_cluster()
+    if running is not None:
+        log(f"already running at {running.server}; kubeconfig {running.kubeconfig}")
+        return running
+    down()
+    LOCAL.mkdir(exist_ok=True)
+    cluster = start(LOCAL / "cluster", LOCAL / "kubeconfig", detached=True)
+    cluster.save(LOCAL / "cluster.json")
+    (LOCAL / "bin").mkdir(exist_ok=True)
+    link = LOCAL / "bin" / "kubectl"
+    link.unlink(missing_ok=True)
+    link.symlink_to(kubectl())
+    log(f"kubeconfig: {cluster.kubeconfig} (logs in {cluster.log_dir})")
+    log(f"try: {link} --kubeconfig {cluster.kubeconfig} get --raw /readyz")
+    return cluster
+
+
+def down() -> None:
+    info = LOCAL / "cluster.json"
+    if info.exists():
+        Cluster.load(info).stop()
+        info.unlink()
+        log("stopped")
+    shutil.rmtree(LOCAL / "cluster", ignore_errors=True)
+    (LOCAL / "kubeconfig").unlink(missing_ok=True)
+
+
+def temporary() -> Cluster:
+    """A private cluster whose processes die with this process."""
+    state = Path(tempfile.mkdtemp(prefix="localkube-"))
+    return start(state, state / "kubeconfig", detached=False)
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0] if argv else ""
+    if cmd == "build":
+        print(build())
+    elif cmd == "up":
+        up()
+    elif cmd == "down":
+        down()
+    elif cmd == "env":
+        c = local_cluster()
+        if c is None:
+            print("not running", file=sys.stderr)
+            return 1
+        print(f"export KUBECONFIG={c.kubeconfig}")
+    else:
+        print("usage: python -m localkube build|up|down|env", file=sys.stderr)
+        return 2
+    return 0
