@@ -1,0 +1,203 @@
+"""The `tcp-exporter` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from tcp_exporter import __version__
+from tcp_exporter import contract as c
+from tcp_exporter.exporter import LANDING, ConnectionCollector, make_registry, parse_listen_address, serve
+from tcp_exporter.methods import Options, Unavailable, select
+
+log = logging.getLogger("tcp_exporter")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def port_number(text: str) -> int:
+    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number in 1-65535")
+    return int(text)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcp-exporter",
+        description="Count ESTABLISHED inbound TCP connections on the watched port(s) of this network "
+        "namespace and serve them as Prometheus metrics. Every flag can also be set through an environment "
+        f"variable {c.ENV_PREFIX}<FLAG> (for example {c.env_name('--watch-port')}=8080,8443); a flag wins over "
+        "its variable.",
+        epilog="The original form `tcp-exporter LISTEN_PORT WATCH_PORT` still works.",
+    )
+    parser.add_argument("legacy", nargs="*", metavar="LISTEN_PORT WATCH_PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--listen-address",
+        type=listen_address,
+        default=None,
+        help=f"HOST:PORT to serve /metrics on (default {c.DEFAULT_LISTEN_ADDRESS}: every address)",
+    )
+    parser.add_argument(
+        "--watch-port",
+        type=port_number,
+        action="append",
+        default=None,
+        help="local port whose inbound connections are counted; repeat for several (env: comma-separated)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=c.METHODS,
+        default=None,
+        help="how to count: conntrack (needs CAP_NET_ADMIN), sockdiag, psutil, or auto "
+        "(the first available in that order; default)",
+    )
+    parser.add_argument(
+        "--resync-interval",
+        type=non_negative,
+        default=None,
+        metavar="SECONDS",
+        help="conntrack: seconds between full resyncs from the socket table, 0 for never (default 60)",
+    )
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None, help="default info")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None, help="default text")
+    parser.add_argument("--version", action="version", version=f"tcp-exporter {__version__}")
+    return parser
+
+
+def parse_args(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespace:
+    """Flags, then TCP_EXPORTER_* variables, then defaults. Exits 2 with usage on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def from_env(flag: str, convert, default):  # type: ignore[no-untyped-def]
+        name = c.env_name(flag)
+        if name not in environ:
+            return default
+        try:
+            return convert(environ[name])
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error(f"{name}: {exc}")
+
+    def choice(options: Sequence[str]):  # type: ignore[no-untyped-def]
+        def check(text: str) -> str:
+            if text not in options:
+                raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+            return text
+
+        return check
+
+    if args.legacy:
+        if len(args.legacy) != 2:
+            parser.error("the positional form takes exactly two ports: LISTEN_PORT WATCH_PORT")
+        if args.listen_address is not None or args.watch_port is not None:
+            parser.error("give the ports either positionally or with --listen-address/--watch-port, not both")
+        try:
+            args.listen_address = ("", port_number(args.legacy[0]))
+            args.watch_port = [port_number(args.legacy[1])]
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    if args.listen_address is None:
+        args.listen_address = from_env("--listen-address", listen_address, listen_address(c.DEFAULT_LISTEN_ADDRESS))
+    if args.watch_port is None:
+        args.watch_port = from_env("--watch-port", lambda v: [port_number(p) for p in v.split(",") if p.strip()], [])
+    if not args.watch_port:
+        parser.error(f"no port to watch: give --watch-port (or {c.env_name('--watch-port')})")
+    if args.method is None:
+        args.method = from_env("--method", choice(c.METHODS), "auto")
+    if args.resync_interval is None:
+        args.resync_interval = from_env("--resync-interval", non_negative, 60.0)
+    if args.log_level is None:
+        args.log_level = from_env("--log-level", choice(("debug", "info", "warning", "error")), "info")
+    if args.log_format is None:
+        args.log_format = from_env("--log-format", choice(("text", "json")), "text")
+    return args
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv, dict(os.environ))
+    setup_logging(args.log_level, args.log_format)
+    ports = sorted(set(args.watch_port))
+    try:
+        method, reason = select(args.method, ports, Options(resync_interval=args.resync_interval))
+    except Unavailable as exc:
+        log.error("cannot count with method %s: %s", args.method, exc)
+        return EXIT_FAILURE
+    log.info(
+        "counting ESTABLISHED inbound connections on port(s) %s with %s: %s",
+        ",".join(map(str, ports)),
+        method.name,
+        reason,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        collector = ConnectionCollector(method, reason)
+        landing = LANDING.format(ports=", ".join(map(str, ports)), method=method.name)
+        try:
+            server = serve(args.listen_address, make_registry(collector), landing)
+        except OSError as exc:
+            host, port = args.listen_address
+            log.error("cannot listen on %s:%d: %s", host or "*", port, exc.strerror or exc)
+            return EXIT_FAILURE
+        log.info("serving metrics on %s:%d%s", args.listen_address[0] or "*", args.listen_address[1], c.METRICS_PATH)
+        stop.wait()
+        server.shutdown()
+        server.server_close()
+    finally:
+        method.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,44 @@
+"""The sidecar's interface, in one place: flags, environment, ports, metric names.
+
+The operator builds the injected container from this module, and the tests
+check it against the real CLI, so the two cannot drift apart. Pure: no
+dependency beyond the standard library.
+"""
+
+from __future__ import annotations
+
+ENV_PREFIX = "TCP_EXPORTER_"
+DEFAULT_METRICS_PORT = 9100
+DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_METRICS_PORT}"
+METRICS_PATH = "/metrics"
+HEALTH_PATH = "/healthz"
+
+METHODS = ("auto", "conntrack", "sockdiag", "psutil")
+# Linux capabilities each method needs; the others need none.
+METHOD_CAPABILITIES: dict[str, tuple[str, ...]] = {"conntrack": ("NET_ADMIN",)}
+
+METRIC_PREFIX = "tcp_exporter_"
+METRIC_ESTABLISHED = "tcp_exporter_established_connections"
+METRIC_ACCEPTED = "tcp_exporter_accepted_connections"  # exposed with the _total suffix
+METRIC_METHOD_INFO = "tcp_exporter_method"  # exposed as tcp_exporter_method_info
+METRIC_COUNT_DURATION = "tcp_exporter_count_duration_seconds"
+METRIC_COUNT_SUCCESS = "tcp_exporter_count_success"
+METRIC_COUNT_FAILURES = "tcp_exporter_count_failures"  # exposed with the _total suffix
+METRIC_BUILD_INFO = "tcp_exporter_build"  # exposed as tcp_exporter_build_info
+PORT_LABEL = "port"
+
+
+def env_name(flag: str) -> str:
+    """`--watch-port` -> `TCP_EXPORTER_WATCH_PORT`."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def sidecar_args(ports: list[int], method: str, metrics_port: int = DEFAULT_METRICS_PORT) -> list[str]:
+    """The container args that run the sidecar on `ports` with `method`, serving on `metrics_port`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    return [
+        f"--listen-address=:{metrics_port}",
+        *(f"--watch-port={port}" for port in ports),
+        f"--method={method}",
+    ]

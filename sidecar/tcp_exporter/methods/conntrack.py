@@ -1,0 +1,289 @@
+"""conntrack: connection-tracking events through ctnetlink. Needs CAP_NET_ADMIN.
+
+Tracking is off in a fresh network namespace, so opening this method installs
+our nftables table (see tcp_exporter.nftables), and closing it removes it.
+
+How the count stays exact:
+- Subscribe to conntrack NEW/UPDATE/DESTROY events first, then read the
+  socket table once (the resync): every ESTABLISHED socket on a watched port
+  is known, including idle ones that predate us and that conntrack, which only
+  sees packets, has never seen.
+- Events then move connections in and out: a connection whose handshake was
+  seen (SYN_SENT/SYN_RECV, then ESTABLISHED) is counted as accepted, exactly;
+  any state past ESTABLISHED, or a DESTROY, removes it.
+- Connections known only from the socket table (they predate us) are checked
+  against the socket table at each count while any is left, so they cannot
+  go stale: conntrack's view of them is unreliable, since it picks up
+  connections mid-stream, even from the last ACK of one that is closing.
+- A count first drains every queued event, so it sees what happened up to the
+  moment of the scrape. Event loss (ENOBUFS) and a periodic timer trigger a
+  full resync from the socket table.
+Between scrapes the only work is handling events (and the periodic resync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+
+from tcp_exporter import netlink, nftables
+from tcp_exporter.methods import Counts, Options, Unavailable
+from tcp_exporter.methods.sockdiag import SocketTable
+
+log = logging.getLogger(__name__)
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_DELETE = 2
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+
+CTA_TUPLE_ORIG = 1
+CTA_PROTOINFO = 4
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+
+SYN_SENT, SYN_RECV, ESTABLISHED, SYN_SENT2 = 1, 2, 3, 9
+HANDSHAKE = frozenset((SYN_SENT, SYN_RECV, SYN_SENT2))
+
+RTM_NEWADDR = 20
+RTM_GETADDR = 22
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+EVENT_RCVBUF = 8 << 20
+
+
+def parse_event(buf: bytes | memoryview, start: int, end: int) -> tuple[bytes, bytes, int, int, int | None] | None:
+    """(src, dst, sport, dport, TCP state or None) of a conntrack message's original tuple; None if not TCP.
+
+    `start` is where the attributes begin (after the nfgenmsg header).
+    """
+    src = dst = b""
+    sport = dport = proto = 0
+    state: int | None = None
+    for attr, a, b in netlink.iter_attrs(buf, start, end):
+        if attr == CTA_TUPLE_ORIG:
+            for inner, c, d in netlink.iter_attrs(buf, a, b):
+                if inner == CTA_TUPLE_IP:
+                    for ip_attr, e, f in netlink.iter_attrs(buf, c, d):
+                        if ip_attr in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                            src = bytes(buf[e:f])
+                        elif ip_attr in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                            dst = bytes(buf[e:f])
+                elif inner == CTA_TUPLE_PROTO:
+                    for p_attr, e, f in netlink.iter_attrs(buf, c, d):
+                        if p_attr == CTA_PROTO_NUM:
+                            proto = buf[e]
+                        elif p_attr == CTA_PROTO_SRC_PORT:
+                            sport = int.from_bytes(buf[e:f], "big")
+                        elif p_attr == CTA_PROTO_DST_PORT:
+                            dport = int.from_bytes(buf[e:f], "big")
+        elif attr == CTA_PROTOINFO:
+            for inner, c, d in netlink.iter_attrs(buf, a, b):
+                if inner == CTA_PROTOINFO_TCP:
+                    for t_attr, e, _f in netlink.iter_attrs(buf, c, d):
+                        if t_attr == CTA_PROTOINFO_TCP_STATE:
+                            state = buf[e]
+    if proto != socket.IPPROTO_TCP:
+        return None
+    return src, dst, sport, dport, state
+
+
+def local_addresses() -> set[bytes]:
+    """Every address of this network namespace (4 bytes for IPv4, 16 for IPv6), from RTM_GETADDR."""
+    sock = netlink.Socket(netlink.NETLINK_ROUTE)
+    out: set[bytes] = set()
+    try:
+        req = netlink.nlmsg(
+            RTM_GETADDR,
+            netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
+            sock.next_seq(),
+            struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0),
+        )
+        for buf in sock.dump(req):
+            done = False
+            for msg_type, _flags, payload, end in netlink.iter_messages(buf):
+                if msg_type == RTM_NEWADDR:
+                    for attr, a, b in netlink.iter_attrs(buf, payload + 8, end):
+                        if attr in (IFA_ADDRESS, IFA_LOCAL):
+                            out.add(bytes(buf[a:b]))
+                elif msg_type == netlink.NLMSG_DONE:
+                    done = True
+                elif msg_type == netlink.NLMSG_ERROR:
+                    netlink.raise_for_error(buf, payload)
+            if done:
+                return out
+    finally:
+        sock.close()
+    return out
+
+
+class Conntrack:
+    name = "conntrack"
+    exact_accepted = True
+
+    def __init__(self, ports: tuple[int, ...], resync_interval: float = 60.0) -> None:
+        self.ports = ports
+        self.port_set = frozenset(ports)
+        self.resync_interval = resync_interval
+        self.lock = threading.Lock()
+        self.established: dict[int, set[bytes]] = {p: set() for p in ports}  # kept by events
+        self.unwatched: dict[int, set[bytes]] = {p: set() for p in ports}  # only the socket table knows them
+        self.handshakes: set[bytes] = set()
+        self.accepted = dict.fromkeys(ports, 0)
+        self.local: set[bytes] = set()
+        self.resyncs = 0
+        groups = (
+            (1 << (NFNLGRP_CONNTRACK_NEW - 1))
+            | (1 << (NFNLGRP_CONNTRACK_UPDATE - 1))
+            | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+        )
+        try:
+            self.events = netlink.Socket(netlink.NETLINK_NETFILTER, groups=groups, rcvbuf=EVENT_RCVBUF)
+        except OSError as exc:
+            raise Unavailable(f"cannot subscribe to conntrack events (needs CAP_NET_ADMIN): {exc}") from exc
+        self.table: SocketTable | None = None
+        try:
+            self.events.sock.setblocking(False)
+            nftables.install()
+            self.table = SocketTable(ports)
+            with self.lock:
+                self._resync(initial=True)
+        except (OSError, Unavailable) as exc:
+            self._release()
+            raise Unavailable(f"cannot make conntrack active here (needs CAP_NET_ADMIN): {exc}") from exc
+        self.wake_r, self.wake_w = os.pipe()
+        self.thread = threading.Thread(target=self._run, name="conntrack-events", daemon=True)
+        self.thread.start()
+
+    # -- keys ---------------------------------------------------------------
+
+    def _key(self, src: bytes, dst: bytes, sport: int, dport: int) -> tuple[int, bytes] | None:
+        """(watched port, key) for a flow to or from a watched local port; None for anything else."""
+        if dport in self.port_set and dst in self.local:
+            return dport, dst + src + dport.to_bytes(2, "big") + sport.to_bytes(2, "big")
+        # A connection picked up mid-stream from a reply packet has its tuple reversed.
+        if sport in self.port_set and src in self.local:
+            return sport, src + dst + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+        return None
+
+    # -- events ---------------------------------------------------------------
+
+    def _handle(self, buf: memoryview) -> None:
+        for msg_type, _flags, payload, end in netlink.iter_messages(buf):
+            if msg_type >> 8 != NFNL_SUBSYS_CTNETLINK:
+                continue
+            event = parse_event(buf, payload + 4, end)
+            if event is None:
+                continue
+            src, dst, sport, dport, state = event
+            found = self._key(src, dst, sport, dport)
+            if found is None:
+                continue
+            port, key = found
+            if (msg_type & 0xFF) == IPCTNL_MSG_CT_DELETE or (
+                state is not None and state > ESTABLISHED and state != SYN_SENT2
+            ):
+                self.established[port].discard(key)
+                self.unwatched[port].discard(key)
+                self.handshakes.discard(key)
+            elif state in HANDSHAKE:
+                self.handshakes.add(key)
+            elif state == ESTABLISHED and key in self.handshakes:
+                # Only a seen handshake proves a new connection: conntrack also "picks up" connections
+                # mid-stream, even from the last ACK of one that is closing.
+                self.handshakes.discard(key)
+                if key not in self.established[port]:
+                    self.established[port].add(key)
+                    self.accepted[port] += 1
+
+    def _drain(self) -> None:
+        """Handle every queued event. Called with the lock held."""
+        while True:
+            try:
+                buf = self.events.recv()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                log.warning("conntrack events were lost (ENOBUFS): resyncing from the socket table")
+                self._resync(initial=False)
+                continue
+            self._handle(buf)
+
+    def _resync(self, initial: bool) -> None:
+        """Rebuild the connection sets from the socket table. Called with the lock held."""
+        assert self.table is not None
+        self.local = local_addresses()
+        current: dict[int, set[bytes]] = {p: set() for p in self.ports}
+        for key in self.table.connection_keys():
+            current[int.from_bytes(key[-4:-2], "big")].add(key)
+        for port in self.ports:
+            known = self.established[port] | self.unwatched[port]
+            if not initial:
+                self.accepted[port] += len(current[port] - known)
+            self.established[port] &= current[port]
+            self.unwatched[port] = current[port] - self.established[port]
+        self.resyncs += 1
+
+    def _run(self) -> None:
+        while True:
+            ready, _, _ = select.select(
+                [self.events.fileno(), self.wake_r], [], [], self.resync_interval if self.resync_interval > 0 else None
+            )
+            if self.wake_r in ready:
+                return
+            try:
+                with self.lock:
+                    if ready:
+                        self._drain()
+                    else:
+                        self._drain()
+                        self._resync(initial=False)
+            except OSError:
+                log.exception("conntrack event handling failed")
+
+    # -- the interface ----------------------------------------------------------
+
+    def count(self) -> Counts:
+        with self.lock:
+            self._drain()
+            if any(self.unwatched.values()):
+                assert self.table is not None
+                alive = set(self.table.connection_keys())
+                for port in self.ports:
+                    self.unwatched[port] &= alive
+            return Counts(
+                established={p: len(self.established[p]) + len(self.unwatched[p]) for p in self.ports},
+                accepted=dict(self.accepted),
+            )
+
+    def _release(self) -> None:
+        if self.table is not None:
+            self.table.close()
+        self.events.close()
+        with contextlib.suppress(OSError):
+            nftables.remove()
+
+    def close(self) -> None:
+        os.write(self.wake_w, b"x")
+        self.thread.join(timeout=2)
+        with self.lock:
+            self._release()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+def open_method(ports: tuple[int, ...], options: Options) -> Conntrack:
+    return Conntrack(ports, options.resync_interval)

@@ -1,0 +1,211 @@
+"""sockdiag: the kernel's socket table through netlink inet_diag, as ss(8) reads it.
+
+The kernel filters by state (ESTABLISHED) and by local port (a small
+bytecode program), so only the sockets that count cross into Python; the
+answers are walked at C speed with struct.iter_unpack. No privilege needed.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tcp_exporter import netlink
+from tcp_exporter.methods import AcceptedSampler, Counts, Options, Unavailable
+
+SOCK_DIAG_BY_FAMILY = 20
+TCP_ESTABLISHED = 1
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_JMP = 1
+INET_DIAG_BC_S_EQ = 11
+
+REQ_V2 = struct.Struct("=BBBxI48x")  # family, protocol, ext, states, zeroed sockid
+BC_OP = struct.Struct("=BBH")  # code, yes, no
+# Offsets inside a SOCK_DIAG_BY_FAMILY message (nlmsghdr + inet_diag_msg).
+SPORT_AT = 20
+SRC_AT = 24
+DST_AT = 40
+COOKIE_AT = 60
+MIN_MSG = 88
+V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def bytecode(ports: tuple[int, ...]) -> bytes:
+    """An inet_diag program accepting sockets whose local port is one of `ports`.
+
+    Per port: S_EQ port (true: go on to a JMP that accepts; false: skip to the
+    next port, or past the end, which rejects). The kernel's audit walks the
+    `yes` chain, so every `yes` lands on the next op and the chain ends at the
+    program's end.
+    """
+    length = 12 * len(ports)
+    ops = []
+    for i, port in enumerate(ports):
+        remaining = length - 12 * i
+        last = i == len(ports) - 1
+        ops.append(BC_OP.pack(INET_DIAG_BC_S_EQ, 8, remaining + 4 if last else 12))
+        ops.append(BC_OP.pack(0, 0, port))
+        ops.append(BC_OP.pack(INET_DIAG_BC_JMP, 4, remaining - 8))
+    return b"".join(ops)
+
+
+def request(family: int, ports: tuple[int, ...], seq: int) -> bytes:
+    payload = REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_ESTABLISHED)
+    payload += netlink.nla(INET_DIAG_REQ_BYTECODE, bytecode(ports))
+    return netlink.nlmsg(SOCK_DIAG_BY_FAMILY, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP, seq, payload)
+
+
+_layouts: dict[int, tuple[struct.Struct, struct.Struct]] = {}
+
+
+def _layout(length: int) -> tuple[struct.Struct, struct.Struct]:
+    """For messages of one length: a header check and the fields we read (sport, cookie)."""
+    if length not in _layouts:
+        _layouts[length] = (
+            struct.Struct(f"=IH{length - 6}x"),
+            struct.Struct(f"={SPORT_AT}x2s{COOKIE_AT - SPORT_AT - 2}x8s{length - COOKIE_AT - 8}x"),
+        )
+    return _layouts[length]
+
+
+def parse(buf: bytes | memoryview) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """(local port big-endian, socket cookie) of each socket in one received buffer, and whether the dump ended.
+
+    A dump's messages usually share one length; then the whole buffer is
+    checked and read in two C-level passes. Otherwise, message by message.
+    """
+    records: list[tuple[bytes, bytes]] = []
+    if len(buf) < netlink.NLMSG_HDR.size:
+        return records, False
+    first_len, first_type = struct.unpack_from("=IH", buf, 0)
+    start = 0
+    if first_type == SOCK_DIAG_BY_FAMILY and first_len >= MIN_MSG and first_len % 4 == 0:
+        n = len(buf) // first_len
+        region = buf[: n * first_len]
+        head, fields = _layout(first_len)
+        if list(head.iter_unpack(region)).count((first_len, SOCK_DIAG_BY_FAMILY)) == n:
+            records = list(fields.iter_unpack(region))
+            start = n * first_len
+    done = False
+    rest = buf[start:]
+    for msg_type, _flags, payload, end in netlink.iter_messages(rest):
+        if msg_type == SOCK_DIAG_BY_FAMILY and end - payload >= MIN_MSG - netlink.NLMSG_HDR.size:
+            off = payload - netlink.NLMSG_HDR.size
+            records.append(
+                (bytes(rest[off + SPORT_AT : off + SPORT_AT + 2]), bytes(rest[off + COOKIE_AT : off + COOKIE_AT + 8]))
+            )
+        elif msg_type == netlink.NLMSG_DONE:
+            done = True
+        elif msg_type == netlink.NLMSG_ERROR:
+            netlink.raise_for_error(rest, payload)
+            done = True
+    return records, done
+
+
+def parse_tuples(buf: bytes | memoryview, family: int) -> tuple[list[bytes], bool]:
+    """Connection keys (local ip, remote ip, local port, remote port) of each socket, for conntrack's resync.
+
+    IPv4 addresses, and IPv4-mapped IPv6 ones, are 4 bytes: the form conntrack reports them in.
+    """
+    keys: list[bytes] = []
+    done = False
+    for msg_type, _flags, payload, _end in netlink.iter_messages(buf):
+        if msg_type == SOCK_DIAG_BY_FAMILY:
+            off = payload - netlink.NLMSG_HDR.size
+            ports = bytes(buf[off + SPORT_AT : off + SPORT_AT + 4])
+            src = bytes(buf[off + SRC_AT : off + SRC_AT + 16])
+            dst = bytes(buf[off + DST_AT : off + DST_AT + 16])
+            if family == socket.AF_INET:
+                src, dst = src[:4], dst[:4]
+            elif src.startswith(V4_MAPPED) and dst.startswith(V4_MAPPED):
+                src, dst = src[12:], dst[12:]
+            keys.append(src + dst + ports)
+        elif msg_type == netlink.NLMSG_DONE:
+            done = True
+        elif msg_type == netlink.NLMSG_ERROR:
+            netlink.raise_for_error(buf, payload)
+            done = True
+    return keys, done
+
+
+@dataclass
+class SocketTable:
+    """Dumps of the ESTABLISHED sockets on the watched local ports, both address families."""
+
+    ports: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        try:
+            self.sock = netlink.Socket(netlink.NETLINK_SOCK_DIAG)
+        except OSError as exc:
+            raise Unavailable(f"cannot open a sock_diag netlink socket: {exc}") from exc
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _buffers(self, family: int) -> Iterator[memoryview]:
+        return self.sock.dump(request(family, self.ports, self.sock.next_seq()))
+
+    def records(self) -> list[tuple[bytes, bytes]]:
+        """(local port big-endian, cookie) for every matching socket."""
+        out: list[tuple[bytes, bytes]] = []
+        with self.lock:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for buf in self._buffers(family):
+                    records, done = parse(buf)
+                    out += records
+                    if done:
+                        break
+        return out
+
+    def connection_keys(self) -> list[bytes]:
+        out: list[bytes] = []
+        with self.lock:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for buf in self._buffers(family):
+                    keys, done = parse_tuples(buf, family)
+                    out += keys
+                    if done:
+                        break
+        return out
+
+
+class SockDiag:
+    name = "sockdiag"
+    exact_accepted = False
+
+    def __init__(self, ports: tuple[int, ...]) -> None:
+        self.ports = ports
+        self.table = SocketTable(ports)
+        self.port_keys = {port.to_bytes(2, "big"): port for port in ports}
+        self.sampler = AcceptedSampler(ports)
+        try:
+            self.sampler.baseline(self._snapshot())
+        except OSError as exc:
+            self.table.close()
+            raise Unavailable(f"inet_diag dump failed: {exc}") from exc
+
+    def _snapshot(self) -> dict[int, set[object]]:
+        records = self.table.records()
+        if len(self.ports) == 1:
+            return {self.ports[0]: {cookie for _port, cookie in records}}
+        snap: dict[int, set[object]] = {port: set() for port in self.ports}
+        for port_be, cookie in records:
+            snap[self.port_keys[port_be]].add(cookie)
+        return snap
+
+    def count(self) -> Counts:
+        snap = self._snapshot()
+        accepted = self.sampler.update(snap)
+        return Counts(established={port: len(snap[port]) for port in self.ports}, accepted=accepted)
+
+    def close(self) -> None:
+        self.table.close()
+
+
+def open_method(ports: tuple[int, ...], options: Options) -> SockDiag:
+    return SockDiag(ports)

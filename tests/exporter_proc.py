@@ -1,0 +1,140 @@
+"""The real tcp-exporter process, run inside a test's network namespace."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from helpers import wait_for
+from netns import in_netns
+from prometheus_client.parser import text_string_to_metric_families
+
+EXPORTER = str(Path(sys.executable).with_name("tcp-exporter"))
+# setpriv as root: drop CAP_NET_ADMIN from the bounding and inheritable sets, so the
+# exported process runs without it, as in a pod that was not granted it.
+WITHOUT_NET_ADMIN = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
+
+
+def no_netlink_seccomp() -> None:
+    """preexec_fn: make socket(AF_NETLINK, ...) fail with EAFNOSUPPORT, as where netlink is withheld."""
+    import struct
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    ld_w, ld_abs, jeq, ret = 0x00, 0x20, 0x15, 0x06
+    # seccomp_data: nr at 0, arch at 4, args[0] at 16 (low 32 bits on little-endian).
+    program = [
+        (ld_w | ld_abs, 0, 0, 4),
+        (jeq, 0, 4, 0xC000003E),  # AUDIT_ARCH_X86_64, else allow
+        (ld_w | ld_abs, 0, 0, 0),
+        (jeq, 0, 2, 41),  # __NR_socket
+        (ld_w | ld_abs, 0, 0, 16),
+        (jeq, 1, 0, 16),  # AF_NETLINK
+        (ret, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+        (ret, 0, 0, 0x00050000 | 97),  # SECCOMP_RET_ERRNO | EAFNOSUPPORT
+    ]
+    raw = b"".join(struct.pack("=HBBI", *op) for op in program)
+    buf = ctypes.create_string_buffer(raw)
+    prog = struct.pack("@HP", len(program), ctypes.addressof(buf))
+    prog_buf = ctypes.create_string_buffer(prog)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(22, 2, ctypes.addressof(prog_buf), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+class Exporter:
+    def __init__(
+        self,
+        ns: str,
+        args: list[str],
+        port: int = 9100,
+        prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        seccomp_no_netlink: bool = False,
+    ) -> None:
+        self.ns = ns
+        self.port = port
+        if seccomp_no_netlink:  # applied after `ip netns exec`, which needs netlink itself
+            prefix = [*(prefix or []), sys.executable, __file__, "no-netlink"]
+        cmd = ["ip", "netns", "exec", ns, *(prefix or []), EXPORTER, *args]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def get(self, path: str) -> str | None:
+        def fetch() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+                    return str(resp.read().decode())
+            except OSError:
+                return None
+
+        return in_netns(self.ns, fetch)
+
+    def wait_ready(self, timeout: float = 20) -> Exporter:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exporter exited {self.proc.returncode}: {self.output()}")
+            return self.get("/healthz") == "ok\n"
+
+        wait_for(ready, timeout, "the exporter to serve /healthz")
+        return self
+
+    def samples(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        text = self.get("/metrics")
+        assert text is not None, "scrape failed"
+        out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+        return out
+
+    def established(self, port: int) -> int:
+        return int(self.samples()["tcp_exporter_established_connections"][(("port", str(port)),)])
+
+    def accepted(self, port: int) -> int:
+        return int(self.samples()["tcp_exporter_accepted_connections_total"][(("port", str(port)),)])
+
+    def method(self) -> str:
+        (labels,) = self.samples()["tcp_exporter_method_info"]
+        return dict(labels)["method"]
+
+    def stop(self, sig: int = signal.SIGTERM) -> float:
+        """Signal the exporter; return how long it took to exit."""
+        started = time.monotonic()
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=10)
+        return time.monotonic() - started
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        out, _ = self.proc.communicate(timeout=10)
+        return str(out)
+
+    def __enter__(self) -> Exporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+if __name__ == "__main__":
+    # `python exporter_proc.py no-netlink CMD ARGS...`: run CMD with netlink sockets withheld.
+    if sys.argv[1] != "no-netlink":
+        sys.exit(2)
+    no_netlink_seccomp()
+    os.execv(sys.argv[2], sys.argv[2:])  # noqa: S606 - the test chose the command

@@ -1,0 +1,142 @@
+"""Real network namespaces for tests and benchmarks.
+
+A `Pair` is two namespaces joined by a veth pair: the "pod" (where the
+exporter and the server run) and a "peer" (the clients, and a server on the
+same port for the pod's own outbound connections). Addresses come from the
+benchmarking ranges 198.18.0.0/15 and fd00::/8 only.
+
+Sockets are made inside a namespace by a thread that joined it with setns();
+a socket stays in its namespace whichever thread uses it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def run(*cmd: str) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run fn in a thread that has joined network namespace `name`; return its result."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns failed")
+            finally:
+                os.close(fd)
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+@dataclass
+class Pair:
+    pod: str
+    peer: str
+    index: int
+    pod_v4: str
+    peer_v4: str
+    pod_v6: str
+    peer_v6: str
+
+    def exec(self, ns: str, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, *cmd]
+
+    def ss_established(self, port: int) -> int:
+        """Ground truth, independent of our code: ss(8) on the pod's socket table."""
+        out = run(*self.exec(self.pod, "ss", "-Htn", "state", "established", f"( sport = :{port} )"))
+        return len([line for line in out.splitlines() if line.strip()])
+
+
+_counter = 0
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def pair() -> Iterator[Pair]:
+    """Two fresh namespaces joined by veth, torn down afterwards."""
+    global _counter
+    with _lock:
+        _counter += 1
+        n = _counter % 250
+    tag = uuid.uuid4().hex[:6]
+    pod, peer = f"tcpx-pod-{tag}", f"tcpx-peer-{tag}"
+    veth_pod, veth_peer = f"tp{tag}", f"tq{tag}"
+    # 198.18.N.0/30 and fd00:7c9::N:0/126, N from a per-process counter.
+    p = Pair(pod, peer, n, f"198.18.{n}.1", f"198.18.{n}.2", f"fd00:7c9::{n:x}:1", f"fd00:7c9::{n:x}:2")
+    run("ip", "netns", "add", pod)
+    try:
+        run("ip", "netns", "add", peer)
+        run("ip", "link", "add", veth_pod, "netns", pod, "type", "veth", "peer", "name", veth_peer, "netns", peer)
+        for ns, dev, v4, v6 in ((pod, veth_pod, p.pod_v4, p.pod_v6), (peer, veth_peer, p.peer_v4, p.peer_v6)):
+            run(*p.exec(ns, "ip", "link", "set", "lo", "up"))
+            run(*p.exec(ns, "ip", "addr", "add", f"{v4}/30", "dev", dev))
+            run(*p.exec(ns, "ip", "-6", "addr", "add", f"{v6}/126", "dev", dev, "nodad"))
+            run(*p.exec(ns, "ip", "link", "set", dev, "up"))
+        yield p
+    finally:
+        for ns in (pod, peer):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def listener(ns: str, port: int, family: int = socket.AF_INET6, host: str = "::", backlog: int = 4096) -> socket.socket:
+    """A listening socket in `ns` (dual-stack by default)."""
+
+    def make() -> socket.socket:
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((host, port))
+        s.listen(backlog)
+        return s
+
+    return in_netns(ns, make)
+
+
+def connect(ns: str, host: str, port: int, count: int = 1) -> list[socket.socket]:
+    """`count` connections from namespace `ns` to host:port, each established when this returns."""
+
+    def make() -> list[socket.socket]:
+        out = []
+        for _ in range(count):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.connect((host, port))
+            out.append(s)
+        return out
+
+    return in_netns(ns, make)
+
+
+def accept(server: socket.socket, count: int) -> list[socket.socket]:
+    return [server.accept()[0] for _ in range(count)]

@@ -1,0 +1,180 @@
+"""The sidecar against real sockets, real network namespaces and real conntrack."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from conftest import need
+from exporter_proc import WITHOUT_NET_ADMIN, Exporter
+from helpers import wait_for
+from netns import Pair, accept, connect, listener, pair
+
+pytestmark = pytest.mark.netns
+WATCHED = 8080
+OTHER = 9090
+COUNTING = ("conntrack", "sockdiag", "psutil")
+
+
+@pytest.fixture
+def ns() -> Iterator[Pair]:
+    need(os.geteuid() == 0, "network namespaces need root")
+    for tool in ("ip", "ss", "nft", "conntrack", "setpriv"):
+        need(shutil.which(tool) is not None, f"{tool} is needed")
+    with pair() as p:
+        yield p
+
+
+def conntrack_entries(p: Pair) -> str:
+    return subprocess.run(p.exec(p.pod, "conntrack", "-L"), capture_output=True, text=True).stdout
+
+
+def nft_tables(p: Pair) -> str:
+    return subprocess.run(p.exec(p.pod, "nft", "list", "tables"), capture_output=True, text=True).stdout
+
+
+def busy_traffic(p: Pair) -> dict[str, list[socket.socket]]:
+    """Every kind of socket that must not be counted, around the ones that must."""
+    keep: dict[str, list[socket.socket]] = {}
+    server = listener(p.pod, WATCHED)
+    other = listener(p.pod, OTHER)
+    peer_server = listener(p.peer, WATCHED)
+    keep["listeners"] = [server, other, peer_server]
+    keep["v4"] = connect(p.peer, p.pod_v4, WATCHED, 7)
+    keep["v6"] = connect(p.peer, p.pod_v6, WATCHED, 4)
+    keep["loopback"] = connect(p.pod, "127.0.0.1", WATCHED, 2)  # the pod to itself: counted once each
+    keep["other_port"] = connect(p.peer, p.pod_v4, OTHER, 3)
+    # The pod's own outbound connections to the peer's port of the same number: not inbound, not counted.
+    keep["outbound"] = connect(p.pod, p.peer_v4, WATCHED, 3) + connect(p.pod, p.peer_v6, WATCHED, 2)
+    keep["accepted"] = accept(server, 13) + accept(other, 3) + accept(peer_server, 5)
+    # CLOSE_WAIT on the watched port: the client closed, the server has not.
+    close_wait = connect(p.peer, p.pod_v4, WATCHED, 2)
+    keep["close_wait_server"] = accept(server, 2)
+    for s in close_wait:
+        s.close()
+    # TIME_WAIT on the watched port: the server closed first.
+    time_wait = connect(p.peer, p.pod_v4, WATCHED, 2)
+    for s in accept(server, 2):
+        s.close()
+    keep["time_wait_clients"] = time_wait
+    wait_for(lambda: p.ss_established(WATCHED) == 13, 10, "the socket table to settle at 13")
+    return keep
+
+
+@pytest.mark.parametrize("method", COUNTING)
+def test_each_method_counts_exactly_the_inbound_established_connections(ns: Pair, method: str) -> None:
+    with Exporter(
+        ns.pod,
+        [f"--watch-port={WATCHED}", f"--watch-port={OTHER}", f"--method={method}", "--listen-address=127.0.0.1:9100"],
+    ) as exporter:
+        exporter.wait_ready()
+        keep = busy_traffic(ns)
+        assert ns.ss_established(WATCHED) == 13
+        assert exporter.established(WATCHED) == 13
+        assert exporter.established(OTHER) == 3
+        assert exporter.method() == method
+        if method == "conntrack":
+            # Every inbound connection opened since start, exactly, including the closed ones.
+            assert exporter.accepted(WATCHED) == 7 + 4 + 2 + 2 + 2
+        del keep
+
+
+@pytest.mark.parametrize("method", COUNTING)
+def test_each_method_counts_idle_connections_that_predate_the_exporter(ns: Pair, method: str) -> None:
+    server = listener(ns.pod, WATCHED)
+    before = connect(ns.peer, ns.pod_v4, WATCHED, 5) + connect(ns.peer, ns.pod_v6, WATCHED, 3)
+    accepted = accept(server, 8)
+    with Exporter(
+        ns.pod, [f"--watch-port={WATCHED}", f"--method={method}", "--listen-address=127.0.0.1:9100"]
+    ) as exporter:
+        exporter.wait_ready()
+        assert exporter.established(WATCHED) == 8
+        assert exporter.accepted(WATCHED) == 0  # they predate the exporter
+        for s in before[:3]:  # idle connections closing after the start
+            s.close()
+        wait_for(lambda: ns.ss_established(WATCHED) == 5, 10, "three connections to leave ESTABLISHED")
+        assert exporter.established(WATCHED) == 5
+    del accepted
+
+
+@pytest.mark.parametrize("method", COUNTING)
+def test_each_method_follows_connections_opened_and_closed_around_scrapes(ns: Pair, method: str) -> None:
+    server = listener(ns.pod, WATCHED)
+    with Exporter(
+        ns.pod, [f"--watch-port={WATCHED}", f"--method={method}", "--listen-address=127.0.0.1:9100"]
+    ) as exporter:
+        exporter.wait_ready()
+        open_now: list[socket.socket] = []
+        for step in range(6):
+            open_now += connect(ns.peer, ns.pod_v4 if step % 2 else ns.pod_v6, WATCHED, 4)
+            assert exporter.established(WATCHED) == len(open_now) == ns.ss_established(WATCHED)
+            for s in open_now[:2]:
+                s.close()
+            del open_now[:2]
+            left = len(open_now)
+            wait_for(lambda left=left: ns.ss_established(WATCHED) == left, 10, "closed connections to leave")
+            assert exporter.established(WATCHED) == len(open_now)
+        accept(server, 0)
+
+
+@pytest.mark.parametrize("method", COUNTING)
+def test_a_watched_port_with_no_listener_reports_zero(ns: Pair, method: str) -> None:
+    with Exporter(ns.pod, ["--watch-port=7777", f"--method={method}", "--listen-address=127.0.0.1:9100"]) as exporter:
+        exporter.wait_ready()
+        assert exporter.established(7777) == 0
+        assert exporter.samples()["tcp_exporter_count_success"][()] == 1
+
+
+def test_conntrack_is_made_active_in_a_fresh_namespace_and_undone_on_sigterm(ns: Pair) -> None:
+    server = listener(ns.pod, WATCHED)
+    clients = connect(ns.peer, ns.pod_v4, WATCHED, 1)
+    assert "dport=8080" not in conntrack_entries(ns)  # tracking is off in a fresh namespace
+    assert "tcp_exporter" not in nft_tables(ns)
+    exporter = Exporter(ns.pod, [f"--watch-port={WATCHED}", "--method=conntrack", "--listen-address=127.0.0.1:9100"])
+    with exporter:
+        exporter.wait_ready()
+        assert "tcp_exporter" in nft_tables(ns)
+        clients += connect(ns.peer, ns.pod_v4, WATCHED, 1)
+        assert "dport=8080" in conntrack_entries(ns)
+        took = exporter.stop()
+        assert took < 1.0
+        assert exporter.proc.returncode == 0
+        assert "tcp_exporter" not in nft_tables(ns)
+    assert len(accept(server, 2)) == len(clients)
+
+
+def test_auto_falls_back_to_sockdiag_without_net_admin(ns: Pair) -> None:
+    with Exporter(
+        ns.pod, [f"--watch-port={WATCHED}", "--listen-address=127.0.0.1:9100"], prefix=WITHOUT_NET_ADMIN
+    ) as exporter:
+        exporter.wait_ready()
+        assert exporter.method() == "sockdiag"
+        (labels,) = exporter.samples()["tcp_exporter_method_info"]
+        assert "conntrack" in dict(labels)["reason"]  # says why conntrack was passed over
+        assert "tcp_exporter" not in nft_tables(ns)
+        server = listener(ns.pod, WATCHED)
+        clients = connect(ns.peer, ns.pod_v4, WATCHED, 3)
+        assert exporter.established(WATCHED) == 3
+        assert len(accept(server, 3)) == len(clients)
+
+
+def test_auto_falls_back_to_psutil_without_netlink(ns: Pair) -> None:
+    with Exporter(
+        ns.pod, [f"--watch-port={WATCHED}", "--listen-address=127.0.0.1:9100"], seccomp_no_netlink=True
+    ) as exporter:
+        exporter.wait_ready()
+        assert exporter.method() == "psutil"
+        server = listener(ns.pod, WATCHED)
+        clients = connect(ns.peer, ns.pod_v4, WATCHED, 2)
+        assert exporter.established(WATCHED) == 2
+        assert len(accept(server, 2)) == len(clients)
+
+
+def test_asking_for_conntrack_without_net_admin_exits_1_with_the_reason(ns: Pair) -> None:
+    exporter = Exporter(ns.pod, [f"--watch-port={WATCHED}", "--method=conntrack"], prefix=WITHOUT_NET_ADMIN)
+    assert exporter.proc.wait(timeout=20) == 1
+    assert "CAP_NET_ADMIN" in exporter.output()
