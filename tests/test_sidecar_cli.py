@@ -1,0 +1,175 @@
+"""The CLI contract on the real process: forms, variables, exit codes, HTTP endpoints, shutdown.
+
+These run on loopback in the test's own namespace with the unprivileged
+sockdiag method, so they change nothing on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from exporter_proc import EXPORTER
+from helpers import wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [EXPORTER, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_serving(self, port: int) -> None:
+        def up() -> bool:
+            assert self.proc.poll() is None, self.proc.communicate()
+            try:
+                return get(port, "/healthz") == (200, "ok\n")
+            except OSError:
+                return False
+
+        wait_for(up, 20, "the exporter to serve")
+
+    def finish(self, timeout: float = 20) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+
+@pytest.fixture
+def watched() -> Iterator[tuple[int, socket.socket]]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield server.getsockname()[1], server
+    server.close()
+
+
+def test_positional_form_serves_the_count_for_the_watched_port(watched: tuple[int, socket.socket]) -> None:
+    port, _server = watched
+    listen = free_port()
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    proc = Proc([str(listen), str(port)], env={"TCP_EXPORTER_METHOD": "sockdiag"})
+    proc.wait_serving(listen)
+    status, body = get(listen, "/metrics")
+    assert status == 200
+    assert f'tcp_exporter_established_connections{{port="{port}"}} 3.0' in body
+    proc.proc.terminate()
+    assert proc.finish()[0] == 0
+    assert len(clients) == 3
+
+
+def test_environment_configures_every_setting(watched: tuple[int, socket.socket]) -> None:
+    port, _server = watched
+    listen = free_port()
+    proc = Proc(
+        [],
+        env={
+            "TCP_EXPORTER_WATCH_PORT": f"{port},1",
+            "TCP_EXPORTER_METHOD": "sockdiag",
+            "TCP_EXPORTER_LISTEN_ADDRESS": f"127.0.0.1:{listen}",
+            "TCP_EXPORTER_LOG_FORMAT": "json",
+        },
+    )
+    proc.wait_serving(listen)
+    body = get(listen, "/metrics")[1]
+    assert f'tcp_exporter_established_connections{{port="{port}"}} 0.0' in body
+    assert 'tcp_exporter_established_connections{port="1"} 0.0' in body
+    assert 'method="sockdiag"' in body
+    proc.proc.send_signal(signal.SIGINT)
+    code, _out, err = proc.finish()
+    assert code == 0
+    assert err.lstrip().startswith("{")  # JSON log lines
+
+
+def test_landing_page_health_and_unknown_paths(watched: tuple[int, socket.socket]) -> None:
+    port, _server = watched
+    listen = free_port()
+    proc = Proc([f"--listen-address=127.0.0.1:{listen}", f"--watch-port={port}", "--method=sockdiag"])
+    proc.wait_serving(listen)
+    status, page = get(listen, "/")
+    assert status == 200
+    assert 'href="/metrics"' in page
+    assert get(listen, "/nope")[0] == 404
+    proc.proc.terminate()
+    proc.finish()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_it_cleanly_within_a_second(watched: tuple[int, socket.socket], sig: int) -> None:
+    port, _server = watched
+    listen = free_port()
+    proc = Proc([f"--listen-address=127.0.0.1:{listen}", f"--watch-port={port}", "--method=sockdiag"])
+    proc.wait_serving(listen)
+    started = time.monotonic()
+    proc.proc.send_signal(sig)
+    code, _out, err = proc.finish()
+    assert time.monotonic() - started < 1.0
+    assert code == 0
+    assert "stopped" in err
+
+
+def test_a_listen_port_in_use_exits_1_with_a_clear_message(watched: tuple[int, socket.socket]) -> None:
+    port, _server = watched
+    code, _out, err = Proc([f"--listen-address=127.0.0.1:{port}", "--watch-port=80", "--method=sockdiag"]).finish()
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+    assert "in use" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--bogus"], {}),
+        (["--watch-port=70000"], {}),
+        (["--watch-port=80", "--method=nope"], {}),
+        ([], {"TCP_EXPORTER_WATCH_PORT": "eighty"}),
+    ],
+)
+def test_wrong_flags_and_values_exit_2_with_usage(args: list[str], env: dict[str, str]) -> None:
+    code, _out, err = Proc(args, env=env).finish()
+    assert code == 2
+    assert "usage: tcp-exporter" in err
+
+
+def test_help_documents_every_flag_and_version_prints() -> None:
+    code, out, _err = Proc(["--help"]).finish()
+    assert code == 0
+    for flag in (
+        "--listen-address",
+        "--watch-port",
+        "--method",
+        "--resync-interval",
+        "--log-level",
+        "--log-format",
+        "--version",
+        "TCP_EXPORTER_",
+    ):
+        assert flag in out
+    code, out, _err = Proc(["--version"]).finish()
+    assert code == 0
+    assert out.startswith("tcp-exporter 0.")

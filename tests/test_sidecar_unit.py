@@ -1,0 +1,214 @@
+"""Pure parts of the sidecar, on recorded kernel bytes and plain values."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import wait_for
+from tcp_exporter import contract, netlink
+from tcp_exporter.cli import parse_args
+from tcp_exporter.exporter import Coalescer, parse_listen_address
+from tcp_exporter.methods import AcceptedSampler
+from tcp_exporter.methods import conntrack as ct
+from tcp_exporter.methods import sockdiag
+
+DATA = Path(__file__).parent / "data"
+
+
+def recorded(name: str) -> list[bytes]:
+    """Buffers as the kernel returned them (recorded in a test namespace; see tests/data)."""
+    return [bytes.fromhex(line) for line in (DATA / name).read_text().split()]
+
+
+def test_sockdiag_parse_reads_port_and_cookie_of_every_recorded_socket() -> None:
+    records: list[tuple[bytes, bytes]] = []
+    done = False
+    for buf in recorded("sockdiag-v6.hex"):
+        got, done = sockdiag.parse(buf)
+        records += got
+    assert done
+    # 3 IPv4-mapped and 2 IPv6 connections to the dual-stack listener on 8080.
+    assert [int.from_bytes(port, "big") for port, _ in records] == [8080] * 5
+    assert len({cookie for _, cookie in records}) == 5
+
+
+def test_sockdiag_parse_handles_messages_of_mixed_length() -> None:
+    (buf, *_rest) = recorded("sockdiag-v6.hex")
+    first_len = struct.unpack_from("=I", buf)[0]
+    message = bytearray(buf[:first_len])
+    longer = bytearray(message) + netlink.nla(99, b"\x01\x02\x03\x04")
+    struct.pack_into("=I", longer, 0, len(longer))
+    done = netlink.nlmsg(netlink.NLMSG_DONE, netlink.NLM_F_MULTI, 1, b"\0\0\0\0")
+    records, finished = sockdiag.parse(bytes(message) + bytes(longer) + bytes(message) + done)
+    assert finished
+    assert len(records) == 3
+    assert records[0] == records[1] == records[2]
+
+
+def test_sockdiag_parse_tuples_gives_ipv4_mapped_addresses_in_conntracks_4_byte_form() -> None:
+    keys: list[bytes] = []
+    for buf in recorded("sockdiag-v6.hex"):
+        keys += sockdiag.parse_tuples(buf, socket.AF_INET6)[0]
+    assert sorted(len(k) for k in keys) == [12, 12, 12, 36, 36]
+    v4 = [k for k in keys if len(k) == 12]
+    assert all(k[:4] == socket.inet_aton("127.0.0.1") and k[8:10] == (8080).to_bytes(2, "big") for k in v4)
+
+
+def test_sockdiag_parse_raises_the_kernels_error() -> None:
+    payload = struct.pack("=i", -13) + netlink.NLMSG_HDR.pack(16, 20, 0, 0, 0)
+    with pytest.raises(netlink.NetlinkError) as err:
+        sockdiag.parse(netlink.nlmsg(netlink.NLMSG_ERROR, 0, 1, payload))
+    assert err.value.errno == 13
+
+
+def test_bytecode_accepts_on_match_and_rejects_past_the_end() -> None:
+    # One port: S_EQ (yes -> JMP, no -> reject), port, JMP to the end (accept).
+    assert sockdiag.bytecode((8080,)) == struct.pack("=BBH", 11, 8, 16) + struct.pack("=BBH", 0, 0, 8080) + (
+        struct.pack("=BBH", 1, 4, 4)
+    )
+    program = sockdiag.bytecode((80, 443, 8080))
+    assert len(program) == 36
+    # Every `yes` walks to the next op and the walk ends exactly at the end (the kernel's audit).
+    offset = 0
+    while offset < len(program):
+        code, yes, _no = struct.unpack_from("=BBH", program, offset)
+        offset += yes
+    assert offset == len(program)
+
+
+def test_conntrack_parse_event_follows_a_recorded_connection_through_its_states() -> None:
+    states: dict[tuple[int, int], list[int | None]] = {}
+    for buf in recorded("conntrack-events.hex"):
+        for msg_type, _flags, payload, end in netlink.iter_messages(buf):
+            event = ct.parse_event(buf, payload + 4, end)
+            assert event is not None
+            src, _dst, sport, dport, state = event
+            assert src in (socket.inet_aton("127.0.0.1"), socket.inet_pton(socket.AF_INET6, "::1"))
+            kind = "delete" if msg_type & 0xFF == ct.IPCTNL_MSG_CT_DELETE else state
+            states.setdefault((sport, dport), []).append(kind)  # type: ignore[arg-type]
+    to_8080 = {k: v for k, v in states.items() if k[1] == 8080}
+    assert len(to_8080) == 5
+    # Every connection was seen from its SYN to ESTABLISHED; the closed one went on past it.
+    for sequence in to_8080.values():
+        assert sequence[:3] == [ct.SYN_SENT, ct.SYN_RECV, ct.ESTABLISHED]
+    assert sum(1 for s in to_8080.values() if any(x not in (1, 2, 3) for x in s)) == 1
+
+
+def test_accepted_sampler_counts_each_connection_once_and_not_the_baseline() -> None:
+    sampler = AcceptedSampler((80,))
+    sampler.baseline({80: {"a", "b"}})
+    assert sampler.update({80: {"a", "b", "c"}}) == {80: 1}
+    assert sampler.update({80: {"c", "d"}}) == {80: 2}
+    assert sampler.update({80: {"c", "d"}}) == {80: 2}
+
+
+def test_coalescer_gives_each_caller_a_run_that_started_after_it_arrived() -> None:
+    started: list[float] = []
+    gate = threading.Event()
+
+    def slow() -> float:
+        started.append(time.monotonic())
+        gate.wait(5)
+        return started[-1]
+
+    run = Coalescer(slow)
+    results: dict[int, float] = {}
+    arrived: dict[int, float] = {}
+
+    def caller(i: int) -> None:
+        arrived[i] = time.monotonic()
+        results[i] = run()
+
+    first = threading.Thread(target=caller, args=(0,))
+    first.start()
+    while not started:
+        time.sleep(0.001)
+    later = [threading.Thread(target=caller, args=(i,)) for i in range(1, 20)]
+    for t in later:
+        t.start()
+    # All 19 wait on the running count (Condition keeps its waiters in _waiters).
+    wait_for(lambda: len(run.cond._waiters) == 19, 5, "the callers to queue")  # type: ignore[attr-defined]
+    gate.set()
+    for t in [first, *later]:
+        t.join(5)
+    assert len(started) == 2  # 20 callers, two runs
+    assert all(results[i] >= arrived[i] for i in results)
+
+
+def test_coalescer_hands_the_error_to_every_caller() -> None:
+    def broken() -> int:
+        raise OSError("kernel said no")
+
+    with pytest.raises(OSError, match="kernel said no"):
+        Coalescer(broken)()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (":9100", ("", 9100)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+        ("[::1]:9100", ("::1", 9100)),
+        ("127.0.0.1:65535", ("127.0.0.1", 65535)),
+    ],
+)
+def test_listen_address_parses(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9100", ":0", ":70000", "host:", "host:port"])
+def test_listen_address_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen_address(text)
+
+
+def test_the_operators_container_args_are_what_the_real_cli_accepts() -> None:
+    args = parse_args(contract.sidecar_args([8080, 8443], "sockdiag", 9200), {})
+    assert args.watch_port == [8080, 8443]
+    assert args.method == "sockdiag"
+    assert args.listen_address == ("", 9200)
+
+
+def test_flags_win_over_environment_and_environment_over_defaults() -> None:
+    env = {"TCP_EXPORTER_WATCH_PORT": "80,443", "TCP_EXPORTER_METHOD": "psutil", "TCP_EXPORTER_LOG_FORMAT": "json"}
+    args = parse_args(["--method", "sockdiag"], env)
+    assert (args.watch_port, args.method, args.log_format, args.log_level) == ([80, 443], "sockdiag", "json", "info")
+    assert args.listen_address == ("", contract.DEFAULT_METRICS_PORT)
+
+
+def test_positional_form_sets_listen_and_watch_port() -> None:
+    args = parse_args(["9100", "8080"], {})
+    assert args.listen_address == ("", 9100)
+    assert args.watch_port == [8080]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--watch-port", "0"], {}),
+        (["--watch-port", "http"], {}),
+        (["--method", "magic", "--watch-port", "80"], {}),
+        ([], {}),
+        (["9100"], {}),
+        (["9100", "8080", "--watch-port", "80"], {}),
+        ([], {"TCP_EXPORTER_WATCH_PORT": "80,x"}),
+        (["--watch-port", "80"], {"TCP_EXPORTER_METHOD": "fast"}),
+        (["--watch-port", "80", "--listen-address", "9100"], {}),
+        (["--watch-port", "80", "--resync-interval", "-1"], {}),
+    ],
+)
+def test_bad_input_exits_2(argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv, env)
+    assert exit_.value.code == 2
+    assert "usage: tcp-exporter" in capsys.readouterr().err
+
+
+def test_env_name_follows_the_flag() -> None:
+    assert contract.env_name("--watch-port") == "TCP_EXPORTER_WATCH_PORT"
