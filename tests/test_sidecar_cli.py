@@ -16,7 +16,6 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-
 from exporter_proc import EXPORTER
 from helpers import wait_for
 

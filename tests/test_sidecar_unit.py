@@ -9,14 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import wait_for
 from tcp_exporter import contract, netlink
 from tcp_exporter.cli import parse_args
 from tcp_exporter.exporter import Coalescer, parse_listen_address
-from tcp_exporter.methods import AcceptedSampler
+from tcp_exporter.methods import AcceptedSampler, sockdiag
 from tcp_exporter.methods import conntrack as ct
-from tcp_exporter.methods import sockdiag
 
 DATA = Path(__file__).parent / "data"
 
@@ -77,7 +75,7 @@ def test_bytecode_accepts_on_match_and_rejects_past_the_end() -> None:
     # Every `yes` walks to the next op and the walk ends exactly at the end (the kernel's audit).
     offset = 0
     while offset < len(program):
-        code, yes, _no = struct.unpack_from("=BBH", program, offset)
+        _code, yes, _no = struct.unpack_from("=BBH", program, offset)
         offset += yes
     assert offset == len(program)
 
