@@ -34,18 +34,26 @@ def run(*cmd: str) -> str:
     return proc.stdout
 
 
+def join_netns(name: str) -> None:
+    """Move the calling thread (only it) into network namespace `name`."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns failed")
+    finally:
+        os.close(fd)
+
+
 def in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run fn in a thread that has joined network namespace `name`; return its result."""
+    """Run fn in a thread that has joined network namespace `name`; return its result.
+
+    Processes that fn starts are in that namespace too (a child inherits its forking thread's).
+    """
     box: dict[str, object] = {}
 
     def target() -> None:
         try:
-            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            finally:
-                os.close(fd)
+            join_netns(name)
             box["result"] = fn()
         except BaseException as exc:
             box["error"] = exc
@@ -67,6 +75,7 @@ class Pair:
     peer_v4: str
     pod_v6: str
     peer_v6: str
+    peer_extra_v4: list[str]
 
     def exec(self, ns: str, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", ns, *cmd]
@@ -82,8 +91,11 @@ _lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def pair() -> Iterator[Pair]:
-    """Two fresh namespaces joined by veth, torn down afterwards."""
+def pair(extra_peer_addresses: int = 0) -> Iterator[Pair]:
+    """Two fresh namespaces joined by veth, torn down afterwards.
+
+    The peer can get extra IPv4 addresses, as many client sources (each has its own ephemeral ports).
+    """
     global _counter
     with _lock:
         _counter += 1
@@ -91,17 +103,20 @@ def pair() -> Iterator[Pair]:
     tag = uuid.uuid4().hex[:6]
     pod, peer = f"tcpx-pod-{tag}", f"tcpx-peer-{tag}"
     veth_pod, veth_peer = f"tp{tag}", f"tq{tag}"
-    # 198.18.N.0/30 and fd00:7c9::N:0/126, N from a per-process counter.
-    p = Pair(pod, peer, n, f"198.18.{n}.1", f"198.18.{n}.2", f"fd00:7c9::{n:x}:1", f"fd00:7c9::{n:x}:2")
+    # 198.18.N.0/24 and fd00:7c9::N:0/112, N from a per-process counter.
+    extra = [f"198.18.{n}.{3 + i}" for i in range(extra_peer_addresses)]
+    p = Pair(pod, peer, n, f"198.18.{n}.1", f"198.18.{n}.2", f"fd00:7c9::{n:x}:1", f"fd00:7c9::{n:x}:2", extra)
     run("ip", "netns", "add", pod)
     try:
         run("ip", "netns", "add", peer)
         run("ip", "link", "add", veth_pod, "netns", pod, "type", "veth", "peer", "name", veth_peer, "netns", peer)
         for ns, dev, v4, v6 in ((pod, veth_pod, p.pod_v4, p.pod_v6), (peer, veth_peer, p.peer_v4, p.peer_v6)):
             run(*p.exec(ns, "ip", "link", "set", "lo", "up"))
-            run(*p.exec(ns, "ip", "addr", "add", f"{v4}/30", "dev", dev))
-            run(*p.exec(ns, "ip", "-6", "addr", "add", f"{v6}/126", "dev", dev, "nodad"))
+            run(*p.exec(ns, "ip", "addr", "add", f"{v4}/24", "dev", dev))
+            run(*p.exec(ns, "ip", "-6", "addr", "add", f"{v6}/112", "dev", dev, "nodad"))
             run(*p.exec(ns, "ip", "link", "set", dev, "up"))
+        for address in extra:
+            run(*p.exec(peer, "ip", "addr", "add", f"{address}/24", "dev", veth_peer))
         yield p
     finally:
         for ns in (pod, peer):

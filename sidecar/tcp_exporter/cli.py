@@ -195,8 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILURE
         log.info("serving metrics on %s:%d%s", args.listen_address[0] or "*", args.listen_address[1], c.METRICS_PATH)
         stop.wait()
-        server.shutdown()
-        server.server_close()
+        server.stop()
     finally:
         method.close()
     log.info("stopped")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import selectors
 import socket
 import threading
 import time
@@ -182,6 +184,10 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128
 
 
+class V6Server(Server):
+    address_family = socket.AF_INET6
+
+
 class DualStackServer(Server):
     address_family = socket.AF_INET6
 
@@ -203,7 +209,36 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     return host, port
 
 
-def serve(listen: tuple[str, int], registry: CollectorRegistry, landing: str) -> ThreadingHTTPServer:
+def _serve(server: ThreadingHTTPServer, wake: int) -> None:
+    """Serve until `wake` becomes readable, blocking in select between requests: no polling."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(server, selectors.EVENT_READ)
+        selector.register(wake, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj == wake:
+                    return
+                server.handle_request()
+
+
+class Serving:
+    """A server running in its own thread; stop() ends it."""
+
+    def __init__(self, server: ThreadingHTTPServer) -> None:
+        self.server = server
+        self.wake_r, self.wake_w = os.pipe()
+        self.thread = threading.Thread(target=_serve, args=(server, self.wake_r), name="http", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        os.write(self.wake_w, b"x")
+        self.thread.join(timeout=2)
+        self.server.server_close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+def serve(listen: tuple[str, int], registry: CollectorRegistry, landing: str) -> Serving:
     """Bind and start serving in a thread; raises OSError if the address cannot be bound."""
     host, port = listen
     handler = make_handler(registry, landing)
@@ -216,8 +251,8 @@ def serve(listen: tuple[str, int], registry: CollectorRegistry, landing: str) ->
                 raise
             server = Server(("0.0.0.0", port), handler)
     elif ":" in host:
-        server = type("V6Server", (Server,), {"address_family": socket.AF_INET6})((host, port), handler)
+        server = V6Server((host, port), handler)
     else:
         server = Server((host, port), handler)
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    return server
+    server.timeout = None
+    return Serving(server)

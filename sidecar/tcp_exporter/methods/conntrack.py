@@ -31,6 +31,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 from tcp_exporter import netlink, nftables
 from tcp_exporter.methods import Counts, Options, Unavailable
@@ -61,6 +62,7 @@ RTM_NEWADDR = 20
 RTM_GETADDR = 22
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 EVENT_RCVBUF = 8 << 20
+DRAIN_BUDGET = 0.05  # seconds a count spends on queued events at most
 
 
 def parse_event(buf: bytes | memoryview, start: int, end: int) -> tuple[bytes, bytes, int, int, int | None] | None:
@@ -207,20 +209,30 @@ class Conntrack:
                     self.established[port].add(key)
                     self.accepted[port] += 1
 
-    def _drain(self) -> None:
-        """Handle every queued event. Called with the lock held."""
-        while True:
-            try:
-                buf = self.events.recv()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                log.warning("conntrack events were lost (ENOBUFS): resyncing from the socket table")
-                self._resync(initial=False)
-                continue
-            self._handle(buf)
+    def _drain_once(self) -> bool:
+        """Handle one received buffer of events; False when none is queued. Called with the lock held."""
+        try:
+            buf = self.events.recv()
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise
+            log.warning("conntrack events were lost (ENOBUFS): resyncing from the socket table")
+            self._resync(initial=False)
+            return True
+        self._handle(buf)
+        return True
+
+    def _drain(self, budget: float) -> None:
+        """Handle queued events for at most `budget` seconds. Called with the lock held.
+
+        Without churn the queue empties at once and the count is exact at the
+        moment of the scrape; under heavy churn the budget bounds scrape latency.
+        """
+        deadline = time.monotonic() + budget
+        while self._drain_once() and time.monotonic() < deadline:
+            pass
 
     def _resync(self, initial: bool) -> None:
         """Rebuild the connection sets from the socket table. Called with the lock held."""
@@ -238,18 +250,21 @@ class Conntrack:
         self.resyncs += 1
 
     def _run(self) -> None:
+        timeout = self.resync_interval if self.resync_interval > 0 else None
         while True:
-            ready, _, _ = select.select(
-                [self.events.fileno(), self.wake_r], [], [], self.resync_interval if self.resync_interval > 0 else None
-            )
+            ready, _, _ = select.select([self.events.fileno(), self.wake_r], [], [], timeout)
             if self.wake_r in ready:
                 return
             try:
-                with self.lock:
-                    if ready:
-                        self._drain()
-                    else:
-                        self._drain()
+                if ready:
+                    # One buffer per lock hold, so that a scrape never waits behind a long backlog.
+                    while True:
+                        with self.lock:
+                            if not self._drain_once():
+                                break
+                else:
+                    with self.lock:
+                        self._drain(DRAIN_BUDGET)
                         self._resync(initial=False)
             except OSError:
                 log.exception("conntrack event handling failed")
@@ -258,7 +273,7 @@ class Conntrack:
 
     def count(self) -> Counts:
         with self.lock:
-            self._drain()
+            self._drain(DRAIN_BUDGET)
             if any(self.unwatched.values()):
                 assert self.table is not None
                 alive = set(self.table.connection_keys())
