@@ -286,6 +286,42 @@ def run_scale(n: int) -> dict[str, Any]:
             workers.close()
 
 
+def hammer(ns: str, port: int, seconds: float, scrapers: int) -> dict[str, Any]:
+    """`scrapers` threads scraping back to back for `seconds`: failures and latency percentiles."""
+    latencies: list[float] = []
+    failures = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def scraper() -> None:
+        nonlocal failures
+        join_netns(ns)
+        while time.monotonic() < deadline:
+            t = time.perf_counter()
+            try:
+                gauge(scrape(port), WATCHED)
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+            except (OSError, ValueError):
+                with lock:
+                    failures += 1
+
+    threads = [threading.Thread(target=scraper) for _ in range(scrapers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    return {
+        "scrapers": scrapers,
+        "seconds": seconds,
+        "scrapes": len(latencies),
+        "failures": failures,
+        "p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+    }
+
+
 def reliability(n: int, seconds: float, scrapers: int = 50) -> list[dict[str, Any]]:
     """Concurrent scrapers during connection churn: failures and latency percentiles, per method."""
     log(f"reliability: {scrapers} scrapers for {seconds:.0f} s per method, {n} connections plus churn")
@@ -313,42 +349,9 @@ def reliability(n: int, seconds: float, scrapers: int = 50) -> list[dict[str, An
             churner = threading.Thread(target=churn, daemon=True)
             churner.start()
             for method in ("conntrack", "sockdiag", "psutil"):
-                port = METHOD_PORTS[method]
-                latencies: list[float] = []
-                failures = [0]
-                deadline = time.monotonic() + seconds
-                lock = threading.Lock()
-
-                def scraper(port: int = port, deadline: float = deadline) -> None:
-                    join_netns(p.pod)
-                    while time.monotonic() < deadline:
-                        t = time.perf_counter()
-                        try:
-                            gauge(scrape(port), WATCHED)
-                            with lock:
-                                latencies.append(time.perf_counter() - t)
-                        except (OSError, ValueError):
-                            with lock:
-                                failures[0] += 1
-
-                threads = [threading.Thread(target=scraper) for _ in range(scrapers)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                latencies.sort()
-                out.append(
-                    {
-                        "method": method,
-                        "scrapers": scrapers,
-                        "seconds": seconds,
-                        "scrapes": len(latencies),
-                        "failures": failures[0],
-                        "p50_ms": latencies[len(latencies) // 2] * 1e3,
-                        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
-                    }
-                )
-                log(f"  {method}: {len(latencies)} scrapes, {failures[0]} failed")
+                row = hammer(p.pod, METHOD_PORTS[method], seconds, scrapers)
+                out.append({"method": method, **row})
+                log(f"  {method}: {row['scrapes']} scrapes, {row['failures']} failed")
             stop_churn.set()
             churner.join(timeout=10)
             for row in out:
