@@ -112,6 +112,9 @@ def build() -> Path:
         raise RuntimeError(f"go build failed with exit code {rc}")
     tmp.rename(target)
     log(f"built in {time.monotonic() - started:.0f} s")
+    for old in target.parent.parent.iterdir():  # earlier builds, by version or source hash
+        if old != target.parent:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 

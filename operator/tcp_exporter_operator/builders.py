@@ -1,0 +1,627 @@
+"""Pure builders of desired state: given a Deployment (and a few facts about its cluster), what should be.
+
+Nothing here talks to the API; the handlers do. `plan` is the whole decision
+for one Deployment, so the operator's behaviour is unit-tested without a
+cluster, and `render` gives GitOps users the same result offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from tcp_exporter import __version__
+from tcp_exporter import contract as sidecar
+
+from tcp_exporter_operator.config import Config
+
+PREFIX = "tcp-exporter/"
+A_PORT = PREFIX + "port"
+A_METHOD = PREFIX + "method"
+A_IMAGE = PREFIX + "image"
+A_METRICS_PORT = PREFIX + "metrics-port"
+A_THRESHOLD = PREFIX + "threshold"
+A_MIN = PREFIX + "min-replicas"
+A_MAX = PREFIX + "max-replicas"
+A_PROMETHEUS = PREFIX + "prometheus"
+A_SCALEDOBJECT = PREFIX + "scaledobject"
+A_CPU_REQUEST = PREFIX + "cpu-request"
+A_CPU_LIMIT = PREFIX + "cpu-limit"
+A_MEMORY_REQUEST = PREFIX + "memory-request"
+A_MEMORY_LIMIT = PREFIX + "memory-limit"
+A_STATUS = PREFIX + "status"
+
+CONTAINER = "tcp-exporter"
+METRICS_PORT_NAME = "tcp-metrics"
+MANAGED_BY = "tcp-exporter-operator"
+LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
+PROMETHEUS_SCRAPE = "prometheus.io/scrape"
+PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
+INJECTABLE_METHODS = ("sockdiag", "conntrack", "psutil")
+NONROOT_UID = 65532
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_SUFFIXES = {
+    "m": Decimal("0.001"),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "Ki": Decimal(2**10),
+    "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30),
+    "Ti": Decimal(2**40),
+    "": Decimal(1),
+}
+
+
+class InvalidSpec(ValueError):
+    """An annotation that cannot be honoured; the message is what the user reads in the Warning Event."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the annotations (and the operator's configuration) ask for, validated."""
+
+    ports: tuple[int, ...]
+    method: str
+    image: str
+    metrics_port: int
+    threshold: int
+    min_replicas: int
+    max_replicas: int
+    prometheus: str
+    scaled_object: bool
+    resources: dict[str, dict[str, str]]
+
+
+@dataclass
+class Facts:
+    """What the plan needs to know about the cluster around the Deployment."""
+
+    psa_level: str | None = None
+    keda: bool = True
+    pod_monitor_crd: bool = False
+    scaled_object: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
+    foreign_autoscalers: tuple[str, ...] = ()  # e.g. "HorizontalPodAutoscaler/web"
+
+
+@dataclass
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    """The writes that bring one Deployment to its desired state; empty when it is there."""
+
+    deployment_patch: list[dict[str, Any]] | None = None
+    scaled_object: dict[str, Any] | None = None
+    scaled_object_action: str | None = None  # create, update, delete
+    pod_monitor: dict[str, Any] | None = None
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def writes(self) -> int:
+        return (self.deployment_patch is not None) + (self.scaled_object_action is not None)
+
+
+# -- reading the annotations -------------------------------------------------------------------
+
+
+def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return obj.get("metadata", {}).get("annotations") or {}
+
+
+def _template(deployment: Mapping[str, Any]) -> Mapping[str, Any]:
+    template: Mapping[str, Any] = deployment.get("spec", {}).get("template", {})
+    return template
+
+
+def _containers(deployment: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(_template(deployment).get("spec", {}).get("containers") or [])
+
+
+def _integer(annotations: Mapping[str, str], key: str, default: int, low: int, high: int | None = None) -> int:
+    raw = annotations.get(key)
+    if raw is None:
+        return default
+    text = raw.strip()
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise InvalidSpec(f"{key}: {raw!r} is not a whole number")
+    value = int(text)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InvalidSpec(f"{key}: {value} must be {bound}")
+    return value
+
+
+def _resolve_ports(raw: str, deployment: Mapping[str, Any]) -> tuple[int, ...]:
+    named: dict[str, int] = {}
+    for container in _containers(deployment):
+        if container.get("name") == CONTAINER:
+            continue
+        for port in container.get("ports") or []:
+            if port.get("name"):
+                named[port["name"]] = int(port["containerPort"])
+    ports = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            raise InvalidSpec(f"{A_PORT}: {raw!r} has an empty entry")
+        if item.isdigit():
+            number = int(item)
+            if not 1 <= number <= 65535:
+                raise InvalidSpec(f"{A_PORT}: {number} is not a port number in 1-65535")
+            ports.append(number)
+        elif item in named:
+            ports.append(named[item])
+        else:
+            known = ", ".join(sorted(named)) or "none"
+            raise InvalidSpec(
+                f"{A_PORT}: {item!r} is neither a port number nor a container port name "
+                f"of this pod template (names: {known})"
+            )
+    return tuple(sorted(set(ports)))
+
+
+def _quantity(annotations: Mapping[str, str], key: str, default: str) -> str:
+    value = annotations.get(key, default).strip()
+    if not _QUANTITY.match(value):
+        raise InvalidSpec(f"{key}: {value!r} is not a resource quantity (for example 10m, 0.5, 64Mi)")
+    return value
+
+
+def quantity_value(text: str) -> Decimal:
+    match = _QUANTITY.match(str(text))
+    if not match:
+        raise InvalidOperation(text)
+    suffix = match.group(2) or ""
+    return Decimal(str(text)[: len(str(text)) - len(suffix)]) * _SUFFIXES[suffix]
+
+
+def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
+    """The validated Spec of an annotated Deployment; raises InvalidSpec with a message for the user."""
+    annotations = _annotations(deployment)
+    ports = _resolve_ports(annotations[A_PORT], deployment)
+    method = annotations.get(A_METHOD, cfg.method).strip()
+    if method not in INJECTABLE_METHODS:
+        raise InvalidSpec(f"{A_METHOD}: {method!r} is not one of {', '.join(INJECTABLE_METHODS)}")
+    metrics_port = _integer(annotations, A_METRICS_PORT, cfg.metrics_port, 1, 65535)
+    if metrics_port in ports:
+        raise InvalidSpec(f"{A_METRICS_PORT}: {metrics_port} is also a watched port")
+    for container in _containers(deployment):
+        if container.get("name") == CONTAINER:
+            continue
+        if any(int(p.get("containerPort", 0)) == metrics_port for p in container.get("ports") or []):
+            raise InvalidSpec(
+                f"{A_METRICS_PORT}: {metrics_port} is already used by container "
+                f"{container.get('name')!r}; set {A_METRICS_PORT} to a free port"
+            )
+    threshold = _integer(annotations, A_THRESHOLD, cfg.threshold, 1)
+    min_replicas = _integer(annotations, A_MIN, cfg.min_replicas, 1)
+    max_replicas = _integer(annotations, A_MAX, cfg.max_replicas, 1)
+    if min_replicas > max_replicas:
+        raise InvalidSpec(f"{A_MIN} ({min_replicas}) is above {A_MAX} ({max_replicas})")
+    toggle = annotations.get(A_SCALEDOBJECT, "true").strip().lower()
+    if toggle not in ("true", "false"):
+        raise InvalidSpec(f'{A_SCALEDOBJECT}: {toggle!r} must be "true" or "false"')
+    prometheus = annotations.get(A_PROMETHEUS, cfg.prometheus).strip()
+    if not re.match(r"^https?://[^\s/]+", prometheus):
+        raise InvalidSpec(f"{A_PROMETHEUS}: {prometheus!r} is not an http(s):// address")
+    image = annotations.get(A_IMAGE, cfg.sidecar_image).strip()
+    if not image or any(c.isspace() for c in image):
+        raise InvalidSpec(f"{A_IMAGE}: {image!r} is not an image reference")
+    resources = {
+        "requests": {
+            "cpu": _quantity(annotations, A_CPU_REQUEST, cfg.cpu_request),
+            "memory": _quantity(annotations, A_MEMORY_REQUEST, cfg.memory_request),
+        },
+        "limits": {
+            "cpu": _quantity(annotations, A_CPU_LIMIT, cfg.cpu_limit),
+            "memory": _quantity(annotations, A_MEMORY_LIMIT, cfg.memory_limit),
+        },
+    }
+    for kind in ("cpu", "memory"):
+        if quantity_value(resources["requests"][kind]) > quantity_value(resources["limits"][kind]):
+            raise InvalidSpec(
+                f"the {kind} request {resources['requests'][kind]} is above its limit {resources['limits'][kind]}"
+            )
+    return Spec(
+        ports=ports,
+        method=method,
+        image=image,
+        metrics_port=metrics_port,
+        threshold=threshold,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        prometheus=prometheus.rstrip("/"),
+        scaled_object=toggle == "true",
+        resources=resources,
+    )
+
+
+def allowed_method(spec: Spec, psa_level: str | None) -> tuple[Spec, Event | None]:
+    """Pod Security Admission's baseline and restricted levels reject NET_ADMIN: fall back to sockdiag there."""
+    if spec.method == "conntrack" and psa_level in ("baseline", "restricted"):
+        note = Event(
+            "Warning",
+            "MethodDowngraded",
+            f"the conntrack method needs CAP_NET_ADMIN, which this namespace's Pod Security level "
+            f"{psa_level!r} forbids; injecting the unprivileged sockdiag method instead",
+        )
+        return Spec(**{**spec.__dict__, "method": "sockdiag"}), note
+    return spec, None
+
+
+# -- the desired objects -------------------------------------------------------------------------
+
+
+def sidecar_container(spec: Spec) -> dict[str, Any]:
+    capabilities = sidecar.METHOD_CAPABILITIES.get(spec.method, ())
+    security: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], **({"add": list(capabilities)} if capabilities else {})},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if capabilities:
+        # A capability added by the pod spec is usable by UID 0 only (no ambient capabilities).
+        security.update({"runAsNonRoot": False, "runAsUser": 0})
+    else:
+        security.update({"runAsNonRoot": True, "runAsUser": NONROOT_UID, "runAsGroup": NONROOT_UID})
+    return {
+        "name": CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": sidecar.sidecar_args(list(spec.ports), spec.method, spec.metrics_port),
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": spec.metrics_port, "protocol": "TCP"}],
+        "resources": copy.deepcopy(spec.resources),
+        "livenessProbe": {
+            "httpGet": {"path": sidecar.HEALTH_PATH, "port": METRICS_PORT_NAME},
+            "periodSeconds": 30,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "securityContext": security,
+    }
+
+
+def prometheus_annotations(spec: Spec) -> dict[str, str]:
+    return {
+        PROMETHEUS_SCRAPE: "true",
+        "prometheus.io/port": str(spec.metrics_port),
+        "prometheus.io/path": sidecar.METRICS_PATH,
+    }
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def status(spec: Spec, pod_annotations: Mapping[str, str]) -> dict[str, Any]:
+    """What tcp-exporter/status records: enough to undo the injection, and a hash to tell drift."""
+    injected = {"container": sidecar_container(spec), "podAnnotations": dict(pod_annotations)}
+    return {
+        "version": __version__,
+        "ports": list(spec.ports),
+        "method": spec.method,
+        "podAnnotations": sorted(pod_annotations),
+        "hash": _digest(injected),
+    }
+
+
+def recorded_status(deployment: Mapping[str, Any]) -> dict[str, Any] | None:
+    raw = _annotations(deployment).get(A_STATUS)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _wanted_pod_annotations(deployment: Mapping[str, Any], spec: Spec) -> dict[str, str]:
+    """Our prometheus.io annotations, unless the pod template carries the user's own."""
+    current = _annotations(_template(deployment))
+    ours = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    if PROMETHEUS_SCRAPE in current and PROMETHEUS_SCRAPE not in ours:
+        return {}
+    return prometheus_annotations(spec)
+
+
+def inject(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+    """The Deployment with the sidecar, its discovery annotations and the status annotation."""
+    new = copy.deepcopy(dict(deployment))
+    pod_annotations = _wanted_pod_annotations(deployment, spec)
+    previous = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    template = new.setdefault("spec", {}).setdefault("template", {})
+    template_meta = template.setdefault("metadata", {})
+    annotations = {k: v for k, v in (template_meta.get("annotations") or {}).items() if k not in previous}
+    annotations.update(pod_annotations)
+    if annotations:
+        template_meta["annotations"] = annotations
+    else:
+        template_meta.pop("annotations", None)
+    containers = [c for c in template.setdefault("spec", {}).get("containers") or [] if c.get("name") != CONTAINER]
+    template["spec"]["containers"] = [*containers, sidecar_container(spec)]
+    meta = new.setdefault("metadata", {})
+    meta["annotations"] = {
+        **(meta.get("annotations") or {}),
+        A_STATUS: json.dumps(status(spec, pod_annotations), sort_keys=True),
+    }
+    return new
+
+
+def uninject(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """The Deployment without anything this operator added (as recorded in its status annotation)."""
+    new = copy.deepcopy(dict(deployment))
+    ours = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    template = new.get("spec", {}).get("template", {})
+    template_meta = template.get("metadata", {})
+    if template_meta.get("annotations"):
+        kept = {k: v for k, v in template_meta["annotations"].items() if k not in ours}
+        if kept:
+            template_meta["annotations"] = kept
+        else:
+            template_meta.pop("annotations")
+    if template.get("spec", {}).get("containers"):
+        template["spec"]["containers"] = [c for c in template["spec"]["containers"] if c.get("name") != CONTAINER]
+    meta = new.get("metadata", {})
+    if meta.get("annotations"):
+        meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != A_STATUS}
+    return new
+
+
+def matches(desired: Any, actual: Any, key: str = "") -> bool:
+    """Whether `actual` holds everything `desired` says; fields the API server defaults are ignored."""
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(matches(v, actual.get(k), k) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(matches(d, a, key) for d, a in zip(desired, actual, strict=True))
+        )
+    if key in ("cpu", "memory") and actual is not None:
+        try:
+            return quantity_value(str(desired)) == quantity_value(str(actual))
+        except InvalidOperation:
+            return False
+    return bool(desired == actual)
+
+
+def in_sync(deployment: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether the Deployment already carries the injection `desired` describes."""
+    have, want = recorded_status(deployment) or {}, recorded_status(desired) or {}
+    if {k: v for k, v in have.items() if k != "version"} != {k: v for k, v in want.items() if k != "version"}:
+        return False
+    actual = {c.get("name"): c for c in _containers(deployment)}
+    wanted = {c.get("name"): c for c in _containers(desired)}
+    if set(actual) != set(wanted) or not matches(wanted[CONTAINER], actual[CONTAINER]):
+        return False
+    return matches(_annotations(_template(desired)), _annotations(_template(deployment)))
+
+
+def _pointer(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def deployment_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A JSON patch from current to desired that fails (422) if what it replaces changed since it was read.
+
+    Preconditions cover exactly what is replaced, not the resourceVersion: the
+    controllers' status updates then cause no false conflicts, and nobody
+    else's annotations are touched.
+    """
+    ops: list[dict[str, Any]] = []
+    old, new = current["metadata"].get("annotations"), desired["metadata"].get("annotations") or {}
+    if not old:
+        # Adding the whole map could drop one added meanwhile: only if nothing changed.
+        ops.append({"op": "test", "path": "/metadata/resourceVersion", "value": current["metadata"]["resourceVersion"]})
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": dict(new)})
+    else:
+        ops += [{"op": "remove", "path": f"/metadata/annotations/{_pointer(k)}"} for k in old if k not in new]
+        ops += [
+            {"op": "add", "path": f"/metadata/annotations/{_pointer(k)}", "value": v}
+            for k, v in new.items()
+            if old.get(k) != v
+        ]
+    template_meta = _template(current).get("metadata", {})
+    old_pod, new_pod = template_meta.get("annotations"), _template(desired).get("metadata", {}).get("annotations")
+    if (old_pod or {}) != (new_pod or {}):
+        ops.append({"op": "test", "path": "/spec/template/metadata", "value": dict(template_meta)})
+        if new_pod:
+            ops.append({"op": "add", "path": "/spec/template/metadata/annotations", "value": dict(new_pod)})
+        else:
+            ops.append({"op": "remove", "path": "/spec/template/metadata/annotations"})
+    if _containers(current) != _containers(desired):
+        ops.append({"op": "test", "path": "/spec/template/spec/containers", "value": _containers(current)})
+        ops.append({"op": "replace", "path": "/spec/template/spec/containers", "value": _containers(desired)})
+    return ops
+
+
+def query(namespace: str, name: str) -> str:
+    """PromQL: the connection gauge summed over this Deployment's pods (named NAME-<hash>-<suffix>)."""
+    return (
+        f'sum({sidecar.METRIC_ESTABLISHED}{{namespace="{namespace}",pod=~"{re.escape(name)}-[a-z0-9]+-[a-z0-9]+"}})'
+        " or vector(0)"
+    )
+
+
+def owner_reference(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    meta = deployment["metadata"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": meta["name"],
+        "uid": meta.get("uid", ""),
+        "controller": True,
+    }
+
+
+def scaled_object(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+    meta = deployment["metadata"]
+    namespace = meta.get("namespace", "default")
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": namespace,
+            "labels": dict(LABELS),
+            "ownerReferences": [owner_reference(deployment)],
+        },
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"]},
+            "minReplicaCount": spec.min_replicas,
+            "maxReplicaCount": spec.max_replicas,
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": spec.prometheus,
+                        "query": query(namespace, meta["name"]),
+                        "threshold": str(spec.threshold),
+                    },
+                }
+            ],
+        },
+    }
+
+
+def pod_monitor(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    meta = deployment["metadata"]
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {
+            "name": f"{meta['name']}-tcp-exporter",
+            "namespace": meta.get("namespace", "default"),
+            "labels": dict(LABELS),
+            "ownerReferences": [owner_reference(deployment)],
+        },
+        "spec": {
+            "selector": {"matchLabels": dict(deployment["spec"]["selector"].get("matchLabels") or {})},
+            "podMetricsEndpoints": [{"port": METRICS_PORT_NAME, "path": sidecar.METRICS_PATH}],
+        },
+    }
+
+
+def is_ours(obj: Mapping[str, Any] | None, deployment: Mapping[str, Any]) -> bool:
+    if not obj:
+        return False
+    uid = deployment["metadata"].get("uid")
+    return any(
+        ref.get("uid") == uid and ref.get("kind") == "Deployment"
+        for ref in obj.get("metadata", {}).get("ownerReferences") or []
+    )
+
+
+# -- the decision ---------------------------------------------------------------------------------
+
+
+def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
+    """Every write (and Event) that brings this Deployment to what its annotations ask for."""
+    result = Plan()
+    annotations = _annotations(deployment)
+    recorded = recorded_status(deployment)
+    has_container = any(c.get("name") == CONTAINER for c in _containers(deployment))
+
+    if A_PORT not in annotations:
+        if recorded is not None:
+            clean = uninject(deployment)
+            result.deployment_patch = deployment_patch(deployment, clean)
+            result.events.append(Event("Normal", "Removed", f"{A_PORT} was removed: sidecar removed"))
+        if facts.scaled_object is not None:
+            result.scaled_object_action = "delete"
+            result.scaled_object = dict(facts.scaled_object)
+        return result
+
+    if has_container and recorded is None:
+        result.events.append(
+            Event(
+                "Warning",
+                "ContainerConflict",
+                f"the pod template already has a container named {CONTAINER!r} that this "
+                "operator did not inject; rename it or remove the annotation. Nothing changed.",
+            )
+        )
+        return result
+    try:
+        spec = parse_spec(deployment, cfg)
+    except InvalidSpec as exc:
+        result.events.append(Event("Warning", "InvalidAnnotation", f"{exc}. Nothing changed."))
+        return result
+    if spec.scaled_object and facts.foreign_autoscalers:
+        result.events.append(
+            Event(
+                "Warning",
+                "AutoscalerConflict",
+                f"{', '.join(facts.foreign_autoscalers)} already scales this Deployment; "
+                f'it is left in charge and nothing changed. Set {A_SCALEDOBJECT}: "false" '
+                "to inject only the exporter.",
+            )
+        )
+        return result
+    spec, note = allowed_method(spec, facts.psa_level)
+    if note is not None:
+        result.events.append(note)
+
+    desired = inject(deployment, spec)
+    if not in_sync(deployment, desired):
+        result.deployment_patch = deployment_patch(deployment, desired)
+        verb = "Updated" if recorded else "Injected"
+        result.events.append(
+            Event(
+                "Normal",
+                verb,
+                f"{verb.lower()} the {CONTAINER} sidecar (port {','.join(map(str, spec.ports))}, method {spec.method})",
+            )
+        )
+        if facts.pod_monitor_crd:
+            result.pod_monitor = pod_monitor(deployment)
+
+    if not spec.scaled_object:
+        if facts.scaled_object is not None:
+            result.scaled_object_action = "delete"
+            result.scaled_object = dict(facts.scaled_object)
+            result.events.append(Event("Normal", "ScaledObjectDeleted", f'{A_SCALEDOBJECT} is "false"'))
+        return result
+    if not facts.keda:
+        result.events.append(
+            Event(
+                "Warning",
+                "KedaMissing",
+                "KEDA's ScaledObject CRD (keda.sh/v1alpha1) is not installed: the sidecar is "
+                "injected and the ScaledObject will be created once KEDA is installed",
+            )
+        )
+        return result
+    wanted = scaled_object(deployment, spec)
+    if facts.scaled_object is None:
+        result.scaled_object, result.scaled_object_action = wanted, "create"
+        result.events.append(
+            Event(
+                "Normal",
+                "ScaledObjectCreated",
+                f"ScaledObject {wanted['metadata']['name']}: {spec.threshold} connections per "
+                f"replica, {spec.min_replicas}-{spec.max_replicas} replicas",
+            )
+        )
+    elif not matches(wanted["spec"], facts.scaled_object.get("spec")) or not matches(
+        wanted["metadata"]["labels"], facts.scaled_object.get("metadata", {}).get("labels")
+    ):
+        result.scaled_object, result.scaled_object_action = wanted, "update"
+        result.events.append(
+            Event("Normal", "ScaledObjectUpdated", f"ScaledObject {wanted['metadata']['name']} updated")
+        )
+    return result

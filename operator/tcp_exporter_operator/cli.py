@@ -1,0 +1,122 @@
+"""The `tcp-exporter-operator` command: run the operator, or render an injection offline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from tcp_exporter import __version__
+
+from tcp_exporter_operator import builders
+from tcp_exporter_operator.config import Config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcp-exporter-operator",
+        description="Inject the tcp-exporter sidecar into Deployments annotated tcp-exporter/port and own a KEDA "
+        "ScaledObject for each. Configuration comes from TCP_EXPORTER_OPERATOR_* variables.",
+    )
+    parser.add_argument("--version", action="version", version=f"tcp-exporter-operator {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the operator (the default)")
+    add_run_flags(run)
+    render = sub.add_parser("render", help="print the injected Deployment and its ScaledObject, without a cluster")
+    render.add_argument("-f", "--filename", required=True, help="a Deployment manifest (YAML or JSON), - for stdin")
+    render.add_argument(
+        "--psa-level",
+        choices=("privileged", "baseline", "restricted"),
+        default=None,
+        help="the namespace's Pod Security Admission enforce level",
+    )
+    return parser
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable); default: all namespaces",
+    )
+    parser.add_argument(
+        "--peering",
+        default=None,
+        metavar="NAME",
+        help="kopf peering name, to run more than one replica (one is active); default: standalone",
+    )
+    parser.add_argument(
+        "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint kopf serves (default %(default)s)"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the operator's own log level (default info); kopf's stays at warning unless debug",
+    )
+
+
+def render(path: str, psa_level: str | None, cfg: Config) -> int:
+    text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
+    documents = [d for d in yaml.safe_load_all(text) if d]
+    out: list[dict[str, Any]] = []
+    for doc in documents:
+        if doc.get("kind") != "Deployment":
+            out.append(doc)
+            continue
+        doc.setdefault("metadata", {}).setdefault("namespace", "default")
+        annotations = doc["metadata"].get("annotations") or {}
+        if builders.A_PORT not in annotations:
+            out.append(doc)
+            continue
+        try:
+            spec = builders.parse_spec(doc, cfg)
+        except builders.InvalidSpec as exc:
+            print(f"tcp-exporter-operator: {doc['metadata'].get('name')}: {exc}", file=sys.stderr)
+            return 1
+        spec, note = builders.allowed_method(spec, psa_level)
+        if note is not None:
+            print(f"tcp-exporter-operator: {note.message}", file=sys.stderr)
+        out.append(builders.inject(doc, spec))
+        if spec.scaled_object:
+            scaled = builders.scaled_object(doc, spec)
+            # Offline there is no Deployment UID to own it by; the operator adopts it when it runs.
+            del scaled["metadata"]["ownerReferences"]
+            out.append(scaled)
+    yaml.safe_dump_all(out, sys.stdout, sort_keys=False)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["run", *argv]
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = Config.from_env()
+    except ValueError as exc:
+        print(f"tcp-exporter-operator: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "render":
+        return render(args.filename, args.psa_level, cfg)
+    import kopf
+
+    from tcp_exporter_operator import handlers  # noqa: F401 - registers the handlers
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tcp_exporter_operator").setLevel(args.log_level.upper())
+    namespaces = args.namespace or list(cfg.namespaces)
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        liveness_endpoint=args.liveness,
+        memo=kopf.Memo(config=cfg),
+    )
+    return 0

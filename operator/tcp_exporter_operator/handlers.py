@@ -1,0 +1,274 @@
+"""kopf handlers: thin, level-based, and without kopf's bookkeeping on anybody's objects.
+
+Every handler here is an event handler or an index: kopf stores no progress
+or diff-base for those, so nothing of kopf's is written to users'
+Deployments. Each event re-derives the whole desired state from the
+Deployment (`builders.plan`) and writes only what differs: after convergence
+a resync, a restart or an unrelated edit costs no write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from tcp_exporter_operator import builders
+from tcp_exporter_operator.builders import A_PORT, A_STATUS, MANAGED_BY, PSA_ENFORCE, Facts, Plan
+from tcp_exporter_operator.config import Config
+from tcp_exporter_operator.kube import Conflict, Kube
+
+log = logging.getLogger(__name__)
+KEDA_CRD = "scaledobjects.keda.sh"
+PODMONITOR_CRD = "podmonitors.monitoring.coreos.com"
+RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
+RESYNC_SECONDS = 300.0
+# After its own patch, the operator skips the Deployment's watch events older than its write (they
+# would plan the same patch again), for at most this many seconds.
+CONSISTENCY_TIMEOUT = 10.0
+
+
+def tracked(annotations: Mapping[str, str], **_: Any) -> bool:
+    """Deployments that ask for the exporter, or still carry what it injected."""
+    return A_PORT in annotations or A_STATUS in annotations
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Should kopf ever need to store state, it goes under this project's prefix.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.tcp-exporter.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.tcp-exporter.dev")
+    settings.persistence.finalizer = "kopf.tcp-exporter.dev/finalizer"
+    settings.posting.enabled = False  # the operator posts its own Events, deduplicated
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 5
+    settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8)
+    settings.execution.max_workers = 8
+    if not hasattr(memo, "config"):
+        memo.config = Config.from_env()
+    memo.kube = Kube()
+    memo.warned = {}
+    memo.awaiting = {}
+    memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    memo.kube.close()
+
+
+# -- indexes: the cluster facts a plan needs, kept by watches instead of per-event reads ---------
+
+
+@kopf.index("apps", "v1", "deployments", when=tracked)
+def deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str | None, str], Any]:
+    return {(namespace, name): body}
+
+
+@kopf.index("keda.sh", "v1alpha1", "scaledobjects")
+def scaledobjects(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
+    return {namespace: {"name": body["metadata"]["name"], "body": body}}
+
+
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
+def hpas(namespace: str | None, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[str | None, Any]:
+    owners = {ref.get("kind") for ref in meta.get("ownerReferences") or []}
+    return {namespace: {"name": name, "target": spec.get("scaleTargetRef", {}), "keda": "ScaledObject" in owners}}
+
+
+@kopf.index("", "v1", "namespaces")
+def psa_levels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, str | None]:
+    return {name: labels.get(PSA_ENFORCE)}
+
+
+@kopf.index("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+def crds(name: str, **_: Any) -> dict[str, bool]:
+    return {name: True}
+
+
+def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[Any, Any]]) -> Facts:
+    namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+    ours = None
+    foreign = []
+    for entry in indexes["scaledobjects"].get(namespace, []):
+        so = entry["body"]
+        targets = so.get("spec", {}).get("scaleTargetRef", {}).get("name") == name
+        if builders.is_ours(so, deployment):
+            ours = so
+        elif targets:
+            foreign.append(f"ScaledObject/{entry['name']}")
+    for hpa in indexes["hpas"].get(namespace, []):
+        target = hpa["target"]
+        if target.get("kind") == "Deployment" and target.get("name") == name and not hpa["keda"]:
+            foreign.append(f"HorizontalPodAutoscaler/{hpa['name']}")
+    levels = list(indexes["psa_levels"].get(namespace, [None]))
+    crd_names = indexes["crds"]
+    return Facts(
+        psa_level=levels[0] if levels else None,
+        keda=KEDA_CRD in crd_names,
+        pod_monitor_crd=PODMONITOR_CRD in crd_names,
+        scaled_object=ours,
+        foreign_autoscalers=tuple(sorted(foreign)),
+    )
+
+
+# -- reconciling one Deployment -----------------------------------------------------------------
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, ApiException):
+        return exc.status in (0, 429, 500, 502, 503, 504) or exc.status is None
+    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
+
+
+def apply(kube: Kube, deployment: Mapping[str, Any], plan: Plan, memo: kopf.Memo) -> None:
+    meta = deployment["metadata"]
+    if plan.deployment_patch is not None:
+        written = kube.patch_deployment(meta["namespace"], meta["name"], plan.deployment_patch)
+        memo.awaiting[meta.get("uid")] = (written, time.monotonic() + CONSISTENCY_TIMEOUT)
+    if plan.scaled_object_action == "create":
+        kube.create_scaled_object(plan.scaled_object or {})
+    elif plan.scaled_object_action == "update":
+        kube.update_scaled_object(plan.scaled_object or {})
+    elif plan.scaled_object_action == "delete":
+        so = plan.scaled_object or {}
+        kube.delete_scaled_object(so["metadata"]["namespace"], so["metadata"]["name"])
+    if plan.pod_monitor is not None:
+        kube.create_pod_monitor(plan.pod_monitor)
+    warned: dict[str, set[tuple[str, str]]] = memo.warned
+    uid = meta.get("uid", "")
+    warnings = {(e.reason, e.message) for e in plan.events if e.type == "Warning"}
+    for event in plan.events:
+        # A Warning is posted once while it holds, not on every watch event of the Deployment.
+        if event.type == "Warning" and (event.reason, event.message) in warned.get(uid, set()):
+            continue
+        kube.post_event(deployment, event)
+    warned[uid] = warnings
+
+
+def reconcile(deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Any, Any]]) -> None:
+    """Plan and apply; on a conflict read the Deployment again; retry transient API errors a few times."""
+    kube: Kube = memo.kube
+    namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+    current: Mapping[str, Any] | None = deployment
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            if current is None or current["metadata"].get("deletionTimestamp"):
+                return
+            plan = builders.plan(current, facts_for(current, indexes), memo.config)
+            apply(kube, current, plan, memo)
+            log.log(
+                logging.INFO if plan.writes else logging.DEBUG,
+                "reconciled %s/%s at resourceVersion %s: %d writes",
+                namespace,
+                name,
+                current["metadata"].get("resourceVersion"),
+                plan.writes,
+            )
+            return
+        except Conflict:
+            current = kube.get_deployment(namespace, name)
+            continue
+        except Exception as exc:
+            if not _transient(exc) or delay is None:
+                raise
+            log.warning("reconciling %s/%s failed (%s); retrying in %s s", namespace, name, exc, delay)
+            time.sleep(delay)
+            with contextlib.suppress(Exception):  # the next attempt reports it
+                current = kube.get_deployment(namespace, name)
+    log.warning(
+        "gave up reconciling %s/%s for now: it kept changing; the next event or resync retries", namespace, name
+    )
+
+
+def older(version: str | None, than: str) -> bool:
+    """Whether a watch event predates our write. resourceVersions are etcd revisions, ordered integers, in
+    every etcd-backed API server; kopf may coalesce events, so waiting for our exact version could wait forever.
+    Anything not comparable counts as not older."""
+    try:
+        return int(version or "") < int(than)
+    except ValueError:
+        return False
+
+
+INDEXES = ("deployments", "scaledobjects", "hpas", "psa_levels", "crds")
+
+
+def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index[Any, Any]]:
+    """The indexes kopf hands every handler as keyword arguments named after them."""
+    return {name: kwargs[name] for name in INDEXES}
+
+
+@kopf.on.event("apps", "v1", "deployments", when=tracked)
+def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    indexes = _indexes(kwargs)
+    memo.indexes = indexes  # live views, for the periodic resync
+    uid = body["metadata"].get("uid")
+    if type == "DELETED":
+        memo.warned.pop(uid, None)
+        memo.awaiting.pop(uid, None)
+        return
+    if uid in memo.awaiting:
+        written, deadline = memo.awaiting[uid]
+        if older(body["metadata"].get("resourceVersion"), written) and time.monotonic() < deadline:
+            log.debug(
+                "skipped %s/%s at resourceVersion %s: older than our write %s",
+                body["metadata"]["namespace"],
+                body["metadata"]["name"],
+                body["metadata"].get("resourceVersion"),
+                written,
+            )
+            return
+        del memo.awaiting[uid]
+    reconcile(body, memo, indexes)
+
+
+@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+def scaledobject_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A ScaledObject of ours deleted or edited by hand is put back."""
+    if type not in ("DELETED", "MODIFIED"):
+        return
+    namespace = body["metadata"]["namespace"]
+    for ref in body["metadata"].get("ownerReferences") or []:
+        if ref.get("kind") == "Deployment":
+            deployment = memo.kube.get_deployment(namespace, ref["name"])
+            if deployment is not None and deployment["metadata"].get("uid") == ref.get("uid"):
+                reconcile(deployment, memo, _indexes(kwargs))
+
+
+@kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", field="metadata.name", value=KEDA_CRD)
+def keda_installed(type: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    """KEDA installed after the operator: create the ScaledObjects that were waiting for it, no restart needed."""
+    if type != "ADDED":
+        return
+    indexes = _indexes(kwargs)
+    for key in list(indexes["deployments"]):
+        for deployment in indexes["deployments"].get(key, []):
+            reconcile(deployment, memo, indexes)
+
+
+async def _resync_forever(memo: kopf.Memo) -> None:
+    """Every few minutes, reconcile every tracked Deployment: a safety net for failures that outlasted the retries.
+
+    In sync, this costs no write and no read: the facts come from the indexes.
+    """
+    while True:
+        await asyncio.sleep(RESYNC_SECONDS)
+        indexes = getattr(memo, "indexes", None)
+        if indexes is None:
+            continue
+        for key in list(indexes["deployments"]):
+            for deployment in indexes["deployments"].get(key, []):
+                try:
+                    await asyncio.to_thread(reconcile, deployment, memo, indexes)
+                except Exception:
+                    log.exception("resync of %s failed", key)

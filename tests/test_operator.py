@@ -1,0 +1,326 @@
+"""The operator on the real local control plane, as its own ServiceAccount with the RBAC from manifests/."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from helpers import wait_for
+from localkube.cluster import CRDS
+from operator_proc import REPO, Audit, Operator
+
+pytestmark = pytest.mark.cluster
+KEDA = ("keda.sh", "v1alpha1")
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Operator]:
+    kubectl("apply", "-k", str(REPO / "manifests"))
+    op = Operator(cluster, kubectl)
+    yield op
+    op.stop()
+
+
+@pytest.fixture(scope="session")
+def audit(cluster: Any) -> Audit:
+    return Audit(cluster.audit_log)
+
+
+def deployment(name: str, annotations: dict[str, str] | None = None, ports: list[dict[str, Any]] | None = None,
+               extra_containers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    labels = {"app": name}
+    app = {"name": "app", "image": "example.test/app:1",
+           "ports": ports if ports is not None else [{"name": "web", "containerPort": 8080}]}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "annotations": annotations or {}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [app, *(extra_containers or [])]}}},
+    }
+
+
+class Kube:
+    """Admin-side reads and writes for the tests."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        self.ns = namespace
+        self.apps = client.AppsV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.autoscaling = client.AutoscalingV2Api(api)
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.apps.create_namespaced_deployment(self.ns, body).to_dict()
+
+    def get(self, name: str) -> Any:
+        return self.apps.read_namespaced_deployment(name, self.ns)
+
+    def patch(self, name: str, body: dict[str, Any]) -> Any:
+        return self.apps.patch_namespaced_deployment(name, self.ns, body)
+
+    def annotate(self, name: str, **annotations: str | None) -> Any:
+        return self.patch(name, {"metadata": {"annotations": {f"tcp-exporter/{k.replace('_', '-')}": v
+                                                              for k, v in annotations.items()}}})
+
+    def containers(self, name: str) -> dict[str, Any]:
+        return {c.name: c for c in self.get(name).spec.template.spec.containers}
+
+    def scaled_object(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.custom.get_namespaced_custom_object(*KEDA, self.ns, "scaledobjects", name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def replicasets(self, name: str) -> int:
+        return len([rs for rs in self.apps.list_namespaced_replica_set(self.ns).items
+                    if any(o.name == name for o in rs.metadata.owner_references or [])])
+
+    def events(self, name: str, type_: str | None = None) -> list[Any]:
+        items = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
+        return [e for e in items if e.source and e.source.component == "tcp-exporter-operator"
+                and (type_ is None or e.type == type_)]
+
+    def converged(self, op: Operator, name: str) -> str:
+        """Wait until the operator has handled the Deployment's current version; return that version."""
+        rv = str(self.get(name).metadata.resource_version)
+        op.wait_reconciled(self.ns, name, rv)
+        return rv
+
+
+@pytest.fixture
+def kube(api: Any, namespace: str) -> Kube:
+    return Kube(api, namespace)
+
+
+def injected(kube: Kube, name: str) -> dict[str, Any]:
+    wait_for(lambda: "tcp-exporter" in kube.containers(name), 30, "the sidecar")
+    return wait_for(lambda: kube.scaled_object(name), 30, "the ScaledObject")
+
+
+def operator_writes(audit: Audit, since: int, namespace: str) -> list[tuple[str, str, str]]:
+    """The operator's writes in a namespace, Events left out."""
+    return sorted((verb, resource, name) for verb, resource, ns, name in audit.writes(since)
+                  if ns == namespace and resource != "events")
+
+
+def test_injection_is_one_patch_one_create_and_one_rollout(operator: Operator, kube: Kube, audit: Audit) -> None:
+    mark = audit.mark()
+    kube.create(deployment("web", {"tcp-exporter/port": "web", "tcp-exporter/threshold": "50"}))
+    so = injected(kube, "web")
+    kube.converged(operator, "web")
+    assert operator_writes(audit, mark, kube.ns) == [("create", "scaledobjects", "web"), ("patch", "deployments", "web")]
+    sidecar = kube.containers("web")["tcp-exporter"]
+    assert sidecar.args == ["--listen-address=:9100", "--watch-port=8080", "--method=sockdiag"]
+    assert sidecar.image == "example.test/tcp-exporter:test"
+    assert sidecar.security_context.capabilities.drop == ["ALL"] and not sidecar.security_context.capabilities.add
+    assert sidecar.security_context.run_as_non_root and sidecar.security_context.read_only_root_filesystem
+    template = kube.get("web").spec.template.metadata.annotations
+    assert template["prometheus.io/scrape"] == "true" and template["prometheus.io/port"] == "9100"
+    status = json.loads(kube.get("web").metadata.annotations["tcp-exporter/status"])
+    assert status["ports"] == [8080] and status["method"] == "sockdiag" and status["hash"]
+    trigger = so["spec"]["triggers"][0]
+    assert trigger["metadata"]["threshold"] == "50"
+    assert 'namespace="' + kube.ns + '"' in trigger["metadata"]["query"]
+    assert so["metadata"]["ownerReferences"][0]["name"] == "web"
+    wait_for(lambda: kube.replicasets("web") == 2, 30, "the rollout's ReplicaSet")
+    reasons = {e.reason for e in kube.events("web", "Normal")}
+    assert {"Injected", "ScaledObjectCreated"} <= reasons
+    # kopf keeps nothing of its own on the user's Deployment.
+    assert not [k for k in kube.get("web").metadata.annotations if "kopf" in k]
+
+
+def test_unrelated_edits_resyncs_and_restarts_cost_no_write(operator: Operator, kube: Kube, audit: Audit) -> None:
+    kube.create(deployment("calm", {"tcp-exporter/port": "8080"}))
+    injected(kube, "calm")
+    kube.converged(operator, "calm")
+    mark = audit.mark()
+    kube.patch("calm", {"spec": {"replicas": 3}})
+    kube.annotate("calm", unrelated="x")
+    kube.converged(operator, "calm")
+    operator.restart()
+    kube.converged(operator, "calm")
+    assert operator_writes(audit, mark, kube.ns) == []
+    assert kube.replicasets("calm") == 2
+
+
+def test_changing_the_threshold_updates_only_the_scaledobject(operator: Operator, kube: Kube, audit: Audit) -> None:
+    kube.create(deployment("thr", {"tcp-exporter/port": "8080"}))
+    injected(kube, "thr")
+    kube.converged(operator, "thr")
+    mark = audit.mark()
+    kube.annotate("thr", threshold="250", max_replicas="40")
+    wait_for(lambda: (kube.scaled_object("thr") or {})["spec"]["maxReplicaCount"] == 40, 30, "the update")
+    kube.converged(operator, "thr")
+    assert operator_writes(audit, mark, kube.ns) == [("patch", "scaledobjects", "thr")]
+    assert (kube.scaled_object("thr") or {})["spec"]["triggers"][0]["metadata"]["threshold"] == "250"
+    assert kube.replicasets("thr") == 2
+
+
+def test_changing_the_port_updates_the_sidecar_in_one_patch(operator: Operator, kube: Kube, audit: Audit) -> None:
+    kube.create(deployment("prt", {"tcp-exporter/port": "8080"},
+                           ports=[{"name": "a", "containerPort": 8080}, {"name": "b", "containerPort": 8443}]))
+    injected(kube, "prt")
+    kube.converged(operator, "prt")
+    mark = audit.mark()
+    kube.annotate("prt", port="a,b")
+    wait_for(lambda: "--watch-port=8443" in kube.containers("prt")["tcp-exporter"].args, 30, "the new port")
+    kube.converged(operator, "prt")
+    assert operator_writes(audit, mark, kube.ns) == [("patch", "deployments", "prt")]
+    wait_for(lambda: kube.replicasets("prt") == 3, 30, "one more rollout")
+
+
+def test_removing_the_annotation_removes_everything_and_adding_it_back_injects(
+        operator: Operator, kube: Kube, audit: Audit) -> None:
+    kube.create(deployment("rm", {"tcp-exporter/port": "8080"}))
+    injected(kube, "rm")
+    kube.converged(operator, "rm")
+    mark = audit.mark()
+    kube.annotate("rm", port=None)
+    wait_for(lambda: "tcp-exporter" not in kube.containers("rm"), 30, "the sidecar to go")
+    wait_for(lambda: kube.scaled_object("rm") is None, 30, "the ScaledObject to go")
+    kube.converged(operator, "rm")
+    assert operator_writes(audit, mark, kube.ns) == [("delete", "scaledobjects", "rm"), ("patch", "deployments", "rm")]
+    dep = kube.get("rm")
+    assert "tcp-exporter/status" not in (dep.metadata.annotations or {})
+    assert not (dep.spec.template.metadata.annotations or {})
+    kube.annotate("rm", port="8080")
+    injected(kube, "rm")
+
+
+@pytest.mark.parametrize(
+    ("annotations", "expected"),
+    [
+        ({"tcp-exporter/port": "0"}, "not a port number"),
+        ({"tcp-exporter/port": "70000"}, "not a port number"),
+        ({"tcp-exporter/port": "grpc"}, "neither a port number nor a container port name"),
+        ({"tcp-exporter/port": "8080", "tcp-exporter/min-replicas": "5", "tcp-exporter/max-replicas": "2"},
+         "is above"),
+        ({"tcp-exporter/port": "8080", "tcp-exporter/max-replicas": "-1"}, "must be"),
+        ({"tcp-exporter/port": "8080", "tcp-exporter/threshold": "1.5"}, "not a whole number"),
+        ({"tcp-exporter/port": "8080", "tcp-exporter/method": "magic"}, "is not one of"),
+    ],
+)
+def test_a_wrong_annotation_is_a_warning_event_and_no_write(
+        operator: Operator, kube: Kube, audit: Audit, annotations: dict[str, str], expected: str) -> None:
+    mark = audit.mark()
+    kube.create(deployment("bad", annotations))
+    warning = wait_for(lambda: kube.events("bad", "Warning"), 30, "a Warning Event")
+    assert warning[0].reason == "InvalidAnnotation"
+    assert expected in warning[0].message
+    kube.converged(operator, "bad")
+    assert operator_writes(audit, mark, kube.ns) == []
+    assert "tcp-exporter" not in kube.containers("bad")
+    # The same Warning is not posted again on each later event of the Deployment.
+    kube.patch("bad", {"spec": {"replicas": 2}})
+    kube.converged(operator, "bad")
+    assert len(kube.events("bad", "Warning")) == 1
+
+
+def test_a_container_named_tcp_exporter_that_is_not_ours_is_left_alone(
+        operator: Operator, kube: Kube, audit: Audit) -> None:
+    mark = audit.mark()
+    kube.create(deployment("own", {"tcp-exporter/port": "8080"},
+                           extra_containers=[{"name": "tcp-exporter", "image": "someone/else:1"}]))
+    warning = wait_for(lambda: kube.events("own", "Warning"), 30, "a Warning Event")
+    assert warning[0].reason == "ContainerConflict"
+    kube.converged(operator, "own")
+    assert operator_writes(audit, mark, kube.ns) == []
+    assert kube.containers("own")["tcp-exporter"].image == "someone/else:1"
+
+
+def test_a_users_hpa_on_the_deployment_is_respected(operator: Operator, kube: Kube, audit: Audit) -> None:
+    kube.autoscaling.create_namespaced_horizontal_pod_autoscaler(kube.ns, {
+        "metadata": {"name": "theirs"},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "hpa"},
+                 "minReplicas": 1, "maxReplicas": 3,
+                 "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                     "type": "Utilization", "averageUtilization": 80}}}]},
+    })
+    mark = audit.mark()
+    kube.create(deployment("hpa", {"tcp-exporter/port": "8080"}))
+    warning = wait_for(lambda: kube.events("hpa", "Warning"), 30, "a Warning Event")
+    assert warning[0].reason == "AutoscalerConflict"
+    assert "HorizontalPodAutoscaler/theirs" in warning[0].message
+    kube.converged(operator, "hpa")
+    assert operator_writes(audit, mark, kube.ns) == []
+    # Inject-only is allowed next to the user's HPA.
+    kube.annotate("hpa", scaledobject="false")
+    wait_for(lambda: "tcp-exporter" in kube.containers("hpa"), 30, "the sidecar")
+    assert kube.scaled_object("hpa") is None
+
+
+def test_conntrack_gets_net_admin_only_where_pod_security_allows_it(
+        operator: Operator, kube: Kube, api: Any) -> None:
+    kube.create(deployment("ct", {"tcp-exporter/port": "8080", "tcp-exporter/method": "conntrack"}))
+    wait_for(lambda: "tcp-exporter" in kube.containers("ct"), 30, "the sidecar")
+    security = kube.containers("ct")["tcp-exporter"].security_context
+    assert security.capabilities.add == ["NET_ADMIN"] and security.capabilities.drop == ["ALL"]
+    assert security.run_as_user == 0 and not security.allow_privilege_escalation
+
+    client.CoreV1Api(api).patch_namespace(kube.ns, {"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "baseline"}}})
+    kube.create(deployment("ct2", {"tcp-exporter/port": "8080", "tcp-exporter/method": "conntrack"}))
+    wait_for(lambda: "tcp-exporter" in kube.containers("ct2"), 30, "the sidecar")
+    sidecar = kube.containers("ct2")["tcp-exporter"]
+    assert "--method=sockdiag" in sidecar.args
+    assert not sidecar.security_context.capabilities.add
+    warning = wait_for(lambda: kube.events("ct2", "Warning"), 30, "a Warning Event")
+    assert warning[0].reason == "MethodDowngraded"
+
+
+def test_deleting_the_deployment_deletes_its_scaledobject(operator: Operator, kube: Kube) -> None:
+    kube.create(deployment("gone", {"tcp-exporter/port": "8080"}))
+    injected(kube, "gone")
+    kube.apps.delete_namespaced_deployment("gone", kube.ns)
+    wait_for(lambda: kube.scaled_object("gone") is None, 60, "the garbage collector to delete the ScaledObject")
+
+
+def test_a_scaledobject_deleted_or_a_sidecar_removed_by_hand_is_restored(operator: Operator, kube: Kube) -> None:
+    kube.create(deployment("heal", {"tcp-exporter/port": "8080"}))
+    injected(kube, "heal")
+    kube.custom.delete_namespaced_custom_object(*KEDA, kube.ns, "scaledobjects", "heal")
+    wait_for(lambda: kube.scaled_object("heal"), 30, "the ScaledObject to come back")
+    dep = kube.get("heal")
+    index = [c.name for c in dep.spec.template.spec.containers].index("tcp-exporter")
+    kube.apps.patch_namespaced_deployment("heal", kube.ns, [
+        {"op": "remove", "path": f"/spec/template/spec/containers/{index}"}])
+    wait_for(lambda: "tcp-exporter" in kube.containers("heal"), 30, "the sidecar to come back")
+
+
+def test_scaledobjects_appear_when_keda_is_installed_after_the_operator(
+        operator: Operator, kube: Kube, kubectl: Callable[..., str]) -> None:
+    kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=true")
+    try:
+        kube.create(deployment("late", {"tcp-exporter/port": "8080"}))
+        wait_for(lambda: "tcp-exporter" in kube.containers("late"), 30, "the sidecar, without KEDA")
+        warning = wait_for(lambda: kube.events("late", "Warning"), 30, "a Warning Event")
+        assert warning[0].reason == "KedaMissing"
+    finally:
+        kubectl("apply", "-f", str(CRDS / "keda.yaml"))
+        kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=30s")
+    wait_for(lambda: kube.scaled_object("late"), 60, "the ScaledObject once KEDA is there")
+
+
+def test_the_operator_keeps_working_through_an_apiserver_restart(
+        operator: Operator, kube: Kube, cluster: Any) -> None:
+    cluster.restart_apiserver()
+    kube.create(deployment("after", {"tcp-exporter/port": "8080"}))
+    injected(kube, "after")
+
+
+def test_concurrent_edits_converge_to_the_last_annotation(operator: Operator, kube: Kube) -> None:
+    kube.create(deployment("busy", {"tcp-exporter/port": "8080"}))
+    for i in range(10):  # edits racing the operator's own patches: 409s must be retried, not lost
+        kube.annotate("busy", threshold=str(100 + i))
+        kube.patch("busy", {"spec": {"replicas": 1 + i % 3}})
+    wait_for(lambda: ((kube.scaled_object("busy") or {}).get("spec", {}).get("triggers", [{}])[0]
+                      .get("metadata", {}).get("threshold")) == "109", 60, "the last threshold")
+    assert "tcp-exporter" in kube.containers("busy")
