@@ -65,9 +65,13 @@ class Operator:
         self.kubeconfig = self.dir / "kubeconfig"
         self.kubeconfig.write_text(json.dumps(config))
         self.log_path = self.dir / "operator.log"
-        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-                    "TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE": "example.test/tcp-exporter:test",
-                    "TCP_EXPORTER_OPERATOR_PROMETHEUS": "http://prometheus.test:9090", **(env or {})}
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE": "example.test/tcp-exporter:test",
+            "TCP_EXPORTER_OPERATOR_PROMETHEUS": "http://prometheus.test:9090",
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -76,7 +80,9 @@ class Operator:
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's life
         self.proc = subprocess.Popen(
             [OPERATOR, "run", f"--liveness=http://127.0.0.1:{self.health}/healthz", "--log-level=debug"],
-            stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
 
         def healthy() -> bool:
@@ -110,5 +116,8 @@ class Operator:
         return f"reconciled {namespace}/{name} at resourceVersion {resource_version}:" in self.log()
 
     def wait_reconciled(self, namespace: str, name: str, resource_version: str, timeout: float = 30) -> None:
-        wait_for(lambda: self.reconciled(namespace, name, resource_version), timeout,
-                 f"the operator to reconcile {namespace}/{name} at {resource_version}")
+        wait_for(
+            lambda: self.reconciled(namespace, name, resource_version),
+            timeout,
+            f"the operator to reconcile {namespace}/{name} at {resource_version}",
+        )

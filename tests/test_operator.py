@@ -7,10 +7,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-
-from helpers import wait_for
 from localkube.cluster import CRDS
 from operator_proc import REPO, Audit, Operator
 
@@ -31,17 +30,27 @@ def audit(cluster: Any) -> Audit:
     return Audit(cluster.audit_log)
 
 
-def deployment(name: str, annotations: dict[str, str] | None = None, ports: list[dict[str, Any]] | None = None,
-               extra_containers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def deployment(
+    name: str,
+    annotations: dict[str, str] | None = None,
+    ports: list[dict[str, Any]] | None = None,
+    extra_containers: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     labels = {"app": name}
-    app = {"name": "app", "image": "example.test/app:1",
-           "ports": ports if ports is not None else [{"name": "web", "containerPort": 8080}]}
+    app = {
+        "name": "app",
+        "image": "example.test/app:1",
+        "ports": ports if ports is not None else [{"name": "web", "containerPort": 8080}],
+    }
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": {"name": name, "annotations": annotations or {}},
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels},
-                              "spec": {"containers": [app, *(extra_containers or [])]}}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [app, *(extra_containers or [])]}},
+        },
     }
 
 
@@ -65,8 +74,10 @@ class Kube:
         return self.apps.patch_namespaced_deployment(name, self.ns, body)
 
     def annotate(self, name: str, **annotations: str | None) -> Any:
-        return self.patch(name, {"metadata": {"annotations": {f"tcp-exporter/{k.replace('_', '-')}": v
-                                                              for k, v in annotations.items()}}})
+        return self.patch(
+            name,
+            {"metadata": {"annotations": {f"tcp-exporter/{k.replace('_', '-')}": v for k, v in annotations.items()}}},
+        )
 
     def containers(self, name: str) -> dict[str, Any]:
         return {c.name: c for c in self.get(name).spec.template.spec.containers}
@@ -80,13 +91,21 @@ class Kube:
             raise
 
     def replicasets(self, name: str) -> int:
-        return len([rs for rs in self.apps.list_namespaced_replica_set(self.ns).items
-                    if any(o.name == name for o in rs.metadata.owner_references or [])])
+        return len(
+            [
+                rs
+                for rs in self.apps.list_namespaced_replica_set(self.ns).items
+                if any(o.name == name for o in rs.metadata.owner_references or [])
+            ]
+        )
 
     def events(self, name: str, type_: str | None = None) -> list[Any]:
         items = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
-        return [e for e in items if e.source and e.source.component == "tcp-exporter-operator"
-                and (type_ is None or e.type == type_)]
+        return [
+            e
+            for e in items
+            if e.source and e.source.component == "tcp-exporter-operator" and (type_ is None or e.type == type_)
+        ]
 
     def converged(self, op: Operator, name: str) -> str:
         """Wait until the operator has handled the Deployment's current version; return that version."""
@@ -107,8 +126,11 @@ def injected(kube: Kube, name: str) -> dict[str, Any]:
 
 def operator_writes(audit: Audit, since: int, namespace: str) -> list[tuple[str, str, str]]:
     """The operator's writes in a namespace, Events left out."""
-    return sorted((verb, resource, name) for verb, resource, ns, name in audit.writes(since)
-                  if ns == namespace and resource != "events")
+    return sorted(
+        (verb, resource, name)
+        for verb, resource, ns, name in audit.writes(since)
+        if ns == namespace and resource != "events"
+    )
 
 
 def test_injection_is_one_patch_one_create_and_one_rollout(operator: Operator, kube: Kube, audit: Audit) -> None:
@@ -116,7 +138,10 @@ def test_injection_is_one_patch_one_create_and_one_rollout(operator: Operator, k
     kube.create(deployment("web", {"tcp-exporter/port": "web", "tcp-exporter/threshold": "50"}))
     so = injected(kube, "web")
     kube.converged(operator, "web")
-    assert operator_writes(audit, mark, kube.ns) == [("create", "scaledobjects", "web"), ("patch", "deployments", "web")]
+    assert operator_writes(audit, mark, kube.ns) == [
+        ("create", "scaledobjects", "web"),
+        ("patch", "deployments", "web"),
+    ]
     sidecar = kube.containers("web")["tcp-exporter"]
     assert sidecar.args == ["--listen-address=:9100", "--watch-port=8080", "--method=sockdiag"]
     assert sidecar.image == "example.test/tcp-exporter:test"
@@ -165,8 +190,13 @@ def test_changing_the_threshold_updates_only_the_scaledobject(operator: Operator
 
 
 def test_changing_the_port_updates_the_sidecar_in_one_patch(operator: Operator, kube: Kube, audit: Audit) -> None:
-    kube.create(deployment("prt", {"tcp-exporter/port": "8080"},
-                           ports=[{"name": "a", "containerPort": 8080}, {"name": "b", "containerPort": 8443}]))
+    kube.create(
+        deployment(
+            "prt",
+            {"tcp-exporter/port": "8080"},
+            ports=[{"name": "a", "containerPort": 8080}, {"name": "b", "containerPort": 8443}],
+        )
+    )
     injected(kube, "prt")
     kube.converged(operator, "prt")
     mark = audit.mark()
@@ -178,7 +208,8 @@ def test_changing_the_port_updates_the_sidecar_in_one_patch(operator: Operator, 
 
 
 def test_removing_the_annotation_removes_everything_and_adding_it_back_injects(
-        operator: Operator, kube: Kube, audit: Audit) -> None:
+    operator: Operator, kube: Kube, audit: Audit
+) -> None:
     kube.create(deployment("rm", {"tcp-exporter/port": "8080"}))
     injected(kube, "rm")
     kube.converged(operator, "rm")
@@ -201,15 +232,15 @@ def test_removing_the_annotation_removes_everything_and_adding_it_back_injects(
         ({"tcp-exporter/port": "0"}, "not a port number"),
         ({"tcp-exporter/port": "70000"}, "not a port number"),
         ({"tcp-exporter/port": "grpc"}, "neither a port number nor a container port name"),
-        ({"tcp-exporter/port": "8080", "tcp-exporter/min-replicas": "5", "tcp-exporter/max-replicas": "2"},
-         "is above"),
+        ({"tcp-exporter/port": "8080", "tcp-exporter/min-replicas": "5", "tcp-exporter/max-replicas": "2"}, "is above"),
         ({"tcp-exporter/port": "8080", "tcp-exporter/max-replicas": "-1"}, "must be"),
         ({"tcp-exporter/port": "8080", "tcp-exporter/threshold": "1.5"}, "not a whole number"),
         ({"tcp-exporter/port": "8080", "tcp-exporter/method": "magic"}, "is not one of"),
     ],
 )
 def test_a_wrong_annotation_is_a_warning_event_and_no_write(
-        operator: Operator, kube: Kube, audit: Audit, annotations: dict[str, str], expected: str) -> None:
+    operator: Operator, kube: Kube, audit: Audit, annotations: dict[str, str], expected: str
+) -> None:
     mark = audit.mark()
     kube.create(deployment("bad", annotations))
     warning = wait_for(lambda: kube.events("bad", "Warning"), 30, "a Warning Event")
@@ -225,10 +256,14 @@ def test_a_wrong_annotation_is_a_warning_event_and_no_write(
 
 
 def test_a_container_named_tcp_exporter_that_is_not_ours_is_left_alone(
-        operator: Operator, kube: Kube, audit: Audit) -> None:
+    operator: Operator, kube: Kube, audit: Audit
+) -> None:
     mark = audit.mark()
-    kube.create(deployment("own", {"tcp-exporter/port": "8080"},
-                           extra_containers=[{"name": "tcp-exporter", "image": "someone/else:1"}]))
+    kube.create(
+        deployment(
+            "own", {"tcp-exporter/port": "8080"}, extra_containers=[{"name": "tcp-exporter", "image": "someone/else:1"}]
+        )
+    )
     warning = wait_for(lambda: kube.events("own", "Warning"), 30, "a Warning Event")
     assert warning[0].reason == "ContainerConflict"
     kube.converged(operator, "own")
@@ -237,13 +272,23 @@ def test_a_container_named_tcp_exporter_that_is_not_ours_is_left_alone(
 
 
 def test_a_users_hpa_on_the_deployment_is_respected(operator: Operator, kube: Kube, audit: Audit) -> None:
-    kube.autoscaling.create_namespaced_horizontal_pod_autoscaler(kube.ns, {
-        "metadata": {"name": "theirs"},
-        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "hpa"},
-                 "minReplicas": 1, "maxReplicas": 3,
-                 "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
-                     "type": "Utilization", "averageUtilization": 80}}}]},
-    })
+    kube.autoscaling.create_namespaced_horizontal_pod_autoscaler(
+        kube.ns,
+        {
+            "metadata": {"name": "theirs"},
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "hpa"},
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
+                    }
+                ],
+            },
+        },
+    )
     mark = audit.mark()
     kube.create(deployment("hpa", {"tcp-exporter/port": "8080"}))
     warning = wait_for(lambda: kube.events("hpa", "Warning"), 30, "a Warning Event")
@@ -257,16 +302,16 @@ def test_a_users_hpa_on_the_deployment_is_respected(operator: Operator, kube: Ku
     assert kube.scaled_object("hpa") is None
 
 
-def test_conntrack_gets_net_admin_only_where_pod_security_allows_it(
-        operator: Operator, kube: Kube, api: Any) -> None:
+def test_conntrack_gets_net_admin_only_where_pod_security_allows_it(operator: Operator, kube: Kube, api: Any) -> None:
     kube.create(deployment("ct", {"tcp-exporter/port": "8080", "tcp-exporter/method": "conntrack"}))
     wait_for(lambda: "tcp-exporter" in kube.containers("ct"), 30, "the sidecar")
     security = kube.containers("ct")["tcp-exporter"].security_context
     assert security.capabilities.add == ["NET_ADMIN"] and security.capabilities.drop == ["ALL"]
     assert security.run_as_user == 0 and not security.allow_privilege_escalation
 
-    client.CoreV1Api(api).patch_namespace(kube.ns, {"metadata": {"labels": {
-        "pod-security.kubernetes.io/enforce": "baseline"}}})
+    client.CoreV1Api(api).patch_namespace(
+        kube.ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "baseline"}}}
+    )
     kube.create(deployment("ct2", {"tcp-exporter/port": "8080", "tcp-exporter/method": "conntrack"}))
     wait_for(lambda: "tcp-exporter" in kube.containers("ct2"), 30, "the sidecar")
     sidecar = kube.containers("ct2")["tcp-exporter"]
@@ -290,13 +335,15 @@ def test_a_scaledobject_deleted_or_a_sidecar_removed_by_hand_is_restored(operato
     wait_for(lambda: kube.scaled_object("heal"), 30, "the ScaledObject to come back")
     dep = kube.get("heal")
     index = [c.name for c in dep.spec.template.spec.containers].index("tcp-exporter")
-    kube.apps.patch_namespaced_deployment("heal", kube.ns, [
-        {"op": "remove", "path": f"/spec/template/spec/containers/{index}"}])
+    kube.apps.patch_namespaced_deployment(
+        "heal", kube.ns, [{"op": "remove", "path": f"/spec/template/spec/containers/{index}"}]
+    )
     wait_for(lambda: "tcp-exporter" in kube.containers("heal"), 30, "the sidecar to come back")
 
 
 def test_scaledobjects_appear_when_keda_is_installed_after_the_operator(
-        operator: Operator, kube: Kube, kubectl: Callable[..., str]) -> None:
+    operator: Operator, kube: Kube, kubectl: Callable[..., str]
+) -> None:
     kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=true")
     try:
         kube.create(deployment("late", {"tcp-exporter/port": "8080"}))
@@ -309,8 +356,7 @@ def test_scaledobjects_appear_when_keda_is_installed_after_the_operator(
     wait_for(lambda: kube.scaled_object("late"), 60, "the ScaledObject once KEDA is there")
 
 
-def test_the_operator_keeps_working_through_an_apiserver_restart(
-        operator: Operator, kube: Kube, cluster: Any) -> None:
+def test_the_operator_keeps_working_through_an_apiserver_restart(operator: Operator, kube: Kube, cluster: Any) -> None:
     cluster.restart_apiserver()
     kube.create(deployment("after", {"tcp-exporter/port": "8080"}))
     injected(kube, "after")
@@ -321,6 +367,18 @@ def test_concurrent_edits_converge_to_the_last_annotation(operator: Operator, ku
     for i in range(10):  # edits racing the operator's own patches: 409s must be retried, not lost
         kube.annotate("busy", threshold=str(100 + i))
         kube.patch("busy", {"spec": {"replicas": 1 + i % 3}})
-    wait_for(lambda: ((kube.scaled_object("busy") or {}).get("spec", {}).get("triggers", [{}])[0]
-                      .get("metadata", {}).get("threshold")) == "109", 60, "the last threshold")
+    wait_for(
+        lambda: (
+            (
+                (kube.scaled_object("busy") or {})
+                .get("spec", {})
+                .get("triggers", [{}])[0]
+                .get("metadata", {})
+                .get("threshold")
+            )
+            == "109"
+        ),
+        60,
+        "the last threshold",
+    )
     assert "tcp-exporter" in kube.containers("busy")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 
 from tcp_exporter import netlink
-from tcp_exporter.methods import AcceptedSampler, Counts, Options, Unavailable
+from tcp_exporter.methods import Counts, Options, Unavailable
 
 SOCK_DIAG_BY_FAMILY = 20
 TCP_ESTABLISHED = 1
@@ -62,24 +62,25 @@ _layouts: dict[int, tuple[struct.Struct, struct.Struct]] = {}
 
 
 def _layout(length: int) -> tuple[struct.Struct, struct.Struct]:
-    """For messages of one length: a header check and the fields we read (sport, cookie)."""
+    """For messages of one length: a header check, and the socket cookie (a native u64) of each."""
     if length not in _layouts:
         _layouts[length] = (
             struct.Struct(f"=IH{length - 6}x"),
-            struct.Struct(f"={SPORT_AT}x2s{COOKIE_AT - SPORT_AT - 2}x8s{length - COOKIE_AT - 8}x"),
+            struct.Struct(f"={COOKIE_AT}xQ{length - COOKIE_AT - 8}x"),
         )
     return _layouts[length]
 
 
-def parse(buf: bytes | memoryview) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """(local port big-endian, socket cookie) of each socket in one received buffer, and whether the dump ended.
+def cookies(buf: bytes | memoryview) -> tuple[list[int], bool]:
+    """The socket cookie of each socket in one received buffer, and whether the dump ended.
 
     A dump's messages usually share one length; then the whole buffer is
-    checked and read in two C-level passes. Otherwise, message by message.
+    checked and read in C-level passes, with no Python code per socket.
+    Otherwise, message by message.
     """
-    records: list[tuple[bytes, bytes]] = []
+    found: list[int] = []
     if len(buf) < netlink.NLMSG_HDR.size:
-        return records, False
+        return found, False
     first_len, first_type = struct.unpack_from("=IH", buf, 0)
     start = 0
     if first_type == SOCK_DIAG_BY_FAMILY and first_len >= MIN_MSG and first_len % 4 == 0:
@@ -87,22 +88,19 @@ def parse(buf: bytes | memoryview) -> tuple[list[tuple[bytes, bytes]], bool]:
         region = buf[: n * first_len]
         head, fields = _layout(first_len)
         if list(head.iter_unpack(region)).count((first_len, SOCK_DIAG_BY_FAMILY)) == n:
-            records = list(fields.iter_unpack(region))
+            found = list(map(itemgetter(0), fields.iter_unpack(region)))
             start = n * first_len
     done = False
     rest = buf[start:]
     for msg_type, _flags, payload, end in netlink.iter_messages(rest):
         if msg_type == SOCK_DIAG_BY_FAMILY and end - payload >= MIN_MSG - netlink.NLMSG_HDR.size:
-            off = payload - netlink.NLMSG_HDR.size
-            records.append(
-                (bytes(rest[off + SPORT_AT : off + SPORT_AT + 2]), bytes(rest[off + COOKIE_AT : off + COOKIE_AT + 8]))
-            )
+            found.append(struct.unpack_from("=Q", rest, payload - netlink.NLMSG_HDR.size + COOKIE_AT)[0])
         elif msg_type == netlink.NLMSG_DONE:
             done = True
         elif msg_type == netlink.NLMSG_ERROR:
             netlink.raise_for_error(rest, payload)
             done = True
-    return records, done
+    return found, done
 
 
 def parse_tuples(buf: bytes | memoryview, family: int) -> tuple[list[bytes], bool]:
@@ -147,26 +145,32 @@ class SocketTable:
     def close(self) -> None:
         self.sock.close()
 
-    def _buffers(self, family: int) -> Iterator[memoryview]:
-        return self.sock.dump(request(family, self.ports, self.sock.next_seq()))
+    def tally(self, port: int, since: int) -> tuple[int, int, int]:
+        """For one port: (ESTABLISHED sockets, how many of them have a cookie above `since`, the top cookie).
 
-    def records(self) -> list[tuple[bytes, bytes]]:
-        """(local port big-endian, cookie) for every matching socket."""
-        out: list[tuple[bytes, bytes]] = []
+        The kernel hands out socket cookies from one increasing counter, on
+        first request: a socket whose cookie is above the top one of the last
+        count was first seen ESTABLISHED after it, i.e. was accepted since.
+        """
+        count = fresh = 0
+        top = since
         with self.lock:
             for family in (socket.AF_INET, socket.AF_INET6):
-                for buf in self._buffers(family):
-                    records, done = parse(buf)
-                    out += records
+                for buf in self.sock.dump(request(family, (port,), self.sock.next_seq())):
+                    found, done = cookies(buf)
+                    if found:
+                        count += len(found)
+                        fresh += sum(map(since.__lt__, found))
+                        top = max(top, max(found))  # noqa: PLW3301 - max(*found) would pass 100,000 arguments
                     if done:
                         break
-        return out
+        return count, fresh, top
 
     def connection_keys(self) -> list[bytes]:
         out: list[bytes] = []
         with self.lock:
             for family in (socket.AF_INET, socket.AF_INET6):
-                for buf in self._buffers(family):
+                for buf in self.sock.dump(request(family, self.ports, self.sock.next_seq())):
                     keys, done = parse_tuples(buf, family)
                     out += keys
                     if done:
@@ -181,27 +185,21 @@ class SockDiag:
     def __init__(self, ports: tuple[int, ...]) -> None:
         self.ports = ports
         self.table = SocketTable(ports)
-        self.port_keys = {port.to_bytes(2, "big"): port for port in ports}
-        self.sampler = AcceptedSampler(ports)
+        self.accepted = dict.fromkeys(ports, 0)
+        self.top = dict.fromkeys(ports, 0)
         try:
-            self.sampler.baseline(self._snapshot())
+            for port in ports:  # the baseline: connections open now predate us
+                self.top[port] = self.table.tally(port, 0)[2]
         except OSError as exc:
             self.table.close()
             raise Unavailable(f"inet_diag dump failed: {exc}") from exc
 
-    def _snapshot(self) -> dict[int, set[object]]:
-        records = self.table.records()
-        if len(self.ports) == 1:
-            return {self.ports[0]: {cookie for _port, cookie in records}}
-        snap: dict[int, set[object]] = {port: set() for port in self.ports}
-        for port_be, cookie in records:
-            snap[self.port_keys[port_be]].add(cookie)
-        return snap
-
     def count(self) -> Counts:
-        snap = self._snapshot()
-        accepted = self.sampler.update(snap)
-        return Counts(established={port: len(snap[port]) for port in self.ports}, accepted=accepted)
+        established = {}
+        for port in self.ports:  # one kernel-filtered dump per port keeps the per-socket work in C
+            established[port], fresh, self.top[port] = self.table.tally(port, self.top[port])
+            self.accepted[port] += fresh
+        return Counts(established=established, accepted=dict(self.accepted))
 
     def close(self) -> None:
         self.table.close()
