@@ -60,6 +60,12 @@ _SUFFIXES = {
 }
 
 
+DISCOVERY_NOTE = (
+    "the pod template carries the application's own prometheus.io annotations, which are kept: Prometheus must "
+    f"find the sidecar's port {METRICS_PORT_NAME!r} another way (a PodMonitor, or a scrape job on that port name)"
+)
+
+
 class InvalidSpec(ValueError):
     """An annotation that cannot be honoured; the message is what the user reads in the Warning Event."""
 
@@ -328,7 +334,7 @@ def recorded_status(deployment: Mapping[str, Any]) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else {}
 
 
-def _wanted_pod_annotations(deployment: Mapping[str, Any], spec: Spec) -> dict[str, str]:
+def prometheus_annotations_wanted(deployment: Mapping[str, Any], spec: Spec) -> dict[str, str]:
     """Our prometheus.io annotations, unless the pod template carries the user's own."""
     current = _annotations(_template(deployment))
     ours = set((recorded_status(deployment) or {}).get("podAnnotations", []))
@@ -340,7 +346,7 @@ def _wanted_pod_annotations(deployment: Mapping[str, Any], spec: Spec) -> dict[s
 def inject(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
     """The Deployment with the sidecar, its discovery annotations and the status annotation."""
     new = copy.deepcopy(dict(deployment))
-    pod_annotations = _wanted_pod_annotations(deployment, spec)
+    pod_annotations = prometheus_annotations_wanted(deployment, spec)
     previous = set((recorded_status(deployment) or {}).get("podAnnotations", []))
     template = new.setdefault("spec", {}).setdefault("template", {})
     template_meta = template.setdefault("metadata", {})
@@ -579,6 +585,8 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     desired = inject(deployment, spec)
     if not in_sync(deployment, desired):
         result.deployment_patch = deployment_patch(deployment, desired)
+        if not prometheus_annotations_wanted(deployment, spec) and not facts.pod_monitor_crd:
+            result.events.append(Event("Warning", "MetricsDiscovery", DISCOVERY_NOTE))
         verb = "Updated" if recorded else "Injected"
         result.events.append(
             Event(

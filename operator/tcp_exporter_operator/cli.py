@@ -82,6 +82,8 @@ def render(path: str, psa_level: str | None, cfg: Config) -> int:
         spec, note = builders.allowed_method(spec, psa_level)
         if note is not None:
             print(f"tcp-exporter-operator: {note.message}", file=sys.stderr)
+        if not builders.prometheus_annotations_wanted(doc, spec):
+            print(f"tcp-exporter-operator: {builders.DISCOVERY_NOTE}", file=sys.stderr)
         out.append(builders.inject(doc, spec))
         if spec.scaled_object:
             scaled = builders.scaled_object(doc, spec)
