@@ -91,3 +91,28 @@ def namespace(api: Any) -> Iterator[str]:
     )
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
+    """The real operator, installed from manifests/ and running as its ServiceAccount."""
+    from operator_proc import REPO, Operator
+
+    kubectl("apply", "-k", str(REPO / "manifests"))
+    op = Operator(cluster, kubectl)
+    yield op
+    op.stop()
+
+
+@pytest.fixture(scope="session")
+def audit(cluster: Any) -> Any:
+    from operator_proc import Audit
+
+    return Audit(cluster.audit_log)
+
+
+@pytest.fixture
+def kube(api: Any, namespace: str) -> Any:
+    from operator_proc import Kube
+
+    return Kube(api, namespace)

@@ -155,3 +155,43 @@ def connect(ns: str, host: str, port: int, count: int = 1) -> list[socket.socket
 
 def accept(server: socket.socket, count: int) -> list[socket.socket]:
     return [server.accept()[0] for _ in range(count)]
+
+
+@dataclass
+class Lan:
+    """A switch: one namespace (the "lan": clients, Prometheus) bridged to several pod namespaces."""
+
+    lan: str
+    lan_v4: str
+    pods: list[str]
+    pod_v4: list[str]
+
+
+@contextlib.contextmanager
+def lan(pods: int) -> Iterator[Lan]:
+    """A bridge in a fresh namespace and `pods` fresh namespaces attached to it, on 198.19.N.0/24."""
+    global _counter
+    with _lock:
+        _counter += 1
+        n = _counter % 250
+    tag = uuid.uuid4().hex[:6]
+    hub = f"tcpx-lan-{tag}"
+    names = [f"tcpx-p{i}-{tag}" for i in range(pods)]
+    result = Lan(hub, f"198.19.{n}.254", names, [f"198.19.{n}.{i + 1}" for i in range(pods)])
+    run("ip", "netns", "add", hub)
+    try:
+        run("ip", "netns", "exec", hub, "ip", "link", "set", "lo", "up")
+        run("ip", "netns", "exec", hub, "ip", "link", "add", "br0", "type", "bridge")
+        run("ip", "netns", "exec", hub, "ip", "addr", "add", f"{result.lan_v4}/24", "dev", "br0")
+        run("ip", "netns", "exec", hub, "ip", "link", "set", "br0", "up")
+        for i, (ns, address) in enumerate(zip(names, result.pod_v4, strict=True)):
+            run("ip", "netns", "add", ns)
+            run("ip", "link", "add", f"l{i}{tag}", "netns", hub, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            run("ip", "netns", "exec", hub, "ip", "link", "set", f"l{i}{tag}", "master", "br0", "up")
+            run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+            run("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
+        yield result
+    finally:
+        for ns in [*names, hub]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

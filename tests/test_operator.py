@@ -3,134 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from helpers import wait_for
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 from localkube.cluster import CRDS
-from operator_proc import REPO, Audit, Operator
+from operator_proc import KEDA, Audit, Kube, Operator, deployment, injected, operator_writes
 
 pytestmark = pytest.mark.cluster
-KEDA = ("keda.sh", "v1alpha1")
-
-
-@pytest.fixture(scope="session")
-def operator(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Operator]:
-    kubectl("apply", "-k", str(REPO / "manifests"))
-    op = Operator(cluster, kubectl)
-    yield op
-    op.stop()
-
-
-@pytest.fixture(scope="session")
-def audit(cluster: Any) -> Audit:
-    return Audit(cluster.audit_log)
-
-
-def deployment(
-    name: str,
-    annotations: dict[str, str] | None = None,
-    ports: list[dict[str, Any]] | None = None,
-    extra_containers: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    labels = {"app": name}
-    app = {
-        "name": "app",
-        "image": "example.test/app:1",
-        "ports": ports if ports is not None else [{"name": "web", "containerPort": 8080}],
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "annotations": annotations or {}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {"containers": [app, *(extra_containers or [])]}},
-        },
-    }
-
-
-class Kube:
-    """Admin-side reads and writes for the tests."""
-
-    def __init__(self, api: Any, namespace: str) -> None:
-        self.ns = namespace
-        self.apps = client.AppsV1Api(api)
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self.autoscaling = client.AutoscalingV2Api(api)
-
-    def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.apps.create_namespaced_deployment(self.ns, body).to_dict()
-
-    def get(self, name: str) -> Any:
-        return self.apps.read_namespaced_deployment(name, self.ns)
-
-    def patch(self, name: str, body: dict[str, Any]) -> Any:
-        return self.apps.patch_namespaced_deployment(name, self.ns, body)
-
-    def annotate(self, name: str, **annotations: str | None) -> Any:
-        return self.patch(
-            name,
-            {"metadata": {"annotations": {f"tcp-exporter/{k.replace('_', '-')}": v for k, v in annotations.items()}}},
-        )
-
-    def containers(self, name: str) -> dict[str, Any]:
-        return {c.name: c for c in self.get(name).spec.template.spec.containers}
-
-    def scaled_object(self, name: str) -> dict[str, Any] | None:
-        try:
-            return dict(self.custom.get_namespaced_custom_object(*KEDA, self.ns, "scaledobjects", name))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def replicasets(self, name: str) -> int:
-        return len(
-            [
-                rs
-                for rs in self.apps.list_namespaced_replica_set(self.ns).items
-                if any(o.name == name for o in rs.metadata.owner_references or [])
-            ]
-        )
-
-    def events(self, name: str, type_: str | None = None) -> list[Any]:
-        items = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
-        return [
-            e
-            for e in items
-            if e.source and e.source.component == "tcp-exporter-operator" and (type_ is None or e.type == type_)
-        ]
-
-    def converged(self, op: Operator, name: str) -> str:
-        """Wait until the operator has handled the Deployment's current version; return that version."""
-        rv = str(self.get(name).metadata.resource_version)
-        op.wait_reconciled(self.ns, name, rv)
-        return rv
-
-
-@pytest.fixture
-def kube(api: Any, namespace: str) -> Kube:
-    return Kube(api, namespace)
-
-
-def injected(kube: Kube, name: str) -> dict[str, Any]:
-    wait_for(lambda: "tcp-exporter" in kube.containers(name), 30, "the sidecar")
-    return wait_for(lambda: kube.scaled_object(name), 30, "the ScaledObject")
-
-
-def operator_writes(audit: Audit, since: int, namespace: str) -> list[tuple[str, str, str]]:
-    """The operator's writes in a namespace, Events left out."""
-    return sorted(
-        (verb, resource, name)
-        for verb, resource, ns, name in audit.writes(since)
-        if ns == namespace and resource != "events"
-    )
 
 
 def test_injection_is_one_patch_one_create_and_one_rollout(operator: Operator, kube: Kube, audit: Audit) -> None:

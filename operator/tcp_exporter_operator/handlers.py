@@ -99,14 +99,15 @@ def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[An
     namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
     ours = None
     foreign = []
-    for entry in indexes["scaledobjects"].get(namespace, []):
+    # Indexes are live and updated from other threads: copy (atomically, in C) before walking.
+    for entry in list(indexes["scaledobjects"].get(namespace, [])):
         so = entry["body"]
         targets = so.get("spec", {}).get("scaleTargetRef", {}).get("name") == name
         if builders.is_ours(so, deployment):
             ours = so
         elif targets:
             foreign.append(f"ScaledObject/{entry['name']}")
-    for hpa in indexes["hpas"].get(namespace, []):
+    for hpa in list(indexes["hpas"].get(namespace, [])):
         target = hpa["target"]
         if target.get("kind") == "Deployment" and target.get("name") == name and not hpa["keda"]:
             foreign.append(f"HorizontalPodAutoscaler/{hpa['name']}")
@@ -252,7 +253,7 @@ def keda_installed(type: str, memo: kopf.Memo, **kwargs: Any) -> None:
         return
     indexes = _indexes(kwargs)
     for key in list(indexes["deployments"]):
-        for deployment in indexes["deployments"].get(key, []):
+        for deployment in list(indexes["deployments"].get(key, [])):
             reconcile(deployment, memo, indexes)
 
 
@@ -267,7 +268,7 @@ async def _resync_forever(memo: kopf.Memo) -> None:
         if indexes is None:
             continue
         for key in list(indexes["deployments"]):
-            for deployment in indexes["deployments"].get(key, []):
+            for deployment in list(indexes["deployments"].get(key, [])):
                 try:
                     await asyncio.to_thread(reconcile, deployment, memo, indexes)
                 except Exception:
