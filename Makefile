@@ -62,7 +62,7 @@ cluster-down: venv
 	@$(LOCALKUBE) down
 
 demo: deps venv
-	@$(PY) -m demo
+	@PYTHONPATH=tests $(PY) -m demo
 
 bench: deps venv
 	@$(PY) -m bench.sidecar

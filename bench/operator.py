@@ -70,11 +70,19 @@ def audit_writes(path: str, since: int, namespace: str) -> Counter[tuple[str, st
     return counts
 
 
-def peak_rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmHWM")
+
+
+def rss_now_mb(pid: int) -> float:
+    return _status_mb(pid, "VmRSS")
 
 
 def run_count(api: Any, op: Operator, audit_log: str, n: int) -> dict[str, Any]:
@@ -114,6 +122,7 @@ def run_count(api: Any, op: Operator, audit_log: str, n: int) -> dict[str, Any]:
     op.restart()
     wait_for(lambda: op.log().count(f"reconciled {namespace}/") - before >= n, 600, "the resync")
     resync = audit_writes(audit_log, resync_mark, namespace)
+    steady = rss_now_mb(op.proc.pid) if op.proc else float("nan")
 
     def per(verb: str, resource: str, ok: bool = True) -> float:
         return (
@@ -134,6 +143,7 @@ def run_count(api: Any, op: Operator, audit_log: str, n: int) -> dict[str, Any]:
         "resync_writes": sum(v for (_vb, res, _c), v in resync.items() if res != "events"),
         "resync_events": sum(v for (_vb, res, _c), v in resync.items() if res == "events"),
         "operator_peak_rss_mb": rss,
+        "operator_rss_after_resync_mb": steady,
     }
 
 

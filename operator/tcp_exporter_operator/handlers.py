@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -52,6 +53,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 5
     settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8)
     settings.execution.max_workers = 8
+    # A thousand Deployments created at once would otherwise get a thousand concurrent workers, each
+    # holding its events: bound them, and the memory peak with them.
+    settings.queueing.worker_limit = 32
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
     memo.kube = Kube()
@@ -70,13 +74,28 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index("apps", "v1", "deployments", when=tracked)
-def deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str | None, str], Any]:
-    return {(namespace, name): body}
+def deployments(namespace: str | None, name: str, **_: Any) -> dict[tuple[str | None, str], bool]:
+    # Names only: keeping every body would cost ~50 kB per Deployment; the rare full passes read afresh.
+    return {(namespace, name): True}
 
 
 @kopf.index("keda.sh", "v1alpha1", "scaledobjects")
 def scaledobjects(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
-    return {namespace: {"name": body["metadata"]["name"], "body": body}}
+    # Only what a plan compares: a small copy, not the whole body.
+    meta = body["metadata"]
+    return {
+        namespace: {
+            "metadata": {
+                "name": meta["name"],
+                "namespace": namespace,
+                "labels": dict(meta.get("labels") or {}),
+                "ownerReferences": [
+                    {"kind": r.get("kind"), "uid": r.get("uid")} for r in meta.get("ownerReferences") or []
+                ],
+            },
+            "spec": copy.deepcopy(dict(body.get("spec") or {})),
+        }
+    }
 
 
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
@@ -100,13 +119,12 @@ def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[An
     ours = None
     foreign = []
     # Indexes are live and updated from other threads: copy (atomically, in C) before walking.
-    for entry in list(indexes["scaledobjects"].get(namespace, [])):
-        so = entry["body"]
+    for so in list(indexes["scaledobjects"].get(namespace, [])):
         targets = so.get("spec", {}).get("scaleTargetRef", {}).get("name") == name
         if builders.is_ours(so, deployment):
             ours = so
         elif targets:
-            foreign.append(f"ScaledObject/{entry['name']}")
+            foreign.append(f"ScaledObject/{so['metadata']['name']}")
     for hpa in list(indexes["hpas"].get(namespace, [])):
         target = hpa["target"]
         if target.get("kind") == "Deployment" and target.get("name") == name and not hpa["keda"]:
@@ -252,24 +270,26 @@ def keda_installed(type: str, memo: kopf.Memo, **kwargs: Any) -> None:
     if type != "ADDED":
         return
     indexes = _indexes(kwargs)
-    for key in list(indexes["deployments"]):
-        for deployment in list(indexes["deployments"].get(key, [])):
+    for namespace, name in list(indexes["deployments"]):
+        deployment = memo.kube.get_deployment(namespace, name)
+        if deployment is not None:
             reconcile(deployment, memo, indexes)
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
     """Every few minutes, reconcile every tracked Deployment: a safety net for failures that outlasted the retries.
 
-    In sync, this costs no write and no read: the facts come from the indexes.
+    In sync, this costs one read per Deployment and no write.
     """
     while True:
         await asyncio.sleep(RESYNC_SECONDS)
         indexes = getattr(memo, "indexes", None)
         if indexes is None:
             continue
-        for key in list(indexes["deployments"]):
-            for deployment in list(indexes["deployments"].get(key, [])):
-                try:
+        for namespace, name in list(indexes["deployments"]):
+            try:
+                deployment = await asyncio.to_thread(memo.kube.get_deployment, namespace, name)
+                if deployment is not None:
                     await asyncio.to_thread(reconcile, deployment, memo, indexes)
-                except Exception:
-                    log.exception("resync of %s failed", key)
+            except Exception:
+                log.exception("resync of %s/%s failed", namespace, name)
