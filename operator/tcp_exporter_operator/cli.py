@@ -57,7 +57,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
-        help="the operator's own log level (default info); kopf's stays at warning unless debug",
+        help="the operator's own log level (default info); kopf's is warning",
     )
 
 

@@ -53,9 +53,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 5
     settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8)
     settings.execution.max_workers = 8
-    # A thousand Deployments created at once would otherwise get a thousand concurrent workers, each
-    # holding its events: bound them, and the memory peak with them.
-    settings.queueing.worker_limit = 32
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
     memo.kube = Kube()
