@@ -151,14 +151,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("\n## Operator: Deployments created at once\n")
     print(
         "| Deployments | converged s | Deployment patches / Deployment | ScaledObject creates / Deployment "
-        "| rejected writes / Deployment | Events / Deployment | writes in no-op resync | peak RSS MB |"
+        "| rejected writes / Deployment | Events / Deployment | writes in no-op resync | peak RSS MB "
+        "| RSS after resync MB |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
             f"| {r['deployments']:,} | {r['converged_seconds']:.1f} | {r['deployment_patches_per_deployment']:.2f} "
             f"| {r['scaledobject_creates_per_deployment']:.2f} | {r['rejected_writes_per_deployment']:.2f} "
-            f"| {r['events_per_deployment']:.2f} | {r['resync_writes']} | {r['operator_peak_rss_mb']:.0f} |"
+            f"| {r['events_per_deployment']:.2f} | {r['resync_writes']} | {r['operator_peak_rss_mb']:.0f} "
+            f"| {r['operator_rss_after_resync_mb']:.0f} |"
         )
 
 

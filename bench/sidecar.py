@@ -20,14 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from exporter_proc import EXPORTER
-from helpers import wait_for
+from exporter_proc import EXPORTER, gauge, hammer, scrape
+from helpers import die_with_parent, wait_for
 from netns import Pair, in_netns, join_netns, pair
 
 WATCHED, OTHER = 8080, 9090
@@ -54,6 +53,7 @@ class Workers:
             stdout=subprocess.PIPE,
             text=True,
             cwd=Path(__file__).resolve().parent.parent,
+            preexec_fn=die_with_parent(),
         )
         self.procs.append(proc)
         assert proc.stdout is not None
@@ -103,19 +103,6 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120) as resp:
-        return str(resp.read().decode())
-
-
-def gauge(text: str, port: int) -> int:
-    prefix = f'tcp_exporter_established_connections{{port="{port}"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return int(float(line[len(prefix) :]))
-    raise ValueError("no gauge in scrape")
-
-
 def start_exporter(p: Pair, method: str) -> subprocess.Popen[bytes]:
     port = METHOD_PORTS[method]
     proc = subprocess.Popen(
@@ -130,7 +117,8 @@ def start_exporter(p: Pair, method: str) -> subprocess.Popen[bytes]:
             f"--method={method}",
             f"--listen-address=127.0.0.1:{port}",
             "--log-level=warning",
-        ]
+        ],
+        preexec_fn=die_with_parent(),
     )
 
     def up() -> bool:
@@ -284,42 +272,6 @@ def run_scale(n: int) -> dict[str, Any]:
                 proc.terminate()
                 proc.wait(timeout=10)
             workers.close()
-
-
-def hammer(ns: str, port: int, seconds: float, scrapers: int) -> dict[str, Any]:
-    """`scrapers` threads scraping back to back for `seconds`: failures and latency percentiles."""
-    latencies: list[float] = []
-    failures = 0
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def scraper() -> None:
-        nonlocal failures
-        join_netns(ns)
-        while time.monotonic() < deadline:
-            t = time.perf_counter()
-            try:
-                gauge(scrape(port), WATCHED)
-                with lock:
-                    latencies.append(time.perf_counter() - t)
-            except (OSError, ValueError):
-                with lock:
-                    failures += 1
-
-    threads = [threading.Thread(target=scraper) for _ in range(scrapers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    latencies.sort()
-    return {
-        "scrapers": scrapers,
-        "seconds": seconds,
-        "scrapes": len(latencies),
-        "failures": failures,
-        "p50_ms": latencies[len(latencies) // 2] * 1e3,
-        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
-    }
 
 
 def reliability(n: int, seconds: float, scrapers: int = 50) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from exporter_proc import EXPORTER
-from helpers import wait_for
+from helpers import die_with_parent, wait_for
 from kubernetes import client, config
 from localkube import cluster as localkube
 from netns import connect, in_netns, listener, pair
@@ -102,7 +102,9 @@ def main() -> int:
         )
         with pair() as net:
             server = listener(net.pod, 8080)
-            exporter = subprocess.Popen(["ip", "netns", "exec", net.pod, EXPORTER, *args, "--log-level=warning"])
+            exporter = subprocess.Popen(
+                ["ip", "netns", "exec", net.pod, EXPORTER, *args, "--log-level=warning"], preexec_fn=die_with_parent()
+            )
             try:
                 clients = connect(net.peer, net.pod_v4, 8080, CONNECTIONS)
                 accepted = [server.accept()[0] for _ in range(CONNECTIONS)]

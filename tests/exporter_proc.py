@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from helpers import wait_for
-from netns import in_netns
+from helpers import die_with_parent, wait_for
+from netns import in_netns, join_netns
 from prometheus_client.parser import text_string_to_metric_families
 
 EXPORTER = str(Path(sys.executable).with_name("tcp-exporter"))
@@ -70,6 +72,7 @@ class Exporter:
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=die_with_parent(),
         )
 
     def get(self, path: str) -> str | None:
@@ -138,3 +141,52 @@ if __name__ == "__main__":
         sys.exit(2)
     no_netlink_seccomp()
     os.execv(sys.argv[2], sys.argv[2:])  # noqa: S606 - the test chose the command
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120) as resp:
+        return str(resp.read().decode())
+
+
+def gauge(text: str, port: int) -> int:
+    prefix = f'tcp_exporter_established_connections{{port="{port}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return int(float(line[len(prefix) :]))
+    raise ValueError("no gauge in scrape")
+
+
+def hammer(ns: str, port: int, seconds: float, scrapers: int, watched: int = 8080) -> dict[str, Any]:
+    """`scrapers` threads scraping back to back for `seconds`: failures and latency percentiles."""
+    latencies: list[float] = []
+    failures = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def scraper() -> None:
+        nonlocal failures
+        join_netns(ns)
+        while time.monotonic() < deadline:
+            t = time.perf_counter()
+            try:
+                gauge(scrape(port), watched)
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+            except (OSError, ValueError):
+                with lock:
+                    failures += 1
+
+    threads = [threading.Thread(target=scraper) for _ in range(scrapers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    return {
+        "scrapers": scrapers,
+        "seconds": seconds,
+        "scrapes": len(latencies),
+        "failures": failures,
+        "p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+    }

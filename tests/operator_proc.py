@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import wait_for
+from helpers import die_with_parent, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -59,7 +59,14 @@ class Audit:
 
 
 class Operator:
-    def __init__(self, cluster: Any, kubectl: Callable[..., str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Any,
+        kubectl: Callable[..., str],
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
+        self.args = args or []
         self.cluster = cluster
         token = kubectl("-n", NAMESPACE, "create", "token", SERVICE_ACCOUNT, "--duration=24h").strip()
         config = json.loads(Path(cluster.kubeconfig).read_text())
@@ -82,10 +89,11 @@ class Operator:
         self.health = free_port()
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's life
         self.proc = subprocess.Popen(
-            [OPERATOR, "run", f"--liveness=http://127.0.0.1:{self.health}/healthz", "--log-level=debug"],
+            [OPERATOR, "run", f"--liveness=http://127.0.0.1:{self.health}/healthz", "--log-level=debug", *self.args],
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             env=self.env,
+            preexec_fn=die_with_parent(),
         )
 
         def healthy() -> bool:

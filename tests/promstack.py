@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from helpers import wait_for
+from helpers import die_with_parent, wait_for
 from netns import in_netns
 
 PROMETHEUS_PORT = 9090
@@ -76,6 +76,7 @@ class Prometheus:
                 "--log.level=warn",
             ],
             stdout=self.log,
+            preexec_fn=die_with_parent(),
             stderr=subprocess.STDOUT,
         )
         wait_for(lambda: self._get("/-/ready") is not None, 60, "Prometheus to be ready")

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from helpers import wait_for
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from localkube.cluster import CRDS
 from operator_proc import KEDA, Audit, Kube, Operator, deployment, injected, operator_writes
 
@@ -264,3 +265,51 @@ def test_concurrent_edits_converge_to_the_last_annotation(operator: Operator, ku
         "the last threshold",
     )
     assert "tcp-exporter" in kube.containers("busy")
+
+
+def test_a_podmonitor_is_created_where_the_prometheus_operator_is_installed(
+    operator: Operator, kube: Kube, kubectl: Callable[..., str]
+) -> None:
+    kubectl("apply", "-f", str(CRDS / "podmonitor.yaml"))
+    kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com", "--timeout=30s")
+    try:
+
+        def pod_monitor() -> Any:
+            try:
+                return kube.custom.get_namespaced_custom_object(
+                    "monitoring.coreos.com", "v1", kube.ns, "podmonitors", "pm-tcp-exporter"
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+
+        kube.create(deployment("pm", {"tcp-exporter/port": "8080"}))
+        found = wait_for(pod_monitor, 30, "the PodMonitor")
+        assert found["spec"]["selector"]["matchLabels"] == {"app": "pm"}
+        assert found["spec"]["podMetricsEndpoints"] == [{"port": "tcp-metrics", "path": "/metrics"}]
+        assert found["metadata"]["ownerReferences"][0]["name"] == "pm"
+    finally:
+        kubectl("delete", "crd", "podmonitors.monitoring.coreos.com", "--wait=true")
+
+
+def test_a_namespaced_operator_leaves_other_namespaces_alone(
+    cluster: Any, kubectl: Callable[..., str], api: Any, namespace: str, operator: Operator
+) -> None:
+    operator.stop()
+    try:
+        watched = Kube(api, namespace)
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": f"{namespace}-other"}})
+        other = Kube(api, f"{namespace}-other")
+        scoped = Operator(cluster, kubectl, args=[f"--namespace={namespace}"])
+        try:
+            other.create(deployment("ignored", {"tcp-exporter/port": "8080"}))
+            watched.create(deployment("seen", {"tcp-exporter/port": "8080"}))
+            injected(watched, "seen")
+            assert "tcp-exporter" not in other.containers("ignored")
+            assert not scoped.reconciled(other.ns, "ignored", str(other.get("ignored").metadata.resource_version))
+        finally:
+            scoped.stop()
+            client.CoreV1Api(api).delete_namespace(f"{namespace}-other")
+    finally:
+        operator.start()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import need
 from exporter_proc import EXPORTER
-from helpers import wait_for
+from helpers import die_with_parent, wait_for
 from netns import connect, lan, listener
 from operator_proc import Kube, Operator, deployment, injected
 from promstack import Prometheus, discovered, keda_replicas
@@ -50,7 +50,8 @@ def test_keda_scales_on_the_operators_query_over_real_sidecars(operator: Operato
                 keep.append(listener(ns, 8080))
                 sidecars.append(
                     subprocess.Popen(
-                        ["ip", "netns", "exec", ns, *AS_SIDECAR, EXPORTER, *sidecar_args, "--log-level=warning"]
+                        ["ip", "netns", "exec", ns, *AS_SIDECAR, EXPORTER, *sidecar_args, "--log-level=warning"],
+                        preexec_fn=die_with_parent(),
                     )
                 )
             for address, n in zip(net.pod_v4, connections, strict=True):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from exporter_proc import EXPORTER
-from helpers import wait_for
+from helpers import die_with_parent, wait_for
 
 
 def free_port() -> int:
@@ -42,6 +42,7 @@ class Proc:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=die_with_parent(),
         )
 
     def wait_serving(self, port: int) -> None:

@@ -6,13 +6,14 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
 from conftest import need
-from exporter_proc import WITHOUT_NET_ADMIN, Exporter
+from exporter_proc import WITHOUT_NET_ADMIN, Exporter, hammer
 from helpers import wait_for
-from netns import Pair, accept, connect, listener, pair
+from netns import Pair, accept, connect, join_netns, listener, pair
 
 pytestmark = pytest.mark.netns
 WATCHED = 8080
@@ -178,3 +179,42 @@ def test_asking_for_conntrack_without_net_admin_exits_1_with_the_reason(ns: Pair
     exporter = Exporter(ns.pod, [f"--watch-port={WATCHED}", "--method=conntrack"], prefix=WITHOUT_NET_ADMIN)
     assert exporter.proc.wait(timeout=20) == 1
     assert "CAP_NET_ADMIN" in exporter.output()
+
+
+@pytest.mark.parametrize("method", ["conntrack", "sockdiag"])
+def test_fifty_concurrent_scrapers_during_churn_never_fail(ns: Pair, method: str) -> None:
+    server = listener(ns.pod, WATCHED)
+    held = connect(ns.peer, ns.pod_v4, WATCHED, 500)
+    kept = accept(server, 500)
+    stop = threading.Event()
+
+    def serve() -> None:  # the churned connections are accepted and closed by the server
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                server.accept()[0].close()
+            except TimeoutError:
+                continue
+
+    def churn() -> None:
+        join_netns(ns.peer)
+        while not stop.is_set():
+            socket.create_connection((ns.pod_v4, WATCHED), timeout=5).close()
+
+    with Exporter(
+        ns.pod, [f"--watch-port={WATCHED}", f"--method={method}", "--listen-address=127.0.0.1:9100"]
+    ) as exporter:
+        exporter.wait_ready()
+        threads = [threading.Thread(target=serve), threading.Thread(target=churn)]
+        for t in threads:
+            t.start()
+        try:
+            result = hammer(ns.pod, 9100, seconds=3, scrapers=50)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert result["failures"] == 0
+        assert result["scrapes"] >= 50
+        assert exporter.samples()["tcp_exporter_count_failures_total"][()] == 0
+    assert len(held) == len(kept) == 500

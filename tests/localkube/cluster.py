@@ -15,7 +15,6 @@ Two ways to run it:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -30,6 +29,8 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from helpers import die_with_parent
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -130,11 +131,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _set_pdeathsig() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -248,7 +244,7 @@ def _spawn(cluster: Cluster, name: str, args: list[str]) -> int:
         stdout=logf,
         stderr=subprocess.STDOUT,
         start_new_session=cluster.detached,
-        preexec_fn=None if cluster.detached else _set_pdeathsig,  # noqa: PLW1509 - prctl only, async-signal-safe
+        preexec_fn=None if cluster.detached else die_with_parent(signal.SIGKILL),
     )
     logf.close()
     return proc.pid
