@@ -108,9 +108,6 @@ class Prometheus:
         assert len(result) == 1, result
         return float(result[0]["value"][1])
 
-    def targets_up(self) -> int:
-        return sum(1 for t in self.api("targets")["activeTargets"] if t["health"] == "up")
-
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)

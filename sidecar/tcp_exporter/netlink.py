@@ -6,7 +6,6 @@ bytes), so parsing is tested on recorded messages.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
@@ -15,10 +14,8 @@ from collections.abc import Iterator
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLA_HDR = struct.Struct("=HH")  # len, type
 
-NLMSG_NOOP = 1
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
-NLMSG_OVERRUN = 4
 
 NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
@@ -27,7 +24,6 @@ NLM_F_ROOT = 0x100
 NLM_F_MATCH = 0x200
 NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
 NLM_F_CREATE = 0x400
-NLM_F_EXCL = 0x200
 
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
@@ -35,10 +31,6 @@ NLA_TYPE_MASK = 0x3FFF
 NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
 NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_NO_ENOBUFS = 5
-NETLINK_EXT_ACK = 11
-NETLINK_GET_STRICT_CHK = 12
 
 RECV_SIZE = 1 << 16
 
@@ -130,22 +122,8 @@ class Socket:
         while True:
             yield self.recv()
 
-    def request(self, data: bytes) -> None:
-        """Send a request with NLM_F_ACK already set and wait for its ACK."""
-        self.send(data)
-        while True:
-            buf = self.recv()
-            for msg_type, _flags, payload, _end in iter_messages(buf):
-                if msg_type == NLMSG_ERROR:
-                    raise_for_error(buf, payload)
-                    return
-
 
 def raise_for_error(buf: bytes | memoryview, payload: int) -> None:
     code = error_code(buf, payload)
     if code:
         raise NetlinkError(-code, os.strerror(-code))
-
-
-def is_enobufs(exc: OSError) -> bool:
-    return exc.errno == errno.ENOBUFS

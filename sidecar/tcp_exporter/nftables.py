@@ -1,7 +1,8 @@
 """Make connection tracking active in this network namespace, and undo it.
 
-Since Linux 4.19 (?) conntrack registers its hooks in a namespace only when
-the ruleset needs them, so a fresh pod tracks nothing. One nftables table of
+The kernel registers conntrack's hooks in a network namespace only when its
+ruleset needs them ("netfilter: conntrack: register hooks in netns when
+needed by ruleset"), so a fresh pod tracks nothing. One nftables table of
 ours, `inet tcp_exporter`, holding a single `ct state` expression in a chain
 with no hook, makes the kernel register them while costing no rule
 evaluation per packet. Deleting the table releases them again.
