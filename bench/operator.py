@@ -27,11 +27,7 @@ from kubernetes import client, config
 from localkube import cluster as localkube
 from operator_proc import REPO, USER, Operator
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+from bench.common import RESULTS, log, write_results
 
 
 def deployment(name: str) -> dict[str, Any]:
@@ -190,9 +186,7 @@ def main() -> int:
     finally:
         cluster.stop()
     print_table(rows)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=2))
-    log(f"wrote {args.json}")
+    write_results(args.json, rows)
     return 0
 
 

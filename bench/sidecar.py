@@ -12,7 +12,6 @@ connections open, as it would in a pod. Needs root.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -29,15 +28,12 @@ from exporter_proc import EXPORTER, gauge, hammer, scrape
 from helpers import die_with_parent, wait_for
 from netns import Pair, in_netns, join_netns, pair
 
+from bench.common import RESULTS, log, write_results
+
 WATCHED, OTHER = 8080, 9090
 OTHER_CONNECTIONS = 1000
 PER_WORKER = 15000
 METHOD_PORTS = {"conntrack": 9101, "sockdiag": 9102, "psutil": 9103}
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 class Workers:
@@ -364,9 +360,7 @@ def main() -> int:
     if args.reliability_seconds > 0:
         results["reliability"] = reliability(args.reliability_connections, args.reliability_seconds)
     print_tables(results)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
-    log(f"wrote {args.json}")
+    write_results(args.json, results)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers import die_with_parent, wait_for
-from netns import in_netns, join_netns
+from netns import http_get, join_netns
 from prometheus_client.parser import text_string_to_metric_families
 
 EXPORTER = str(Path(sys.executable).with_name("tcp-exporter"))
@@ -76,14 +76,7 @@ class Exporter:
         )
 
     def get(self, path: str) -> str | None:
-        def fetch() -> str | None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
-                    return str(resp.read().decode())
-            except OSError:
-                return None
-
-        return in_netns(self.ns, fetch)
+        return http_get(self.ns, f"http://127.0.0.1:{self.port}{path}")
 
     def wait_ready(self, timeout: float = 20) -> Exporter:
         def ready() -> bool:

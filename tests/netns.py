@@ -123,6 +123,20 @@ def pair(extra_peer_addresses: int = 0) -> Iterator[Pair]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def http_get(ns: str, url: str, timeout: float = 5) -> str | None:
+    """GET url from inside namespace `ns`; None if it cannot be reached."""
+    import urllib.request
+
+    def fetch() -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return str(resp.read().decode())
+        except OSError:
+            return None
+
+    return in_netns(ns, fetch)
+
+
 def listener(ns: str, port: int, family: int = socket.AF_INET6, host: str = "::", backlog: int = 4096) -> socket.socket:
     """A listening socket in `ns` (dual-stack by default)."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from helpers import die_with_parent, wait_for
-from netns import in_netns
+from netns import http_get
 
 PROMETHEUS_PORT = 9090
 
@@ -83,15 +83,7 @@ class Prometheus:
 
     def _get(self, path: str) -> str | None:
         assert self.proc.poll() is None, (self.dir / "prometheus.log").read_text()
-
-        def fetch() -> str | None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PROMETHEUS_PORT}{path}", timeout=5) as resp:
-                    return str(resp.read().decode())
-            except OSError:
-                return None
-
-        return in_netns(self.ns, fetch)
+        return http_get(self.ns, f"http://127.0.0.1:{PROMETHEUS_PORT}{path}")
 
     def api(self, path: str, **params: str) -> Any:
         text = self._get(f"/api/v1/{path}?{urllib.parse.urlencode(params)}")

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import need
@@ -148,31 +149,24 @@ def test_conntrack_is_made_active_in_a_fresh_namespace_and_undone_on_sigterm(ns:
     assert len(accept(server, 2)) == len(clients)
 
 
-def test_auto_falls_back_to_sockdiag_without_net_admin(ns: Pair) -> None:
-    with Exporter(
-        ns.pod, [f"--watch-port={WATCHED}", "--listen-address=127.0.0.1:9100"], prefix=WITHOUT_NET_ADMIN
-    ) as exporter:
+@pytest.mark.parametrize(
+    ("withheld", "fallback"),
+    [({"prefix": WITHOUT_NET_ADMIN}, "sockdiag"), ({"seccomp_no_netlink": True}, "psutil")],
+    ids=["without-net-admin", "without-netlink"],
+)
+def test_auto_falls_back_when_what_a_method_needs_is_withheld(
+    ns: Pair, withheld: dict[str, Any], fallback: str
+) -> None:
+    with Exporter(ns.pod, [f"--watch-port={WATCHED}", "--listen-address=127.0.0.1:9100"], **withheld) as exporter:
         exporter.wait_ready()
-        assert exporter.method() == "sockdiag"
+        assert exporter.method() == fallback
         (labels,) = exporter.samples()["tcp_exporter_method_info"]
-        assert "conntrack" in dict(labels)["reason"]  # says why conntrack was passed over
+        assert "conntrack" in dict(labels)["reason"]  # says why conntrack (and what else) was passed over
         assert "tcp_exporter" not in nft_tables(ns)
         server = listener(ns.pod, WATCHED)
         clients = connect(ns.peer, ns.pod_v4, WATCHED, 3)
         assert exporter.established(WATCHED) == 3
         assert len(accept(server, 3)) == len(clients)
-
-
-def test_auto_falls_back_to_psutil_without_netlink(ns: Pair) -> None:
-    with Exporter(
-        ns.pod, [f"--watch-port={WATCHED}", "--listen-address=127.0.0.1:9100"], seccomp_no_netlink=True
-    ) as exporter:
-        exporter.wait_ready()
-        assert exporter.method() == "psutil"
-        server = listener(ns.pod, WATCHED)
-        clients = connect(ns.peer, ns.pod_v4, WATCHED, 2)
-        assert exporter.established(WATCHED) == 2
-        assert len(accept(server, 2)) == len(clients)
 
 
 def test_asking_for_conntrack_without_net_admin_exits_1_with_the_reason(ns: Pair) -> None:

@@ -59,8 +59,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
     memo.kube = Kube()
+    # kopf gives each object a shallow copy of this memo: state shared by all of them lives in mutable
+    # containers made here, never in attributes set later from a handler.
     memo.warned = {}
     memo.awaiting = {}
+    memo.shared = {"indexes": None}
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
 
 
@@ -230,7 +233,7 @@ def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index[Any, Any]]:
 @kopf.on.event("apps", "v1", "deployments", when=tracked)
 def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     indexes = _indexes(kwargs)
-    memo.indexes = indexes  # live views, for the periodic resync
+    memo.shared["indexes"] = indexes  # live views, for the periodic resync
     uid = body["metadata"].get("uid")
     if type == "DELETED":
         memo.warned.pop(uid, None)
@@ -283,7 +286,7 @@ async def _resync_forever(memo: kopf.Memo) -> None:
     """
     while True:
         await asyncio.sleep(RESYNC_SECONDS)
-        indexes = getattr(memo, "indexes", None)
+        indexes = memo.shared["indexes"]
         if indexes is None:
             continue
         for namespace, name in list(indexes["deployments"]):

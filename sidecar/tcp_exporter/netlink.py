@@ -123,6 +123,24 @@ class Socket:
             yield self.recv()
 
 
+def walk(buf: bytes | memoryview, wanted: int) -> tuple[list[tuple[int, int]], bool]:
+    """(payload start, end) of every message of type `wanted` in a dump buffer, and whether the dump ended.
+
+    An error message raises NetlinkError.
+    """
+    found: list[tuple[int, int]] = []
+    done = False
+    for msg_type, _flags, payload, end in iter_messages(buf):
+        if msg_type == wanted:
+            found.append((payload, end))
+        elif msg_type == NLMSG_DONE:
+            done = True
+        elif msg_type == NLMSG_ERROR:
+            raise_for_error(buf, payload)
+            done = True
+    return found, done
+
+
 def raise_for_error(buf: bytes | memoryview, payload: int) -> None:
     code = error_code(buf, payload)
     if code:

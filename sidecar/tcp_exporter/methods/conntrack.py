@@ -113,16 +113,11 @@ def local_addresses() -> set[bytes]:
             struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0),
         )
         for buf in sock.dump(req):
-            done = False
-            for msg_type, _flags, payload, end in netlink.iter_messages(buf):
-                if msg_type == RTM_NEWADDR:
-                    for attr, a, b in netlink.iter_attrs(buf, payload + 8, end):
-                        if attr in (IFA_ADDRESS, IFA_LOCAL):
-                            out.add(bytes(buf[a:b]))
-                elif msg_type == netlink.NLMSG_DONE:
-                    done = True
-                elif msg_type == netlink.NLMSG_ERROR:
-                    netlink.raise_for_error(buf, payload)
+            messages, done = netlink.walk(buf, RTM_NEWADDR)
+            for payload, end in messages:
+                for attr, a, b in netlink.iter_attrs(buf, payload + 8, end):
+                    if attr in (IFA_ADDRESS, IFA_LOCAL):
+                        out.add(bytes(buf[a:b]))
             if done:
                 return out
     finally:

@@ -90,16 +90,14 @@ def cookies(buf: bytes | memoryview) -> tuple[list[int], bool]:
         if list(head.iter_unpack(region)).count((first_len, SOCK_DIAG_BY_FAMILY)) == n:
             found = list(map(itemgetter(0), fields.iter_unpack(region)))
             start = n * first_len
-    done = False
     rest = buf[start:]
-    for msg_type, _flags, payload, end in netlink.iter_messages(rest):
-        if msg_type == SOCK_DIAG_BY_FAMILY and end - payload >= MIN_MSG - netlink.NLMSG_HDR.size:
-            found.append(struct.unpack_from("=Q", rest, payload - netlink.NLMSG_HDR.size + COOKIE_AT)[0])
-        elif msg_type == netlink.NLMSG_DONE:
-            done = True
-        elif msg_type == netlink.NLMSG_ERROR:
-            netlink.raise_for_error(rest, payload)
-            done = True
+    messages, done = netlink.walk(rest, SOCK_DIAG_BY_FAMILY)
+    header = netlink.NLMSG_HDR.size
+    found += [
+        struct.unpack_from("=Q", rest, payload - header + COOKIE_AT)[0]
+        for payload, end in messages
+        if end - payload >= MIN_MSG - header
+    ]
     return found, done
 
 
@@ -109,23 +107,17 @@ def parse_tuples(buf: bytes | memoryview, family: int) -> tuple[list[bytes], boo
     IPv4 addresses, and IPv4-mapped IPv6 ones, are 4 bytes: the form conntrack reports them in.
     """
     keys: list[bytes] = []
-    done = False
-    for msg_type, _flags, payload, _end in netlink.iter_messages(buf):
-        if msg_type == SOCK_DIAG_BY_FAMILY:
-            off = payload - netlink.NLMSG_HDR.size
-            ports = bytes(buf[off + SPORT_AT : off + SPORT_AT + 4])
-            src = bytes(buf[off + SRC_AT : off + SRC_AT + 16])
-            dst = bytes(buf[off + DST_AT : off + DST_AT + 16])
-            if family == socket.AF_INET:
-                src, dst = src[:4], dst[:4]
-            elif src.startswith(V4_MAPPED) and dst.startswith(V4_MAPPED):
-                src, dst = src[12:], dst[12:]
-            keys.append(src + dst + ports)
-        elif msg_type == netlink.NLMSG_DONE:
-            done = True
-        elif msg_type == netlink.NLMSG_ERROR:
-            netlink.raise_for_error(buf, payload)
-            done = True
+    messages, done = netlink.walk(buf, SOCK_DIAG_BY_FAMILY)
+    for payload, _end in messages:
+        off = payload - netlink.NLMSG_HDR.size
+        ports = bytes(buf[off + SPORT_AT : off + SPORT_AT + 4])
+        src = bytes(buf[off + SRC_AT : off + SRC_AT + 16])
+        dst = bytes(buf[off + DST_AT : off + DST_AT + 16])
+        if family == socket.AF_INET:
+            src, dst = src[:4], dst[:4]
+        elif src.startswith(V4_MAPPED) and dst.startswith(V4_MAPPED):
+            src, dst = src[12:], dst[12:]
+        keys.append(src + dst + ports)
     return keys, done
 
 
