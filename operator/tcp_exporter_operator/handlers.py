@@ -53,9 +53,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 5
     settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8)
     settings.execution.max_workers = 8
-    # kopf keeps a worker (and its last events) per object until it idles this long: short, so that a
-    # thousand Deployments changing at once do not all hold their bodies in memory together.
-    settings.queueing.idle_timeout = 0.5
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
     memo.kube = Kube()
