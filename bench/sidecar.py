@@ -109,7 +109,6 @@ def start_exporter(p: Pair, method: str) -> subprocess.Popen[bytes]:
             p.pod,
             EXPORTER,
             f"--watch-port={WATCHED}",
-            f"--watch-port={OTHER}",
             f"--method={method}",
             f"--listen-address=127.0.0.1:{port}",
             "--log-level=warning",

@@ -17,7 +17,9 @@ How the count stays exact:
   connections mid-stream, even from the last ACK of one that is closing.
 - A count first drains every queued event, so it sees what happened up to the
   moment of the scrape. Event loss (ENOBUFS) and a periodic timer trigger a
-  full resync from the socket table.
+  full resync from the socket table; connections opened since the start are
+  tracked by conntrack, so after a resync events keep them again, and an
+  update to ESTABLISHED whose earlier events were lost still counts.
 Between scrapes the only work is handling events (and the periodic resync).
 """
 
@@ -129,7 +131,7 @@ class Conntrack:
     name = "conntrack"
     exact_accepted = True
 
-    def __init__(self, ports: tuple[int, ...], resync_interval: float = 60.0) -> None:
+    def __init__(self, ports: tuple[int, ...], resync_interval: float = 60.0, rcvbuf: int = EVENT_RCVBUF) -> None:
         self.ports = ports
         self.port_set = frozenset(ports)
         self.resync_interval = resync_interval
@@ -146,7 +148,7 @@ class Conntrack:
             | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
         )
         try:
-            self.events = netlink.Socket(netlink.NETLINK_NETFILTER, groups=groups, rcvbuf=EVENT_RCVBUF)
+            self.events = netlink.Socket(netlink.NETLINK_NETFILTER, groups=groups, rcvbuf=rcvbuf)
         except OSError as exc:
             raise Unavailable(f"cannot subscribe to conntrack events (needs CAP_NET_ADMIN): {exc}") from exc
         self.table: SocketTable | None = None
@@ -177,7 +179,7 @@ class Conntrack:
     # -- events ---------------------------------------------------------------
 
     def _handle(self, buf: memoryview) -> None:
-        for msg_type, _flags, payload, end in netlink.iter_messages(buf):
+        for msg_type, flags, payload, end in netlink.iter_messages(buf):
             if msg_type >> 8 != NFNL_SUBSYS_CTNETLINK:
                 continue
             event = parse_event(buf, payload + 4, end)
@@ -196,13 +198,19 @@ class Conntrack:
                 self.handshakes.discard(key)
             elif state in HANDSHAKE:
                 self.handshakes.add(key)
-            elif state == ESTABLISHED and key in self.handshakes:
-                # Only a seen handshake proves a new connection: conntrack also "picks up" connections
-                # mid-stream, even from the last ACK of one that is closing.
+            elif state == ESTABLISHED and self._is_new(port, key, flags):
                 self.handshakes.discard(key)
-                if key not in self.established[port]:
-                    self.established[port].add(key)
-                    self.accepted[port] += 1
+                self.established[port].add(key)
+                self.accepted[port] += 1
+
+    def _is_new(self, port: int, key: bytes, flags: int) -> bool:
+        """Whether an ESTABLISHED event is a connection to add: its handshake was seen, or its earlier
+        events were lost (an update, not a creation). A creation in ESTABLISHED is conntrack "picking up" a
+        connection mid-stream, even from the last ACK of one that is closing: only the socket table is
+        trusted for those."""
+        if key in self.established[port] or key in self.unwatched[port]:
+            return False
+        return key in self.handshakes or not flags & netlink.NLM_F_CREATE
 
     def _drain_once(self) -> bool:
         """Handle one received buffer of events; False when none is queued. Called with the lock held."""
@@ -237,11 +245,15 @@ class Conntrack:
         for key in self.table.connection_keys():
             current[int.from_bytes(key[-4:-2], "big")].add(key)
         for port in self.ports:
-            known = self.established[port] | self.unwatched[port]
-            if not initial:
-                self.accepted[port] += len(current[port] - known)
-            self.established[port] &= current[port]
-            self.unwatched[port] = current[port] - self.established[port]
+            if initial:
+                # They predate us: conntrack may never have seen them, so the socket table keeps watch.
+                self.unwatched[port] = current[port]
+                continue
+            # Since the start conntrack tracks every new connection, so events will report the close of
+            # those whose opening events were lost: they join the event-kept set.
+            self.accepted[port] += len(current[port] - self.established[port] - self.unwatched[port])
+            self.unwatched[port] &= current[port]
+            self.established[port] = current[port] - self.unwatched[port]
         self.resyncs += 1
 
     def _run(self) -> None:
