@@ -182,7 +182,7 @@ def main() -> int:
             for n in (int(x) for x in args.counts.split(",") if x):
                 rows.append(run_count(api, op, cluster.audit_log, n))
         finally:
-            op.stop()
+            op.close()
     finally:
         cluster.stop()
     print_table(rows)

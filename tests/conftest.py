@@ -29,7 +29,7 @@ def need(condition: bool, reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Any]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
     need(shutil.which("go") is not None, "Go is needed to build the local control plane")
     need(shutil.which("openssl") is not None, "openssl is needed for the control plane's certificates")
     from localkube import cluster as lk
@@ -42,7 +42,11 @@ def cluster() -> Iterator[Any]:
     try:
         yield c
     finally:
-        c.stop()
+        # After a failure the logs stay, and the report says where.
+        failed = request.session.testsfailed > 0
+        c.stop(remove_state=not failed)
+        if failed:
+            print(f"\ncontrol-plane logs kept in {c.log_dir}")
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +105,7 @@ def operator(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
     kubectl("apply", "-k", str(REPO / "manifests"))
     op = Operator(cluster, kubectl)
     yield op
-    op.stop()
+    op.close()
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +120,16 @@ def kube(api: Any, namespace: str) -> Any:
     from operator_proc import Kube
 
     return Kube(api, namespace)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failing test that used the operator or the control plane shows their latest logs."""
+    report = yield
+    if report.failed and call.when == "call":
+        funcargs = getattr(item, "funcargs", {})
+        if "operator" in funcargs:
+            report.sections.append(("operator log (tail)", "\n".join(funcargs["operator"].log().splitlines()[-60:])))
+        if "cluster" in funcargs:
+            report.sections.append(("control plane", funcargs["cluster"].logs_tail(20)))
+    return report

@@ -154,7 +154,7 @@ def main() -> int:
     finally:
         step("Cleaning up: operator, control plane, namespaces")
         if operator is not None:
-            operator.stop()
+            operator.close()
         cluster.stop()
     show("done; nothing left running")
     return 0

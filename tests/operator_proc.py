@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,11 @@ class Operator:
                 self.proc.kill()
                 self.proc.wait()
         self.log_file.close()
+
+    def close(self) -> None:
+        """Stop, and remove the process's folder (its log included)."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def restart(self) -> None:
         self.stop()

@@ -309,7 +309,7 @@ def test_a_namespaced_operator_leaves_other_namespaces_alone(
             assert "tcp-exporter" not in other.containers("ignored")
             assert not scoped.reconciled(other.ns, "ignored", str(other.get("ignored").metadata.resource_version))
         finally:
-            scoped.stop()
+            scoped.close()
             client.CoreV1Api(api).delete_namespace(f"{namespace}-other")
     finally:
         operator.start()

@@ -146,8 +146,10 @@ class Cluster:
     etcd_url: str
     binary: str
     detached: bool
+    info_file: str = ""  # where a detached cluster records itself, for make cluster-down
 
     def save(self, path: Path) -> None:
+        self.info_file = str(path)
         path.write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
@@ -181,6 +183,8 @@ class Cluster:
         self.pids["kube-apiserver"] = _spawn(
             self, "kube-apiserver", json.loads(Path(self.state_dir, "apiserver.args").read_text())
         )
+        if self.info_file:  # make cluster-down must find the new process
+            self.save(Path(self.info_file))
         _wait(self.ready, 60, "kube-apiserver to be ready again", self)
 
 
