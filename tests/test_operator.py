@@ -313,3 +313,20 @@ def test_a_namespaced_operator_leaves_other_namespaces_alone(
             client.CoreV1Api(api).delete_namespace(f"{namespace}-other")
     finally:
         operator.start()
+
+
+def test_a_scaledobject_edited_by_hand_is_put_back_in_one_write_and_status_updates_cost_none(
+    operator: Operator, kube: Kube, audit: Audit
+) -> None:
+    kube.create(deployment("edit", {"tcp-exporter/port": "8080"}))
+    injected(kube, "edit")
+    kube.converged(operator, "edit")
+    mark = audit.mark()
+    kube.custom.patch_namespaced_custom_object_status(
+        *KEDA, kube.ns, "scaledobjects", "edit", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    )
+    kube.custom.patch_namespaced_custom_object(
+        *KEDA, kube.ns, "scaledobjects", "edit", {"spec": {"maxReplicaCount": 99}}
+    )
+    wait_for(lambda: (kube.scaled_object("edit") or {})["spec"]["maxReplicaCount"] == 10, 30, "the edit to be undone")
+    assert operator_writes(audit, mark, kube.ns) == [("patch", "scaledobjects", "edit")]

@@ -60,6 +60,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # containers made here, never in attributes set later from a handler.
     memo.warned = {}
     memo.awaiting = {}
+    memo.so_generations = {}
     memo.shared = {"indexes": None}
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
 
@@ -253,11 +254,21 @@ def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any)
 
 @kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 def scaledobject_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    """A ScaledObject of ours deleted or edited by hand is put back."""
-    if type not in ("DELETED", "MODIFIED"):
-        return
-    namespace = body["metadata"]["namespace"]
-    for ref in body["metadata"].get("ownerReferences") or []:
+    """A ScaledObject of ours deleted or edited by hand is put back.
+
+    KEDA updates its status often; only a new generation (a spec edit) or a deletion is worth a look.
+    """
+    meta = body["metadata"]
+    generations: dict[str, int] = memo.so_generations
+    seen = generations.get(meta["uid"])
+    if type == "DELETED":
+        generations.pop(meta["uid"], None)
+    else:
+        generations[meta["uid"]] = meta.get("generation", 0)
+        if type != "MODIFIED" or seen == meta.get("generation", 0):
+            return
+    namespace = meta["namespace"]
+    for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == "Deployment":
             deployment = memo.kube.get_deployment(namespace, ref["name"])
             if deployment is not None and deployment["metadata"].get("uid") == ref.get("uid"):
