@@ -237,3 +237,25 @@ def test_conntrack_stays_exact_and_cheap_after_losing_events(ns: Pair) -> None:
     finally:
         in_netns(ns.pod, method.close)
     assert len(accept(server, 320)) == len(before) + len(opened)
+
+
+@pytest.mark.parametrize("method", ["sockdiag", "psutil"])
+def test_sampled_accepted_counter_sees_each_connection_once_whichever_cpu_counts(ns: Pair, method: str) -> None:
+    need(len(os.sched_getaffinity(0)) > 1, "two CPUs, to move the exporter between them")
+    server = listener(ns.pod, WATCHED)
+    kept: list[socket.socket] = []
+    with Exporter(
+        ns.pod, [f"--watch-port={WATCHED}", f"--method={method}", "--listen-address=127.0.0.1:9100"]
+    ) as exporter:
+        exporter.wait_ready()
+        cpus = sorted(os.sched_getaffinity(0))
+        for round_ in range(1, 13):
+            # The kernel hands out socket cookies in per-CPU batches: counting on another CPU must not matter.
+            for tid in os.listdir(f"/proc/{exporter.proc.pid}/task"):
+                os.sched_setaffinity(int(tid), {cpus[round_ % len(cpus)]})
+            kept += connect(ns.peer, ns.pod_v4, WATCHED, 5)
+            assert exporter.accepted(WATCHED) == 5 * round_
+        for s in kept[:30]:
+            s.close()
+        assert exporter.accepted(WATCHED) == 60
+    assert len(accept(server, 60)) == 60

@@ -137,36 +137,43 @@ class SocketTable:
     def close(self) -> None:
         self.sock.close()
 
-    def tally(self, port: int, since: int) -> tuple[int, int, int]:
-        """For one port: (ESTABLISHED sockets, how many of them have a cookie above `since`, the top cookie).
+    def cookies(self, port: int) -> set[int]:
+        """The socket cookie of every ESTABLISHED socket on one local port (both families).
 
-        The kernel hands out socket cookies from one increasing counter, on
-        first request: a socket whose cookie is above the top one of the last
-        count was first seen ESTABLISHED after it, i.e. was accepted since.
+        Cookies identify sockets for their whole life. (They are not handed out in order: the kernel
+        gives each CPU a batch of them, so only set membership tells a new socket from an old one.)
         """
-        count = fresh = 0
-        top = since
+        found: set[int] = set()
         with self.lock:
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for buf in self.sock.dump(request(family, (port,), self.sock.next_seq())):
-                    found, done = cookies(buf)
-                    if found:
-                        count += len(found)
-                        fresh += sum(map(since.__lt__, found))
-                        top = max(top, max(found))  # noqa: PLW3301 - max(*found) would pass 100,000 arguments
-                    if done:
-                        break
-        return count, fresh, top
+            try:
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    for buf in self.sock.dump(request(family, (port,), self.sock.next_seq())):
+                        batch, done = cookies(buf)
+                        found.update(batch)
+                        if done:
+                            break
+            except BaseException:
+                self._reopen()  # a dump cut short leaves answers queued that the next one would read
+                raise
+        return found
+
+    def _reopen(self) -> None:
+        self.sock.close()
+        self.sock = netlink.Socket(netlink.NETLINK_SOCK_DIAG)
 
     def connection_keys(self) -> list[bytes]:
         out: list[bytes] = []
         with self.lock:
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for buf in self.sock.dump(request(family, self.ports, self.sock.next_seq())):
-                    keys, done = parse_tuples(buf, family)
-                    out += keys
-                    if done:
-                        break
+            try:
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    for buf in self.sock.dump(request(family, self.ports, self.sock.next_seq())):
+                        keys, done = parse_tuples(buf, family)
+                        out += keys
+                        if done:
+                            break
+            except BaseException:
+                self._reopen()
+                raise
         return out
 
 
@@ -178,10 +185,8 @@ class SockDiag:
         self.ports = ports
         self.table = SocketTable(ports)
         self.accepted = dict.fromkeys(ports, 0)
-        self.top = dict.fromkeys(ports, 0)
-        try:
-            for port in ports:  # the baseline: connections open now predate us
-                self.top[port] = self.table.tally(port, 0)[2]
+        try:  # the baseline: connections open now predate us
+            self.seen = {port: self.table.cookies(port) for port in ports}
         except OSError as exc:
             self.table.close()
             raise Unavailable(f"inet_diag dump failed: {exc}") from exc
@@ -189,8 +194,10 @@ class SockDiag:
     def count(self) -> Counts:
         established = {}
         for port in self.ports:  # one kernel-filtered dump per port keeps the per-socket work in C
-            established[port], fresh, self.top[port] = self.table.tally(port, self.top[port])
-            self.accepted[port] += fresh
+            now = self.table.cookies(port)
+            established[port] = len(now)
+            self.accepted[port] += len(now - self.seen[port])
+            self.seen[port] = now
         return Counts(established=established, accepted=dict(self.accepted))
 
     def close(self) -> None:
