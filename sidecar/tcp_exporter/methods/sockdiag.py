@@ -137,19 +137,19 @@ class SocketTable:
     def close(self) -> None:
         self.sock.close()
 
-    def cookies(self, port: int) -> set[int]:
+    def cookies(self, port: int) -> list[int]:
         """The socket cookie of every ESTABLISHED socket on one local port (both families).
 
         Cookies identify sockets for their whole life. (They are not handed out in order: the kernel
         gives each CPU a batch of them, so only set membership tells a new socket from an old one.)
         """
-        found: set[int] = set()
+        found: list[int] = []
         with self.lock:
             try:
                 for family in (socket.AF_INET, socket.AF_INET6):
                     for buf in self.sock.dump(request(family, (port,), self.sock.next_seq())):
                         batch, done = cookies(buf)
-                        found.update(batch)
+                        found += batch
                         if done:
                             break
             except BaseException:
@@ -186,7 +186,7 @@ class SockDiag:
         self.table = SocketTable(ports)
         self.accepted = dict.fromkeys(ports, 0)
         try:  # the baseline: connections open now predate us
-            self.seen = {port: self.table.cookies(port) for port in ports}
+            self.seen = {port: set(self.table.cookies(port)) for port in ports}
         except OSError as exc:
             self.table.close()
             raise Unavailable(f"inet_diag dump failed: {exc}") from exc
@@ -195,9 +195,12 @@ class SockDiag:
         established = {}
         for port in self.ports:  # one kernel-filtered dump per port keeps the per-socket work in C
             now = self.table.cookies(port)
+            seen = self.seen[port]
             established[port] = len(now)
-            self.accepted[port] += len(now - self.seen[port])
-            self.seen[port] = now
+            self.accepted[port] += len(now) - sum(map(seen.__contains__, now))
+            # Refilled in place: a second set of every cookie would cost ~8 MB at 100,000 connections.
+            seen.clear()
+            seen.update(now)
         return Counts(established=established, accepted=dict(self.accepted))
 
     def close(self) -> None:
