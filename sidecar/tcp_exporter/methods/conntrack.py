@@ -142,6 +142,7 @@ class Conntrack:
         self.accepted = dict.fromkeys(ports, 0)
         self.local: set[bytes] = set()
         self.resyncs = 0
+        self.lost = False  # events were dropped: resync when the queue is next empty
         groups = (
             (1 << (NFNLGRP_CONNTRACK_NEW - 1))
             | (1 << (NFNLGRP_CONNTRACK_UPDATE - 1))
@@ -217,12 +218,18 @@ class Conntrack:
         try:
             buf = self.events.recv()
         except BlockingIOError:
+            if self.lost:
+                # Resync only once the queue is empty: while it is full the kernel keeps dropping events,
+                # and a connection whose every event is dropped after a resync would never be seen.
+                self.lost = False
+                self._resync(initial=False)
             return False
         except OSError as exc:
             if exc.errno != errno.ENOBUFS:
                 raise
-            log.warning("conntrack events were lost (ENOBUFS): resyncing from the socket table")
-            self._resync(initial=False)
+            if not self.lost:
+                log.warning("conntrack events were lost (ENOBUFS): will resync from the socket table")
+            self.lost = True
             return True
         self._handle(buf)
         return True
