@@ -161,14 +161,19 @@ class SocketTable:
         self.sock.close()
         self.sock = netlink.Socket(netlink.NETLINK_SOCK_DIAG)
 
-    def connection_keys(self) -> list[bytes]:
-        out: list[bytes] = []
+    def connection_sets(self) -> dict[int, set[bytes]]:
+        """Per watched port, the keys (local ip, remote ip, local port, remote port) of its connections."""
+        out: dict[int, set[bytes]] = {port: set() for port in self.ports}
         with self.lock:
             try:
                 for family in (socket.AF_INET, socket.AF_INET6):
                     for buf in self.sock.dump(request(family, self.ports, self.sock.next_seq())):
                         keys, done = parse_tuples(buf, family)
-                        out += keys
+                        if len(self.ports) == 1:
+                            out[self.ports[0]].update(keys)
+                        else:
+                            for key in keys:
+                                out[int.from_bytes(key[-4:-2], "big")].add(key)
                         if done:
                             break
             except BaseException:
