@@ -217,6 +217,14 @@ class Kube:
             if e.source and e.source.component == "tcp-exporter-operator" and (type_ is None or e.type == type_)
         ]
 
+    def create_injected(self, op: Operator, body: dict[str, Any]) -> dict[str, Any]:
+        """Create an annotated Deployment and wait until the operator has injected and settled it."""
+        name = body["metadata"]["name"]
+        self.create(body)
+        so = injected(self, name)
+        self.converged(op, name)
+        return so
+
     def converged(self, op: Operator, name: str) -> str:
         """Wait until the operator has handled the Deployment's current version; return that version."""
         rv = str(self.get(name).metadata.resource_version)

@@ -46,9 +46,7 @@ def test_injection_is_one_patch_one_create_and_one_rollout(operator: Operator, k
 
 
 def test_unrelated_edits_resyncs_and_restarts_cost_no_write(operator: Operator, kube: Kube, audit: Audit) -> None:
-    kube.create(deployment("calm", {"tcp-exporter/port": "8080"}))
-    injected(kube, "calm")
-    kube.converged(operator, "calm")
+    kube.create_injected(operator, deployment("calm", {"tcp-exporter/port": "8080"}))
     mark = audit.mark()
     kube.patch("calm", {"spec": {"replicas": 3}})
     kube.annotate("calm", unrelated="x")
@@ -60,9 +58,7 @@ def test_unrelated_edits_resyncs_and_restarts_cost_no_write(operator: Operator, 
 
 
 def test_changing_the_threshold_updates_only_the_scaledobject(operator: Operator, kube: Kube, audit: Audit) -> None:
-    kube.create(deployment("thr", {"tcp-exporter/port": "8080"}))
-    injected(kube, "thr")
-    kube.converged(operator, "thr")
+    kube.create_injected(operator, deployment("thr", {"tcp-exporter/port": "8080"}))
     mark = audit.mark()
     kube.annotate("thr", threshold="250", max_replicas="40")
     wait_for(lambda: (kube.scaled_object("thr") or {})["spec"]["maxReplicaCount"] == 40, 30, "the update")
@@ -73,15 +69,8 @@ def test_changing_the_threshold_updates_only_the_scaledobject(operator: Operator
 
 
 def test_changing_the_port_updates_the_sidecar_in_one_patch(operator: Operator, kube: Kube, audit: Audit) -> None:
-    kube.create(
-        deployment(
-            "prt",
-            {"tcp-exporter/port": "8080"},
-            ports=[{"name": "a", "containerPort": 8080}, {"name": "b", "containerPort": 8443}],
-        )
-    )
-    injected(kube, "prt")
-    kube.converged(operator, "prt")
+    ports = [{"name": "a", "containerPort": 8080}, {"name": "b", "containerPort": 8443}]
+    kube.create_injected(operator, deployment("prt", {"tcp-exporter/port": "8080"}, ports=ports))
     mark = audit.mark()
     kube.annotate("prt", port="a,b")
     wait_for(lambda: "--watch-port=8443" in kube.containers("prt")["tcp-exporter"].args, 30, "the new port")
@@ -93,9 +82,7 @@ def test_changing_the_port_updates_the_sidecar_in_one_patch(operator: Operator, 
 def test_removing_the_annotation_removes_everything_and_adding_it_back_injects(
     operator: Operator, kube: Kube, audit: Audit
 ) -> None:
-    kube.create(deployment("rm", {"tcp-exporter/port": "8080"}))
-    injected(kube, "rm")
-    kube.converged(operator, "rm")
+    kube.create_injected(operator, deployment("rm", {"tcp-exporter/port": "8080"}))
     mark = audit.mark()
     kube.annotate("rm", port=None)
     wait_for(lambda: "tcp-exporter" not in kube.containers("rm"), 30, "the sidecar to go")
@@ -318,9 +305,7 @@ def test_a_namespaced_operator_leaves_other_namespaces_alone(
 def test_a_scaledobject_edited_by_hand_is_put_back_in_one_write_and_status_updates_cost_none(
     operator: Operator, kube: Kube, audit: Audit
 ) -> None:
-    kube.create(deployment("edit", {"tcp-exporter/port": "8080"}))
-    injected(kube, "edit")
-    kube.converged(operator, "edit")
+    kube.create_injected(operator, deployment("edit", {"tcp-exporter/port": "8080"}))
     mark = audit.mark()
     kube.custom.patch_namespaced_custom_object_status(
         *KEDA, kube.ns, "scaledobjects", "edit", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
