@@ -11,7 +11,7 @@ from helpers import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from localkube.cluster import CRDS
-from operator_proc import KEDA, Audit, Kube, Operator, deployment, injected, operator_writes
+from operator_proc import KEDA, REPO, Audit, Kube, Operator, deployment, injected, operator_writes
 
 pytestmark = pytest.mark.cluster
 
@@ -315,3 +315,27 @@ def test_a_scaledobject_edited_by_hand_is_put_back_in_one_write_and_status_updat
     )
     wait_for(lambda: (kube.scaled_object("edit") or {})["spec"]["maxReplicaCount"] == 10, 30, "the edit to be undone")
     assert operator_writes(audit, mark, kube.ns) == [("patch", "scaledobjects", "edit")]
+
+
+def test_with_peering_two_replicas_run_and_only_the_higher_priority_one_writes(
+    cluster: Any, kubectl: Callable[..., str], kube: Kube, audit: Audit, operator: Operator
+) -> None:
+    for name in ("crd.yaml", "role.yaml"):
+        kubectl("apply", "-f", str(REPO / "manifests" / "peering" / name))
+    kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=30s")
+    operator.stop()
+    replicas = [Operator(cluster, kubectl, args=["--peering=tcp-exporter", f"--priority={p}"]) for p in (10, 20)]
+    try:
+        standby, active = replicas
+        wait_for(lambda: "Pausing operations" in standby.log(), 60, "the lower-priority replica to pause")
+        mark = audit.mark()
+        kube.create_injected(active, deployment("ha", {"tcp-exporter/port": "8080"}))
+        assert operator_writes(audit, mark, kube.ns) == [
+            ("create", "scaledobjects", "ha"),
+            ("patch", "deployments", "ha"),
+        ]
+        assert f"reconciled {kube.ns}/ha" not in standby.log()
+    finally:
+        for replica in replicas:
+            replica.close()
+        operator.start()

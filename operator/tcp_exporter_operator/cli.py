@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +50,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME",
         help="kopf peering name, to run more than one replica (one is active); default: standalone",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority; the highest alive is active (default: random, so that identical replicas "
+        "differ: kopf pauses every replica of equal priority)",
     )
     parser.add_argument(
         "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint kopf serves (default %(default)s)"
@@ -112,12 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tcp_exporter_operator").setLevel(args.log_level.upper())
+    logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)  # pausing and resuming replicas
     namespaces = args.namespace or list(cfg.namespaces)
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=args.priority if args.priority is not None else secrets.randbelow(1 << 30),
         liveness_endpoint=args.liveness,
         memo=kopf.Memo(config=cfg),
     )

@@ -56,6 +56,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
     memo.kube = Kube()
+    if not settings.peering.standalone and settings.peering.mandatory:
+        settings.peering.clusterwide = True  # one ClusterKopfPeering, whatever namespaces are watched
+        memo.kube.ensure_peering(settings.peering.name)
     # kopf gives each object a shallow copy of this memo: state shared by all of them lives in mutable
     # containers made here, never in attributes set later from a handler.
     memo.warned = {}

@@ -100,6 +100,19 @@ class Kube:
                 raise
             log.debug("%s %s already exists", plural, body["metadata"]["name"])
 
+    def ensure_peering(self, name: str) -> None:
+        """The cluster-wide kopf peering object the replicas share; created if missing."""
+        try:
+            self.custom.create_cluster_custom_object(
+                "kopf.dev",
+                "v1",
+                "clusterkopfpeerings",
+                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
+            )
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
     def post_event(self, deployment: Mapping[str, Any], event: Event) -> None:
         meta = deployment["metadata"]
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
