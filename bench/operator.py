@@ -118,6 +118,7 @@ def run_count(api: Any, op: Operator, audit_log: str, n: int) -> dict[str, Any]:
     op.restart()
     wait_for(lambda: op.log().count(f"reconciled {namespace}/") - before >= n, 600, "the resync")
     resync = audit_writes(audit_log, resync_mark, namespace)
+    log(f"  writes during the resync: {dict(resync)}; all writes: {dict(writes)}")
     steady = rss_now_mb(op.proc.pid) if op.proc else float("nan")
 
     def per(verb: str, resource: str, ok: bool = True) -> float:

@@ -12,19 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import http.client
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
-import urllib3
-from kubernetes.client.exceptions import ApiException
 
 from tcp_exporter_operator import builders
 from tcp_exporter_operator.builders import A_PORT, A_STATUS, MANAGED_BY, PSA_ENFORCE, Facts, Plan
 from tcp_exporter_operator.config import Config
-from tcp_exporter_operator.kube import Conflict, Kube
+from tcp_exporter_operator.kube import ApiError, Conflict, Kube
 
 log = logging.getLogger(__name__)
 KEDA_CRD = "scaledobjects.keda.sh"
@@ -41,6 +40,19 @@ def tracked(annotations: Mapping[str, str], **_: Any) -> bool:
     return A_PORT in annotations or A_STATUS in annotations
 
 
+def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    """In-cluster ServiceAccount, else KUBECONFIG: kopf's own minimal logins, no client library."""
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise kopf.LoginError("no in-cluster ServiceAccount and no KUBECONFIG or ~/.kube/config")
+    return info
+
+
+@kopf.on.login()
+def login_handler(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    return login(settings)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Should kopf ever need to store state, it goes under this project's prefix.
@@ -55,7 +67,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.execution.max_workers = 8
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
-    memo.kube = Kube()
+    memo.kube = Kube(login(settings))
     if not settings.peering.standalone and settings.peering.mandatory:
         settings.peering.clusterwide = True  # one ClusterKopfPeering, whatever namespaces are watched
         memo.kube.ensure_peering(settings.peering.name)
@@ -148,9 +160,9 @@ def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[An
 
 
 def _transient(exc: Exception) -> bool:
-    if isinstance(exc, ApiException):
-        return exc.status in (0, 429, 500, 502, 503, 504) or exc.status is None
-    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
+    if isinstance(exc, ApiError):
+        return exc.status in (429, 500, 502, 503, 504)
+    return isinstance(exc, http.client.HTTPException | OSError)
 
 
 def apply(kube: Kube, deployment: Mapping[str, Any], plan: Plan, memo: kopf.Memo) -> None:
@@ -178,8 +190,15 @@ def apply(kube: Kube, deployment: Mapping[str, Any], plan: Plan, memo: kopf.Memo
     warned[uid] = warnings
 
 
-def reconcile(deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Any, Any]]) -> None:
-    """Plan and apply; on a conflict read the Deployment again; retry transient API errors a few times."""
+def reconcile(
+    deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Any, Any]], fresh: bool = False
+) -> None:
+    """Plan and apply; on a conflict read the Deployment again; retry transient API errors a few times.
+
+    A watch event's body can be a little behind (kopf's first listing, or events queued behind our own
+    write): before patching a Deployment from one, read it afresh and plan again. A read costs less than
+    a write the API server rejects, and usually shows the patch is not needed.
+    """
     kube: Kube = memo.kube
     namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
     current: Mapping[str, Any] | None = deployment
@@ -188,6 +207,9 @@ def reconcile(deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[s
             if current is None or current["metadata"].get("deletionTimestamp"):
                 return
             plan = builders.plan(current, facts_for(current, indexes), memo.config)
+            if plan.deployment_patch is not None and not fresh:
+                current, fresh = kube.get_deployment(namespace, name), True
+                continue
             apply(kube, current, plan, memo)
             log.log(
                 logging.INFO if plan.writes else logging.DEBUG,
@@ -275,7 +297,7 @@ def scaledobject_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: An
         if ref.get("kind") == "Deployment":
             deployment = memo.kube.get_deployment(namespace, ref["name"])
             if deployment is not None and deployment["metadata"].get("uid") == ref.get("uid"):
-                reconcile(deployment, memo, _indexes(kwargs))
+                reconcile(deployment, memo, _indexes(kwargs), fresh=True)
 
 
 @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", field="metadata.name", value=KEDA_CRD)
@@ -287,7 +309,7 @@ def keda_installed(type: str, memo: kopf.Memo, **kwargs: Any) -> None:
     for namespace, name in list(indexes["deployments"]):
         deployment = memo.kube.get_deployment(namespace, name)
         if deployment is not None:
-            reconcile(deployment, memo, indexes)
+            reconcile(deployment, memo, indexes, fresh=True)
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
@@ -304,6 +326,6 @@ async def _resync_forever(memo: kopf.Memo) -> None:
             try:
                 deployment = await asyncio.to_thread(memo.kube.get_deployment, namespace, name)
                 if deployment is not None:
-                    await asyncio.to_thread(reconcile, deployment, memo, indexes)
+                    await asyncio.to_thread(reconcile, deployment, memo, indexes, True)
             except Exception:
                 log.exception("resync of %s/%s failed", namespace, name)
