@@ -17,7 +17,6 @@ import os
 import socket
 import ssl
 import tempfile
-import threading
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +30,7 @@ KEDA = "/apis/keda.sh/v1alpha1"
 PODMONITOR = "/apis/monitoring.coreos.com/v1"
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
+REQUEST_TIMEOUT = 15.0
 
 
 class ApiError(Exception):
@@ -89,34 +89,27 @@ class Kube:
         elif info.username and info.password:
             basic = base64.b64encode(f"{info.username}:{info.password}".encode()).decode()
             self.headers["Authorization"] = f"Basic {basic}"
-        self.local = threading.local()  # one kept-alive connection per handler thread
         self.instance = socket.gethostname()
 
     def close(self) -> None:
-        conn = getattr(self.local, "conn", None)
-        if conn is not None:
-            conn.close()
+        """Nothing is kept open between requests."""
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
-        """Send one request; return the decoded JSON answer; raise ApiError for an error status."""
+        """Send one request; return the decoded JSON answer; raise ApiError for an error status.
+
+        One connection per request: no kept-alive connection can go stale between two requests.
+        """
         payload = None if body is None else json.dumps(body).encode()
         headers = dict(self.headers)
         if payload is not None:
             headers["Content-Type"] = content_type
-        for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile: reconnect once
-            conn = getattr(self.local, "conn", None)
-            if conn is None:
-                conn = self.local.conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=30)
-            try:
-                conn.request(method, self.prefix + path, body=payload, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                break
-            except (http.client.HTTPException, OSError):
-                conn.close()
-                self.local.conn = None
-                if attempt == 2:
-                    raise
+        conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=REQUEST_TIMEOUT)
+        try:
+            conn.request(method, self.prefix + path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
         if resp.status >= 400:
             raise ApiError(resp.status, data.decode(errors="replace"))
         return json.loads(data) if data else None
