@@ -200,6 +200,20 @@ class Kube:
                 return None
             raise
 
+    def rollouts(self, name: str) -> int:
+        """ReplicaSets of the Deployment once the deployment controller has seen its latest template.
+
+        (If the operator injects before the controller's first sync, the original template never gets a
+        ReplicaSet: count rollouts relative to a settled count, not from a fixed number.)
+        """
+
+        def seen() -> bool:
+            dep = self.get(name)
+            return bool(dep.status.observed_generation == dep.metadata.generation)
+
+        wait_for(seen, 60, "the deployment controller to see the latest template")
+        return self.replicasets(name)
+
     def replicasets(self, name: str) -> int:
         return len(
             [
