@@ -83,7 +83,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.resync.cancel()
-    memo.kube.close()
 
 
 # -- indexes: the cluster facts a plan needs, kept by watches instead of per-event reads ---------

@@ -91,9 +91,6 @@ class Kube:
             self.headers["Authorization"] = f"Basic {basic}"
         self.instance = socket.gethostname()
 
-    def close(self) -> None:
-        """Nothing is kept open between requests."""
-
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
         """Send one request; return the decoded JSON answer; raise ApiError for an error status.
 

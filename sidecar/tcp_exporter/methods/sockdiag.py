@@ -10,8 +10,10 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
+from typing import TypeVar
 
 from tcp_exporter import netlink
 from tcp_exporter.methods import Counts, Options, Unavailable
@@ -30,6 +32,7 @@ SRC_AT = 24
 DST_AT = 40
 COOKIE_AT = 60
 MIN_MSG = 88
+T = TypeVar("T")
 V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
@@ -137,6 +140,24 @@ class SocketTable:
     def close(self) -> None:
         self.sock.close()
 
+    def _dump(self, ports: tuple[int, ...], parse: Callable[[memoryview, int], tuple[T, bool]]) -> Iterator[T]:
+        """Dump both address families for `ports`, yielding what `parse(buffer, family)` makes of each buffer."""
+        with self.lock:
+            try:
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    for buf in self.sock.dump(request(family, ports, self.sock.next_seq())):
+                        items, done = parse(buf, family)
+                        yield items
+                        if done:
+                            break
+            except BaseException:
+                self._reopen()  # a dump cut short leaves answers queued that the next one would read
+                raise
+
+    def _reopen(self) -> None:
+        self.sock.close()
+        self.sock = netlink.Socket(netlink.NETLINK_SOCK_DIAG)
+
     def cookies(self, port: int) -> list[int]:
         """The socket cookie of every ESTABLISHED socket on one local port (both families).
 
@@ -144,41 +165,19 @@ class SocketTable:
         gives each CPU a batch of them, so only set membership tells a new socket from an old one.)
         """
         found: list[int] = []
-        with self.lock:
-            try:
-                for family in (socket.AF_INET, socket.AF_INET6):
-                    for buf in self.sock.dump(request(family, (port,), self.sock.next_seq())):
-                        batch, done = cookies(buf)
-                        found += batch
-                        if done:
-                            break
-            except BaseException:
-                self._reopen()  # a dump cut short leaves answers queued that the next one would read
-                raise
+        for batch in self._dump((port,), lambda buf, _family: cookies(buf)):
+            found += batch
         return found
-
-    def _reopen(self) -> None:
-        self.sock.close()
-        self.sock = netlink.Socket(netlink.NETLINK_SOCK_DIAG)
 
     def connection_sets(self) -> dict[int, set[bytes]]:
         """Per watched port, the keys (local ip, remote ip, local port, remote port) of its connections."""
         out: dict[int, set[bytes]] = {port: set() for port in self.ports}
-        with self.lock:
-            try:
-                for family in (socket.AF_INET, socket.AF_INET6):
-                    for buf in self.sock.dump(request(family, self.ports, self.sock.next_seq())):
-                        keys, done = parse_tuples(buf, family)
-                        if len(self.ports) == 1:
-                            out[self.ports[0]].update(keys)
-                        else:
-                            for key in keys:
-                                out[int.from_bytes(key[-4:-2], "big")].add(key)
-                        if done:
-                            break
-            except BaseException:
-                self._reopen()
-                raise
+        for keys in self._dump(self.ports, parse_tuples):
+            if len(self.ports) == 1:
+                out[self.ports[0]].update(keys)
+            else:
+                for key in keys:
+                    out[int.from_bytes(key[-4:-2], "big")].add(key)
         return out
 
 
