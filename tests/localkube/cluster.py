@@ -15,7 +15,6 @@ Two ways to run it:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gobuild
 from helpers import die_with_parent
 
 HERE = Path(__file__).resolve().parent
@@ -57,13 +57,6 @@ def log(msg: str) -> None:
     print(f"[localkube] {msg}", file=sys.stderr, flush=True)
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("TCP_EXPORTER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tcp-exporter"
-    )
-    return Path(base)
-
-
 def _ldflags() -> str:
     """Stamp the version, as Kubernetes' own build does, so clients and servers report it."""
     major, minor, _ = KUBE_VERSION.lstrip("v").split(".", 2)
@@ -79,44 +72,9 @@ def _ldflags() -> str:
     return " ".join(flags)
 
 
-def binary_path() -> Path:
-    digest = hashlib.sha256(_ldflags().encode())
-    for name in ("go.mod", "go.sum", "main.go"):
-        digest.update((HERE / name).read_bytes())
-    return cache_dir() / "localkube" / f"{KUBE_VERSION}-{digest.hexdigest()[:12]}" / "localkube"
-
-
 def build() -> Path:
-    """Build the control-plane binary unless the cache already holds it."""
-    target = binary_path()
-    if target.exists():
-        return target
-    if shutil.which("go") is None:
-        raise RuntimeError("Go is needed to build the local control plane and was not found on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log(f"building etcd + kube-apiserver + kube-controller-manager {KUBE_VERSION} from Go modules")
-    log("a cold build takes several minutes on two cores; it is cached in " + str(target.parent))
-    started = time.monotonic()
-    tmp = target.with_suffix(".tmp")
-    proc = subprocess.Popen(
-        ["go", "build", "-trimpath", "-ldflags", _ldflags(), "-o", str(tmp), "."],
-        cwd=HERE,
-        env={**os.environ, "CGO_ENABLED": "0"},
-    )
-    while True:
-        try:
-            rc = proc.wait(timeout=30)
-            break
-        except subprocess.TimeoutExpired:
-            log(f"  still building ({time.monotonic() - started:.0f} s)")
-    if rc != 0:
-        raise RuntimeError(f"go build failed with exit code {rc}")
-    tmp.rename(target)
-    log(f"built in {time.monotonic() - started:.0f} s")
-    for old in target.parent.parent.iterdir():  # earlier builds, by version or source hash
-        if old != target.parent:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
+    """The control-plane binary, built from Go modules unless the cache already holds it."""
+    return gobuild.build("localkube", KUBE_VERSION, HERE, {"localkube": "."}, ldflags=_ldflags()) / "localkube"
 
 
 def kubectl() -> str:
