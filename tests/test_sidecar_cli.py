@@ -106,6 +106,26 @@ def test_environment_configures_every_setting(watched: tuple[int, socket.socket]
     assert err.lstrip().startswith("{")  # JSON log lines
 
 
+def test_deployment_flag_labels_the_connection_series_so_a_query_selects_it_exactly(
+    watched: tuple[int, socket.socket],
+) -> None:
+    port, _server = watched
+    listen = free_port()
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    proc = Proc(
+        [f"--listen-address=127.0.0.1:{listen}", f"--watch-port={port}", "--method=sockdiag"],
+        env={"TCP_EXPORTER_DEPLOYMENT": "checkout.v2"},
+    )
+    proc.wait_serving(listen)
+    _status, body = get(listen, "/metrics")
+    assert f'tcp_exporter_established_connections{{port="{port}",tcp_exporter_deployment="checkout.v2"}} 2.0' in body
+    assert f'tcp_exporter_accepted_connections_total{{port="{port}",tcp_exporter_deployment="checkout.v2"}}' in body
+    proc.proc.terminate()
+    proc.finish()
+    for c in clients:
+        c.close()
+
+
 def test_landing_page_health_and_unknown_paths(watched: tuple[int, socket.socket]) -> None:
     port, _server = watched
     listen = free_port()
@@ -148,6 +168,8 @@ def test_a_listen_port_in_use_exits_1_with_a_clear_message(watched: tuple[int, s
         (["--watch-port=70000"], {}),
         (["--watch-port=80", "--method=nope"], {}),
         ([], {"TCP_EXPORTER_WATCH_PORT": "eighty"}),
+        (["--watch-port=80", "--deployment="], {}),
+        (["--watch-port=80"], {"TCP_EXPORTER_DEPLOYMENT": " web "}),
     ],
 )
 def test_wrong_flags_and_values_exit_2_with_usage(args: list[str], env: dict[str, str]) -> None:
@@ -166,6 +188,7 @@ def test_help_documents_every_flag_and_version_prints() -> None:
         "--resync-interval",
         "--log-level",
         "--log-format",
+        "--deployment",
         "--version",
         "TCP_EXPORTER_",
     ):

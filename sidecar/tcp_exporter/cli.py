@@ -46,6 +46,12 @@ def non_negative(text: str) -> float:
     return value
 
 
+def label_value(text: str) -> str:
+    if not text or text != text.strip() or any(not ch.isprintable() for ch in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a name: empty, padded or with control characters")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcp-exporter",
@@ -82,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="conntrack: seconds between full resyncs from the socket table, 0 for never (default 60)",
+    )
+    parser.add_argument(
+        "--deployment",
+        type=label_value,
+        default=None,
+        metavar="NAME",
+        help=f"label the connection series {c.DEPLOYMENT_LABEL}=NAME, so that a query selects one Deployment's "
+        "pods exactly (the operator sets it); default: no such label",
     )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None, help="default info")
     parser.add_argument("--log-format", choices=("text", "json"), default=None, help="default text")
@@ -131,6 +145,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
         args.method = from_env("--method", choice(c.METHODS), "auto")
     if args.resync_interval is None:
         args.resync_interval = from_env("--resync-interval", non_negative, 60.0)
+    if args.deployment is None:
+        args.deployment = from_env("--deployment", label_value, None)
     if args.log_level is None:
         args.log_level = from_env("--log-level", choice(("debug", "info", "warning", "error")), "info")
     if args.log_format is None:
@@ -185,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        collector = ConnectionCollector(method, reason)
+        collector = ConnectionCollector(method, reason, deployment=args.deployment)
         landing = LANDING.format(ports=", ".join(map(str, ports)), method=method.name)
         try:
             server = serve(args.listen_address, make_registry(collector), landing)

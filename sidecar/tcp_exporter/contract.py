@@ -26,6 +26,9 @@ METRIC_COUNT_SUCCESS = "tcp_exporter_count_success"
 METRIC_COUNT_FAILURES = "tcp_exporter_count_failures"  # exposed with the _total suffix
 METRIC_BUILD_INFO = "tcp_exporter_build"  # exposed as tcp_exporter_build_info
 PORT_LABEL = "port"
+# Set by --deployment: which Deployment's pods a connection series belongs to, so that a query selects one
+# Deployment exactly (pod-name patterns cannot: names have dots and dashes, share prefixes, and are truncated).
+DEPLOYMENT_LABEL = "tcp_exporter_deployment"
 
 
 def env_name(flag: str) -> str:
@@ -33,12 +36,16 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def sidecar_args(ports: list[int], method: str, metrics_port: int = DEFAULT_METRICS_PORT) -> list[str]:
-    """The container args that run the sidecar on `ports` with `method`, serving on `metrics_port`."""
+def sidecar_args(
+    ports: list[int], method: str, metrics_port: int = DEFAULT_METRICS_PORT, deployment: str | None = None
+) -> list[str]:
+    """The container args that run the sidecar on `ports` with `method`, serving on `metrics_port`, labelling its
+    connection series with `deployment` when given."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     return [
         f"--listen-address=:{metrics_port}",
         *(f"--watch-port={port}" for port in ports),
         f"--method={method}",
+        *([f"--deployment={deployment}"] if deployment else []),
     ]

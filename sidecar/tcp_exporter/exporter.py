@@ -69,9 +69,11 @@ class Coalescer(Generic[T]):
 class ConnectionCollector(Collector):
     """Counts on each scrape: the gauge KEDA scales on, the accepted counter, self-metrics."""
 
-    def __init__(self, method: Method, reason: str) -> None:
+    def __init__(self, method: Method, reason: str, deployment: str | None = None) -> None:
         self.method = method
         self.reason = reason
+        # A constant label on the connection series, or none: (names, values) added to the port label.
+        self.extra: tuple[list[str], list[str]] = ([c.DEPLOYMENT_LABEL], [deployment]) if deployment else ([], [])
         self.failures = 0
         self.last_duration = 0.0
         self.count = Coalescer(self._timed_count)
@@ -96,7 +98,7 @@ class ConnectionCollector(Collector):
             established = GaugeMetricFamily(
                 c.METRIC_ESTABLISHED,
                 "Inbound TCP connections in state ESTABLISHED on the watched port, now.",
-                labels=[c.PORT_LABEL],
+                labels=[c.PORT_LABEL, *self.extra[0]],
             )
             accepted = CounterMetricFamily(
                 c.METRIC_ACCEPTED,
@@ -106,11 +108,11 @@ class ConnectionCollector(Collector):
                     if self.method.exact_accepted
                     else " (sampled: only connections still open at a scrape are seen)."
                 ),
-                labels=[c.PORT_LABEL],
+                labels=[c.PORT_LABEL, *self.extra[0]],
             )
             for port in sorted(counts.established):
-                established.add_metric([str(port)], counts.established[port])
-                accepted.add_metric([str(port)], counts.accepted[port])
+                established.add_metric([str(port), *self.extra[1]], counts.established[port])
+                accepted.add_metric([str(port), *self.extra[1]], counts.accepted[port])
             yield established
             yield accepted
         yield GaugeMetricFamily(
