@@ -16,34 +16,37 @@ from operator_proc import KEDA, REPO, Audit, Kube, Operator, deployment, injecte
 pytestmark = pytest.mark.cluster
 
 
+NAME = "checkout-api.v2"
+
+
 def test_injection_is_one_patch_one_create_and_one_rollout(operator: Operator, kube: Kube, audit: Audit) -> None:
     mark = audit.mark()
-    kube.create(deployment("web", {"tcp-exporter/port": "web", "tcp-exporter/threshold": "50"}))
-    so = injected(kube, "web")
-    kube.converged(operator, "web")
+    kube.create(deployment(NAME, {"tcp-exporter/port": "web", "tcp-exporter/threshold": "50"}))
+    so = injected(kube, NAME)
+    kube.converged(operator, NAME)
     assert operator_writes(audit, mark, kube.ns) == [
-        ("create", "scaledobjects", "web"),
-        ("patch", "deployments", "web"),
+        ("create", "scaledobjects", NAME),
+        ("patch", "deployments", NAME),
     ]
-    sidecar = kube.containers("web")["tcp-exporter"]
-    assert sidecar.args == ["--listen-address=:9100", "--watch-port=8080", "--method=sockdiag"]
+    sidecar = kube.containers(NAME)["tcp-exporter"]
+    assert sidecar.args == ["--listen-address=:9100", "--watch-port=8080", "--method=sockdiag", f"--deployment={NAME}"]
     assert sidecar.image == "example.test/tcp-exporter:test"
     assert sidecar.security_context.capabilities.drop == ["ALL"] and not sidecar.security_context.capabilities.add
     assert sidecar.security_context.run_as_non_root and sidecar.security_context.read_only_root_filesystem
-    template = kube.get("web").spec.template.metadata.annotations
+    template = kube.get(NAME).spec.template.metadata.annotations
     assert template["prometheus.io/scrape"] == "true" and template["prometheus.io/port"] == "9100"
-    status = json.loads(kube.get("web").metadata.annotations["tcp-exporter/status"])
+    status = json.loads(kube.get(NAME).metadata.annotations["tcp-exporter/status"])
     assert status["ports"] == [8080] and status["method"] == "sockdiag" and status["hash"]
     trigger = so["spec"]["triggers"][0]
     assert trigger["metadata"]["threshold"] == "50"
-    assert 'namespace="' + kube.ns + '"' in trigger["metadata"]["query"]
-    assert so["metadata"]["ownerReferences"][0]["name"] == "web"
+    assert f'namespace="{kube.ns}",tcp_exporter_deployment="{NAME}"' in trigger["metadata"]["query"]
+    assert so["metadata"]["ownerReferences"][0]["name"] == NAME
     # One patch, so at most one rollout beyond the creation's (none, if the operator won the race to it).
-    assert kube.rollouts("web") in (1, 2)
-    reasons = {e.reason for e in kube.events("web", "Normal")}
+    assert kube.rollouts(NAME) in (1, 2)
+    reasons = {e.reason for e in kube.events(NAME, "Normal")}
     assert {"Injected", "ScaledObjectCreated"} <= reasons
     # kopf keeps nothing of its own on the user's Deployment.
-    assert not [k for k in kube.get("web").metadata.annotations if "kopf" in k]
+    assert not [k for k in kube.get(NAME).metadata.annotations if "kopf" in k]
 
 
 def test_unrelated_edits_resyncs_and_restarts_cost_no_write(operator: Operator, kube: Kube, audit: Audit) -> None:
@@ -258,28 +261,71 @@ def test_concurrent_edits_converge_to_the_last_annotation(operator: Operator, ku
     assert "tcp-exporter" in kube.containers("busy")
 
 
-def test_a_podmonitor_is_created_where_the_prometheus_operator_is_installed(
+def test_a_foreign_scaledobject_of_the_same_name_gets_a_warning_no_false_event_and_is_left_alone(
+    operator: Operator, kube: Kube
+) -> None:
+    foreign = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "orders-api", "namespace": kube.ns},
+        "spec": {
+            "scaleTargetRef": {"name": "something-else"},
+            "triggers": [{"type": "cpu", "metadata": {"value": "50"}}],
+        },
+    }
+    kube.custom.create_namespaced_custom_object(*KEDA, kube.ns, "scaledobjects", foreign)
+    kube.create(deployment("orders-api", {"tcp-exporter/port": "8080"}))
+    wait_for(lambda: "tcp-exporter" in kube.containers("orders-api"), 30, "the sidecar")
+    warning = wait_for(
+        lambda: [e for e in kube.events("orders-api", "Warning") if e.reason == "ScaledObjectConflict"],
+        30,
+        "the ScaledObjectConflict Warning",
+    )
+    assert "orders-api" in warning[0].message
+    assert "ScaledObjectCreated" not in {e.reason for e in kube.events("orders-api", "Normal")}
+    so = kube.scaled_object("orders-api") or {}
+    assert so["spec"]["scaleTargetRef"]["name"] == "something-else" and "ownerReferences" not in so["metadata"]
+
+
+def test_the_podmonitor_is_created_when_its_crd_appears_relabelled_restored_and_deleted_with_the_annotation(
     operator: Operator, kube: Kube, kubectl: Callable[..., str]
 ) -> None:
+    def pod_monitor() -> Any:
+        try:
+            return kube.custom.get_namespaced_custom_object(
+                "monitoring.coreos.com", "v1", kube.ns, "podmonitors", "pm-api-tcp-exporter"
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    kube.create(deployment("pm-api", {"tcp-exporter/port": "8080"}))
+    injected(kube, "pm-api")
+    assert pod_monitor() is None
     kubectl("apply", "-f", str(CRDS / "podmonitor.yaml"))
-    kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com", "--timeout=30s")
     try:
-
-        def pod_monitor() -> Any:
-            try:
-                return kube.custom.get_namespaced_custom_object(
-                    "monitoring.coreos.com", "v1", kube.ns, "podmonitors", "pm-tcp-exporter"
-                )
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
-
-        kube.create(deployment("pm", {"tcp-exporter/port": "8080"}))
-        found = wait_for(pod_monitor, 30, "the PodMonitor")
-        assert found["spec"]["selector"]["matchLabels"] == {"app": "pm"}
+        kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com", "--timeout=30s")
+        found = wait_for(pod_monitor, 60, "the PodMonitor, once its CRD exists")
+        assert found["spec"]["selector"]["matchLabels"] == {"app": "pm-api"}
         assert found["spec"]["podMetricsEndpoints"] == [{"port": "tcp-metrics", "path": "/metrics"}]
-        assert found["metadata"]["ownerReferences"][0]["name"] == "pm"
+        assert found["metadata"]["ownerReferences"][0]["name"] == "pm-api"
+        # kube-prometheus-stack selects PodMonitors by its release label.
+        kube.annotate("pm-api", pod_monitor_labels="release=kube-prometheus-stack")
+        wait_for(
+            lambda: (
+                (pod_monitor() or {}).get("metadata", {}).get("labels", {}).get("release") == "kube-prometheus-stack"
+            ),
+            30,
+            "the PodMonitor's release label",
+        )
+        kube.custom.delete_namespaced_custom_object(
+            "monitoring.coreos.com", "v1", kube.ns, "podmonitors", "pm-api-tcp-exporter"
+        )
+        wait_for(pod_monitor, 30, "the PodMonitor deleted by hand to be restored")
+        kube.annotate("pm-api", port=None)
+        wait_for(lambda: pod_monitor() is None, 30, "the PodMonitor to go with the annotation")
+        wait_for(lambda: kube.scaled_object("pm-api") is None, 30, "the ScaledObject to go with the annotation")
     finally:
         kubectl("delete", "crd", "podmonitors.monitoring.coreos.com", "--wait=true")
 

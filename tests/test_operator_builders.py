@@ -203,14 +203,195 @@ def test_a_scaledobject_edited_by_hand_is_planned_back() -> None:
     assert result.scaled_object_action == "update" and result.deployment_patch is None
 
 
-def test_the_query_matches_only_this_deployments_pods() -> None:
-    import re
+# Valid Deployment names (DNS subdomains up to 253 characters) of every shape the selection must keep apart.
+NAMES = [
+    "web",
+    "web-api",
+    "web-api-v2",
+    "checkout.v2",
+    "a" * 63,
+    "payments-gateway-primary-eu-west-1-canary-release-ab",
+    ".".join(["x" * 61 + "-9"] * 4)[:253].rstrip(".-"),
+    "-".join(["segment"] * 31)[:253],
+]
 
-    q = builders.query("shop", "web")
-    pattern = re.search(r'pod=~"([^"]+)"', q).group(1)  # type: ignore[union-attr]
-    assert re.fullmatch(pattern, "web-5d4f8b7c9d-x2x7k")
-    assert not re.fullmatch(pattern, "web-api-5d4f8b7c9d-x2x7k")
-    assert contract.METRIC_ESTABLISHED in q and q.endswith("or vector(0)")
+
+def test_every_query_for_names_with_dots_dashes_and_253_characters_parses_in_promtool() -> None:
+    from promstack import check_queries
+
+    queries = [builders.query(ns, name) for name in NAMES for ns in ("default", "team-a")]
+    assert max(map(len, NAMES)) == 253
+    out = check_queries(queries)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # Exactly one Deployment each: an exact label match, no pattern, no escaping the name needed.
+    for name in NAMES:
+        q = builders.query("shop", name)
+        assert f'{contract.DEPLOYMENT_LABEL}="{name}"' in q and "=~" not in q and "vector(0)" not in q
+
+
+def test_the_last_releases_escaped_query_is_rejected_by_promtool_so_the_check_can_fail() -> None:
+    from promstack import check_queries
+
+    out = check_queries(['sum(tcp_exporter_established_connections{pod=~"web\\-api-[a-z0-9]+"})'])
+    assert out.returncode != 0 and "unknown escape sequence" in out.stdout + out.stderr
+
+
+def test_promql_strings_escape_what_go_needs() -> None:
+    assert builders.promql_string('a"b\\c') == '"a\\"b\\\\c"'
+
+
+def test_the_sidecar_labels_its_series_with_the_deployment_name_the_query_selects_on() -> None:
+    dep = stored()
+    dep["metadata"]["name"] = "checkout.v2"
+    spec = builders.parse_spec(dep, CFG)
+    args = parse_args(builders.sidecar_container(spec)["args"], {})
+    assert args.deployment == "checkout.v2"
+
+
+def test_child_names_fit_kubernetes_and_kedas_hpa_and_stay_distinct() -> None:
+    long_a, long_b = "a" * 250, "a" * 249 + "b"
+    for name in (long_a, long_b):
+        so = builders.child_name(name, limit=builders.SCALED_OBJECT_NAME_MAX)
+        assert len("keda-hpa-" + so) <= 253
+        assert len(builders.child_name(name, "tcp-exporter")) <= 253
+    assert builders.child_name(long_a, "x") != builders.child_name(long_b, "x")
+    assert builders.child_name("web-api", "tcp-exporter") == "web-api-tcp-exporter"
+
+
+def so_for(annotations: dict[str, str], cfg: Config = CFG, facts: Facts | None = None) -> dict[str, Any]:
+    dep = stored()
+    dep["metadata"]["annotations"].update(annotations)
+    result = plan(dep, facts or Facts(), cfg)
+    assert result.scaled_object_action == "create", result.events
+    return result.scaled_object or {}
+
+
+def test_missing_data_is_an_error_and_the_fallback_never_scales_in() -> None:
+    so = so_for({})
+    assert so["spec"]["triggers"][0]["metadata"]["ignoreNullValues"] == "false"
+    assert so["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 1, "behavior": "currentReplicasIfHigher"}
+
+
+def test_an_old_keda_without_fallback_behavior_gets_no_fallback_that_would_scale_to_its_replicas() -> None:
+    assert "fallback" not in so_for({}, facts=Facts(keda_fallback_behavior=False))["spec"]
+    static = so_for({"tcp-exporter/fallback-behavior": "static"}, facts=Facts(keda_fallback_behavior=False))
+    assert static["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 1}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "path", "value"),
+    [
+        ({"tcp-exporter/polling-interval": "5"}, ("pollingInterval",), 5),
+        (
+            {"tcp-exporter/scale-down-stabilization": "120"},
+            ("advanced", "horizontalPodAutoscalerConfig", "behavior", "scaleDown", "stabilizationWindowSeconds"),
+            120,
+        ),
+        ({"tcp-exporter/fallback-behavior": "currentReplicas"}, ("fallback", "behavior"), "currentReplicas"),
+        ({"tcp-exporter/fallback-failure-threshold": "6"}, ("fallback", "failureThreshold"), 6),
+        ({"tcp-exporter/fallback-replicas": "4"}, ("fallback", "replicas"), 4),
+        (
+            {"tcp-exporter/authentication-ref": "prom-auth", "tcp-exporter/auth-modes": "bearer"},
+            ("triggers", 0, "authenticationRef"),
+            {"name": "prom-auth", "kind": "TriggerAuthentication"},
+        ),
+        (
+            {
+                "tcp-exporter/authentication-ref": "ClusterTriggerAuthentication/amp",
+                "tcp-exporter/auth-modes": "tls,basic",
+            },
+            ("triggers", 0, "metadata", "authModes"),
+            "tls,basic",
+        ),
+        ({"tcp-exporter/prometheus-namespace": "tenant-1"}, ("triggers", 0, "metadata", "namespace"), "tenant-1"),
+        (
+            {"tcp-exporter/custom-headers": "X-Scope-OrgID=team-a, X-Client=keda"},
+            ("triggers", 0, "metadata", "customHeaders"),
+            "X-Scope-OrgID=team-a,X-Client=keda",
+        ),
+        ({"tcp-exporter/unsafe-ssl": "True"}, ("triggers", 0, "metadata", "unsafeSsl"), "true"),
+    ],
+)
+def test_each_keda_option_is_passed_through_as_keda_documents_it(
+    annotations: dict[str, str], path: tuple[Any, ...], value: Any
+) -> None:
+    assert builders._at(so_for(annotations)["spec"], path) == value
+    # The same from the operator's configuration, as its default for every Deployment.
+    names = {"tcp-exporter/" + k.replace("_", "-"): k for k in Config.__dataclass_fields__}
+    env = {"TCP_EXPORTER_OPERATOR_" + names[k].upper(): v for k, v in annotations.items()}
+    assert builders._at(so_for({}, Config.from_env(env))["spec"], path) == value
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [
+        {"tcp-exporter/polling-interval": "0"},
+        {"tcp-exporter/scale-down-stabilization": "3601"},
+        {"tcp-exporter/fallback-behavior": "sometimes"},
+        {"tcp-exporter/fallback-replicas": "11"},
+        {"tcp-exporter/authentication-ref": "prom-auth"},
+        {"tcp-exporter/auth-modes": "bearer"},
+        {"tcp-exporter/authentication-ref": "Secret/x", "tcp-exporter/auth-modes": "bearer"},
+        {"tcp-exporter/authentication-ref": "a", "tcp-exporter/auth-modes": "kerberos"},
+        {"tcp-exporter/custom-headers": "X Bad=1"},
+        {"tcp-exporter/custom-headers": "novalue"},
+        {"tcp-exporter/unsafe-ssl": "yes"},
+        {"tcp-exporter/pod-monitor-labels": "release=a b"},
+    ],
+)
+def test_wrong_keda_or_podmonitor_options_are_a_warning_and_no_write(annotations: dict[str, str]) -> None:
+    dep = stored()
+    dep["metadata"]["annotations"].update(annotations)
+    result = plan(dep, Facts(), CFG)
+    assert result.writes == 0 and [e.reason for e in result.events] == ["InvalidAnnotation"]
+
+
+def test_an_option_removed_by_the_user_is_removed_from_the_scaledobject() -> None:
+    with_ref = so_for({"tcp-exporter/authentication-ref": "a", "tcp-exporter/auth-modes": "bearer"})
+    after = applied(stored(), plan(stored(), Facts(), CFG))
+    result = plan(after, Facts(scaled_object=with_ref), CFG)
+    assert result.scaled_object_action == "update"
+    assert "authenticationRef" not in (result.scaled_object or {})["spec"]["triggers"][0]
+
+
+def test_the_podmonitor_is_created_labelled_updated_and_deleted_with_the_annotation() -> None:
+    cfg = Config(pod_monitor_labels="release=kube-prometheus-stack")
+    dep = stored()
+    first = plan(dep, Facts(pod_monitor_crd=True), cfg)
+    pm = first.pod_monitor or {}
+    assert first.pod_monitor_action == "create"
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert pm["spec"]["podMetricsEndpoints"] == [{"port": "tcp-metrics", "path": "/metrics"}]
+    after = applied(dep, first)
+    so = first.scaled_object
+    assert plan(after, Facts(pod_monitor_crd=True, pod_monitor=pm, scaled_object=so), cfg).writes == 0
+    after["metadata"]["annotations"]["tcp-exporter/pod-monitor-labels"] = "release=prom-b"
+    relabel = plan(after, Facts(pod_monitor_crd=True, pod_monitor=pm, scaled_object=so), cfg)
+    assert relabel.pod_monitor_action == "update" and relabel.deployment_patch is None
+    assert (relabel.pod_monitor or {})["metadata"]["labels"]["release"] == "prom-b"
+    del after["metadata"]["annotations"]["tcp-exporter/port"]
+    gone = plan(after, Facts(pod_monitor_crd=True, pod_monitor=pm, scaled_object=so), cfg)
+    assert gone.pod_monitor_action == "delete" and gone.scaled_object_action == "delete"
+
+
+def test_without_a_discovery_path_there_is_no_scaledobject_and_a_warning_says_why() -> None:
+    dep = stored("own-prometheus")
+    del dep["metadata"]["annotations"]["tcp-exporter/scaledobject"]
+    blind = plan(dep, Facts(), CFG)
+    assert blind.deployment_patch is not None and blind.scaled_object_action is None
+    assert [e.reason for e in blind.events if e.type == "Warning"] == ["MetricsDiscovery"]
+    # The same Deployment where a PodMonitor or the port-name job finds the sidecar: a ScaledObject.
+    assert plan(dep, Facts(pod_monitor_crd=True), CFG).scaled_object_action == "create"
+    assert plan(dep, Facts(), Config(discovery=("port-name",))).scaled_object_action == "create"
+    # An existing ScaledObject of ours is removed when it turns blind: its fallback would hold replicas forever.
+    existing = {"metadata": {"name": "game", "namespace": "play"}, "spec": {}}
+    assert plan(dep, Facts(scaled_object=existing), CFG).scaled_object_action == "delete"
+
+
+def test_discovery_without_annotations_leaves_the_pod_annotations_alone() -> None:
+    dep = stored()
+    after = applied(dep, plan(dep, Facts(), Config(discovery=("port-name",))))
+    assert "prometheus.io/scrape" not in (after["spec"]["template"]["metadata"].get("annotations") or {})
 
 
 def test_config_reads_prefixed_environment_and_rejects_bad_numbers() -> None:
@@ -218,3 +399,6 @@ def test_config_reads_prefixed_environment_and_rejects_bad_numbers() -> None:
     assert cfg.threshold == 7 and cfg.namespaces == ("a", "b")
     with pytest.raises(ValueError, match="TCP_EXPORTER_OPERATOR_MAX_REPLICAS"):
         Config.from_env({"TCP_EXPORTER_OPERATOR_MAX_REPLICAS": "many"})
+    with pytest.raises(ValueError, match="TCP_EXPORTER_OPERATOR_DISCOVERY"):
+        Config.from_env({"TCP_EXPORTER_OPERATOR_DISCOVERY": "annotations,dns"})
+    assert Config.from_env({"TCP_EXPORTER_OPERATOR_DISCOVERY": "port-name"}).discovery == ("port-name",)

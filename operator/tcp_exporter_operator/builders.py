@@ -8,6 +8,7 @@ cluster, and `render` gives GitOps users the same result offline.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -36,6 +37,17 @@ A_CPU_LIMIT = PREFIX + "cpu-limit"
 A_MEMORY_REQUEST = PREFIX + "memory-request"
 A_MEMORY_LIMIT = PREFIX + "memory-limit"
 A_STATUS = PREFIX + "status"
+A_POD_MONITOR_LABELS = PREFIX + "pod-monitor-labels"
+A_POLLING_INTERVAL = PREFIX + "polling-interval"
+A_STABILIZATION = PREFIX + "scale-down-stabilization"
+A_FALLBACK_BEHAVIOR = PREFIX + "fallback-behavior"
+A_FALLBACK_THRESHOLD = PREFIX + "fallback-failure-threshold"
+A_FALLBACK_REPLICAS = PREFIX + "fallback-replicas"
+A_AUTH_REF = PREFIX + "authentication-ref"
+A_AUTH_MODES = PREFIX + "auth-modes"
+A_PROMETHEUS_NAMESPACE = PREFIX + "prometheus-namespace"
+A_CUSTOM_HEADERS = PREFIX + "custom-headers"
+A_UNSAFE_SSL = PREFIX + "unsafe-ssl"
 
 CONTAINER = "tcp-exporter"
 METRICS_PORT_NAME = "tcp-metrics"
@@ -44,6 +56,18 @@ LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 PROMETHEUS_SCRAPE = "prometheus.io/scrape"
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 INJECTABLE_METHODS = ("sockdiag", "conntrack", "psutil")
+# KEDA's fallback.behavior values (KEDA 2.17+), and "none" for no fallback block at all.
+FALLBACK_BEHAVIORS = ("currentReplicasIfHigher", "currentReplicas", "currentReplicasIfLower", "static", "none")
+AUTH_MODES = ("basic", "bearer", "tls", "custom")
+AUTH_KINDS = ("TriggerAuthentication", "ClusterTriggerAuthentication")
+# KEDA names its HPA keda-hpa-<ScaledObject name>, and that name must fit in 253 characters too.
+SCALED_OBJECT_NAME_MAX = 253 - len("keda-hpa-")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 NONROOT_UID = 65532
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
 _SUFFIXES = {
@@ -60,14 +84,29 @@ _SUFFIXES = {
 }
 
 
-DISCOVERY_NOTE = (
-    "the pod template carries the application's own prometheus.io annotations, which are kept: Prometheus must "
-    f"find the sidecar's port {METRICS_PORT_NAME!r} another way (a PodMonitor, or a scrape job on that port name)"
+BLIND_NOTE = (
+    "no ScaledObject: Prometheus cannot see this Deployment's sidecars by any discovery path the operator is "
+    "configured for ({paths}){why}, and a ScaledObject whose query sees nothing would hold the replica count on "
+    "its fallback forever. Add a scrape job on the port name {port!r} and set TCP_EXPORTER_OPERATOR_DISCOVERY "
+    "to include port-name, or install the Prometheus Operator's PodMonitor CRD."
 )
 
 
 class InvalidSpec(ValueError):
     """An annotation that cannot be honoured; the message is what the user reads in the Warning Event."""
+
+
+@dataclass(frozen=True)
+class KedaOptions:
+    """What the ScaledObject carries beyond the query and bounds, each passed through as KEDA documents it."""
+
+    polling_interval: int = 15
+    scale_down_stabilization: int | None = None
+    fallback_behavior: str = "currentReplicasIfHigher"
+    fallback_failure_threshold: int = 3
+    fallback_replicas: int = 1
+    authentication_ref: dict[str, str] | None = None
+    trigger_metadata: tuple[tuple[str, str], ...] = ()  # authModes, namespace, customHeaders, unsafeSsl
 
 
 @dataclass(frozen=True)
@@ -84,6 +123,10 @@ class Spec:
     prometheus: str
     scaled_object: bool
     resources: dict[str, dict[str, str]]
+    annotate: bool = True  # whether Prometheus finds sidecars by prometheus.io/* annotations (the discovery setting)
+    deployment: str = ""  # the Deployment's name: the sidecar labels its series with it, the query selects on it
+    pod_monitor_labels: dict[str, str] = field(default_factory=dict)
+    keda: KedaOptions = field(default_factory=KedaOptions)
 
 
 @dataclass
@@ -95,6 +138,10 @@ class Facts:
     pod_monitor_crd: bool = False
     scaled_object: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
     foreign_autoscalers: tuple[str, ...] = ()  # e.g. "HorizontalPodAutoscaler/web"
+    pod_monitor: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
+    # Whether the installed KEDA knows fallback.behavior (2.17+). An older one would drop the field and apply
+    # its fixed behavior, scaling to fallback.replicas: there the operator writes no fallback at all.
+    keda_fallback_behavior: bool = True
 
 
 @dataclass
@@ -112,11 +159,16 @@ class Plan:
     scaled_object: dict[str, Any] | None = None
     scaled_object_action: str | None = None  # create, update, delete
     pod_monitor: dict[str, Any] | None = None
+    pod_monitor_action: str | None = None  # create, update, delete
     events: list[Event] = field(default_factory=list)
 
     @property
     def writes(self) -> int:
-        return (self.deployment_patch is not None) + (self.scaled_object_action is not None)
+        return (
+            (self.deployment_patch is not None)
+            + (self.scaled_object_action is not None)
+            + (self.pod_monitor_action is not None)
+        )
 
 
 # -- reading the annotations -------------------------------------------------------------------
@@ -192,6 +244,106 @@ def quantity_value(text: str) -> Decimal:
     return Decimal(str(text)[: len(str(text)) - len(suffix)]) * _SUFFIXES[suffix]
 
 
+def _setting(annotations: Mapping[str, str], key: str, default: str) -> tuple[str, str]:
+    """The annotation's text, else the operator-wide default's; with the name to blame in an error."""
+    if key in annotations:
+        return annotations[key].strip(), key
+    return default.strip(), f"{key} (the operator's default)"
+
+
+def _pairs(text: str, where: str, what: str) -> list[tuple[str, str]]:
+    """`k=v,k=v` -> [(k, v)]; empty text -> []."""
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidSpec(f"{where}: {item!r} is not {what}=value")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def parse_pod_monitor_labels(annotations: Mapping[str, str], cfg: Config) -> dict[str, str]:
+    labels = {}
+    for text, where in (
+        (cfg.pod_monitor_labels, "TCP_EXPORTER_OPERATOR_POD_MONITOR_LABELS"),
+        (annotations.get(A_POD_MONITOR_LABELS, ""), A_POD_MONITOR_LABELS),
+    ):
+        for key, value in _pairs(text, where, "label"):
+            if not _LABEL_NAME.match(key) or not _LABEL_VALUE.match(value):
+                raise InvalidSpec(f"{where}: {key}={value} is not a valid Kubernetes label")
+            labels[key] = value
+    return {**labels, **LABELS}
+
+
+def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, max_replicas: int) -> KedaOptions:
+    """The ScaledObject's KEDA options from the annotations and the operator's defaults; raises InvalidSpec."""
+
+    def number(key: str, default: int | str, low: int, high: int) -> int | None:
+        text, where = _setting(annotations, key, str(default))
+        if text == "":
+            return None
+        if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) <= high:
+            raise InvalidSpec(f"{where}: {text!r} is not a whole number between {low} and {high}")
+        return int(text)
+
+    polling = number(A_POLLING_INTERVAL, cfg.polling_interval, 1, 3600)
+    stabilization = number(A_STABILIZATION, cfg.scale_down_stabilization, 0, 3600)  # the HPA's own bounds
+    behavior, where = _setting(annotations, A_FALLBACK_BEHAVIOR, cfg.fallback_behavior)
+    if behavior not in FALLBACK_BEHAVIORS:
+        raise InvalidSpec(f"{where}: {behavior!r} is not one of {', '.join(FALLBACK_BEHAVIORS)}")
+    threshold = number(A_FALLBACK_THRESHOLD, cfg.fallback_failure_threshold, 1, 1000)
+    fallback_replicas = number(A_FALLBACK_REPLICAS, cfg.fallback_replicas, 0, max_replicas)
+    ref_text, where = _setting(annotations, A_AUTH_REF, cfg.authentication_ref)
+    ref = None
+    if ref_text:
+        kind, _, name = ref_text.rpartition("/")
+        kind = kind or "TriggerAuthentication"
+        if kind not in AUTH_KINDS or not _DNS_SUBDOMAIN.match(name):
+            raise InvalidSpec(f"{where}: {ref_text!r} is not NAME or ({'|'.join(AUTH_KINDS)})/NAME")
+        ref = {"name": name, "kind": kind}
+    metadata = []
+    modes, where = _setting(annotations, A_AUTH_MODES, cfg.auth_modes)
+    if modes:
+        wrong = [m for m in (m.strip() for m in modes.split(",")) if m not in AUTH_MODES]
+        if wrong:
+            raise InvalidSpec(f"{where}: {', '.join(wrong)} not among KEDA's {', '.join(AUTH_MODES)}")
+        if ref is None:
+            raise InvalidSpec(f"{where} needs {A_AUTH_REF}: the credentials come from a TriggerAuthentication")
+        metadata.append(("authModes", ",".join(m.strip() for m in modes.split(","))))
+    elif ref is not None:
+        raise InvalidSpec(
+            f"{A_AUTH_REF} needs {A_AUTH_MODES} ({', '.join(AUTH_MODES)}): KEDA's Prometheus "
+            "trigger uses no credentials without it"
+        )
+    tenant, where = _setting(annotations, A_PROMETHEUS_NAMESPACE, cfg.prometheus_namespace)
+    if tenant:
+        if any(ch.isspace() or ch == "," for ch in tenant):
+            raise InvalidSpec(f"{where}: {tenant!r} is not a namespace or tenant name")
+        metadata.append(("namespace", tenant))
+    headers, where = _setting(annotations, A_CUSTOM_HEADERS, cfg.custom_headers)
+    if headers:
+        pairs = _pairs(headers, where, "Header-Name")
+        if any(not _HEADER_NAME.match(k) for k, _ in pairs):
+            raise InvalidSpec(f"{where}: {headers!r} has a header name with characters HTTP does not allow")
+        metadata.append(("customHeaders", ",".join(f"{k}={v}" for k, v in pairs)))
+    unsafe, where = _setting(annotations, A_UNSAFE_SSL, cfg.unsafe_ssl)
+    if unsafe:
+        if unsafe.lower() not in ("true", "false"):
+            raise InvalidSpec(f'{where}: {unsafe!r} must be "true" or "false"')
+        metadata.append(("unsafeSsl", unsafe.lower()))
+    return KedaOptions(
+        polling_interval=polling or 15,
+        scale_down_stabilization=stabilization,
+        fallback_behavior=behavior,
+        fallback_failure_threshold=threshold or 3,
+        fallback_replicas=min_replicas if fallback_replicas is None else fallback_replicas,
+        authentication_ref=ref,
+        trigger_metadata=tuple(metadata),
+    )
+
+
 def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
     """The validated Spec of an annotated Deployment; raises InvalidSpec with a message for the user."""
     annotations = _annotations(deployment)
@@ -240,6 +392,10 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
                 f"the {kind} request {resources['requests'][kind]} is above its limit {resources['limits'][kind]}"
             )
     return Spec(
+        deployment=deployment["metadata"]["name"],
+        annotate="annotations" in cfg.discovery,
+        pod_monitor_labels=parse_pod_monitor_labels(annotations, cfg),
+        keda=parse_keda(annotations, cfg, min_replicas, max_replicas),
         ports=ports,
         method=method,
         image=image,
@@ -262,7 +418,7 @@ def allowed_method(spec: Spec, psa_level: str | None) -> tuple[Spec, Event | Non
             f"the conntrack method needs CAP_NET_ADMIN, which this namespace's Pod Security level "
             f"{psa_level!r} forbids; injecting the unprivileged sockdiag method instead",
         )
-        return Spec(**{**spec.__dict__, "method": "sockdiag"}), note
+        return dataclasses.replace(spec, method="sockdiag"), note
     return spec, None
 
 
@@ -286,7 +442,7 @@ def sidecar_container(spec: Spec) -> dict[str, Any]:
         "name": CONTAINER,
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
-        "args": sidecar.sidecar_args(list(spec.ports), spec.method, spec.metrics_port),
+        "args": sidecar.sidecar_args(list(spec.ports), spec.method, spec.metrics_port, spec.deployment or None),
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": spec.metrics_port, "protocol": "TCP"}],
         "resources": copy.deepcopy(spec.resources),
         "livenessProbe": {
@@ -335,7 +491,9 @@ def recorded_status(deployment: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def prometheus_annotations_wanted(deployment: Mapping[str, Any], spec: Spec) -> dict[str, str]:
-    """Our prometheus.io annotations, unless the pod template carries the user's own."""
+    """Our prometheus.io annotations, unless the pod template carries the user's own or discovery is not by them."""
+    if not spec.annotate:
+        return {}
     current = _annotations(_template(deployment))
     ours = set((recorded_status(deployment) or {}).get("podAnnotations", []))
     if PROMETHEUS_SCRAPE in current and PROMETHEUS_SCRAPE not in ours:
@@ -454,12 +612,33 @@ def deployment_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> 
     return ops
 
 
+def promql_string(value: str) -> str:
+    """A PromQL string literal. PromQL takes Go's escapes only (re.escape's `\\-` is a parse error); JSON's
+    escapes are a subset of Go's, and without ensure_ascii no surrogate pairs, which Go rejects, appear."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def query(namespace: str, name: str) -> str:
-    """PromQL: the connection gauge summed over this Deployment's pods (named NAME-<hash>-<suffix>)."""
-    return (
-        f'sum({sidecar.METRIC_ESTABLISHED}{{namespace="{namespace}",pod=~"{re.escape(name)}-[a-z0-9]+-[a-z0-9]+"}})'
-        " or vector(0)"
-    )
+    """PromQL: the connections of this Deployment's pods, each pod counted once however many jobs scrape it.
+
+    The sidecar labels its series with the Deployment's name (--deployment), so the selection is an exact
+    match; `max by (namespace, pod, port)` keeps one series per pod and port when two scrape jobs (the
+    annotation job and a PodMonitor, say) collect the same sidecar. No `or vector(0)`: when no sidecar is
+    seen the query returns nothing, KEDA reports an error instead of 0, and the fallback holds the replicas.
+    """
+    selector = f"namespace={promql_string(namespace)},{sidecar.DEPLOYMENT_LABEL}={promql_string(name)}"
+    return f"sum(max by (namespace, pod, {sidecar.PORT_LABEL}) ({sidecar.METRIC_ESTABLISHED}{{{selector}}}))"
+
+
+def child_name(name: str, suffix: str = "", limit: int = 253) -> str:
+    """A name for an object made for the Deployment `name`: `name` plus `suffix`, cut to `limit` characters
+    with a hash of the full name kept, so two long Deployment names that share a prefix do not collide."""
+    full = f"{name}-{suffix}" if suffix else name
+    if len(full) <= limit:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:10]
+    tail = f"-{digest}" + (f"-{suffix}" if suffix else "")
+    return name[: limit - len(tail)].rstrip("-.") + tail
 
 
 def owner_reference(deployment: Mapping[str, Any]) -> dict[str, Any]:
@@ -473,50 +652,71 @@ def owner_reference(deployment: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def scaled_object(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+def scaled_object(deployment: Mapping[str, Any], spec: Spec, fallback_behavior: bool = True) -> dict[str, Any]:
+    """The ScaledObject for the Deployment; `fallback_behavior`: whether the installed KEDA knows that field."""
     meta = deployment["metadata"]
     namespace = meta.get("namespace", "default")
+    options = spec.keda
+    trigger: dict[str, Any] = {
+        "type": "prometheus",
+        "metricType": "AverageValue",
+        "metadata": {
+            "serverAddress": spec.prometheus,
+            "query": query(namespace, meta["name"]),
+            "threshold": str(spec.threshold),
+            # An empty result is an error, not 0: KEDA then applies the fallback instead of scaling in.
+            "ignoreNullValues": "false",
+            **dict(options.trigger_metadata),
+        },
+    }
+    if options.authentication_ref is not None:
+        trigger["authenticationRef"] = dict(options.authentication_ref)
+    so_spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"]},
+        "pollingInterval": options.polling_interval,
+        "minReplicaCount": spec.min_replicas,
+        "maxReplicaCount": spec.max_replicas,
+    }
+    if options.fallback_behavior != "none" and (fallback_behavior or options.fallback_behavior == "static"):
+        so_spec["fallback"] = {
+            "failureThreshold": options.fallback_failure_threshold,
+            "replicas": options.fallback_replicas,
+            **({"behavior": options.fallback_behavior} if fallback_behavior else {}),
+        }
+    if options.scale_down_stabilization is not None:
+        so_spec["advanced"] = {
+            "horizontalPodAutoscalerConfig": {
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": options.scale_down_stabilization}}
+            }
+        }
+    so_spec["triggers"] = [trigger]
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
         "metadata": {
-            "name": meta["name"],
+            "name": child_name(meta["name"], limit=SCALED_OBJECT_NAME_MAX),
             "namespace": namespace,
             "labels": dict(LABELS),
             "ownerReferences": [owner_reference(deployment)],
         },
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"]},
-            "minReplicaCount": spec.min_replicas,
-            "maxReplicaCount": spec.max_replicas,
-            "triggers": [
-                {
-                    "type": "prometheus",
-                    "metricType": "AverageValue",
-                    "metadata": {
-                        "serverAddress": spec.prometheus,
-                        "query": query(namespace, meta["name"]),
-                        "threshold": str(spec.threshold),
-                    },
-                }
-            ],
-        },
+        "spec": so_spec,
     }
 
 
-def pod_monitor(deployment: Mapping[str, Any]) -> dict[str, Any]:
+def pod_monitor(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
     meta = deployment["metadata"]
+    selector = deployment["spec"]["selector"]
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
         "metadata": {
-            "name": f"{meta['name']}-tcp-exporter",
+            "name": child_name(meta["name"], "tcp-exporter"),
             "namespace": meta.get("namespace", "default"),
-            "labels": dict(LABELS),
+            "labels": dict(spec.pod_monitor_labels or LABELS),
             "ownerReferences": [owner_reference(deployment)],
         },
         "spec": {
-            "selector": {"matchLabels": dict(deployment["spec"]["selector"].get("matchLabels") or {})},
+            "selector": {k: copy.deepcopy(v) for k, v in selector.items() if k in ("matchLabels", "matchExpressions")},
             "podMetricsEndpoints": [{"port": METRICS_PORT_NAME, "path": sidecar.METRICS_PATH}],
         },
     }
@@ -550,6 +750,9 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
         if facts.scaled_object is not None:
             result.scaled_object_action = "delete"
             result.scaled_object = dict(facts.scaled_object)
+        if facts.pod_monitor is not None:
+            result.pod_monitor_action = "delete"
+            result.pod_monitor = dict(facts.pod_monitor)
         return result
 
     if has_container and recorded is None:
@@ -583,10 +786,9 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
         result.events.append(note)
 
     desired = inject(deployment, spec)
+    paths = discovery_paths(deployment, spec, facts, cfg)
     if not in_sync(deployment, desired):
         result.deployment_patch = deployment_patch(deployment, desired)
-        if not prometheus_annotations_wanted(deployment, spec) and not facts.pod_monitor_crd:
-            result.events.append(Event("Warning", "MetricsDiscovery", DISCOVERY_NOTE))
         verb = "Updated" if recorded else "Injected"
         result.events.append(
             Event(
@@ -595,14 +797,31 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
                 f"{verb.lower()} the {CONTAINER} sidecar (port {','.join(map(str, spec.ports))}, method {spec.method})",
             )
         )
-        if facts.pod_monitor_crd:
-            result.pod_monitor = pod_monitor(deployment)
+    wanted_pm = pod_monitor(deployment, spec) if "podmonitor" in paths else None
+    result.pod_monitor_action = child_action(wanted_pm, facts.pod_monitor)
+    result.pod_monitor = wanted_pm if wanted_pm is not None else dict(facts.pod_monitor or {})
+    if wanted_pm is not None and result.pod_monitor_action in ("create", "update"):
+        verb = f"PodMonitor{result.pod_monitor_action.title()}d"
+        result.events.append(Event("Normal", verb, f"PodMonitor {wanted_pm['metadata']['name']}"))
 
+    why_none = None
     if not spec.scaled_object:
+        why_none = Event("Normal", "ScaledObjectDeleted", f'{A_SCALEDOBJECT} is "false"')
+    elif not paths:
+        own = "; the pod template's own prometheus.io annotations are kept, so the annotation job scrapes the app"
+        why_none = Event(
+            "Warning",
+            "MetricsDiscovery",
+            BLIND_NOTE.format(paths=", ".join(cfg.discovery), why=own if spec.annotate else "", port=METRICS_PORT_NAME),
+        )
+    if why_none is not None:
+        if why_none.type == "Warning":
+            result.events.append(why_none)
         if facts.scaled_object is not None:
             result.scaled_object_action = "delete"
             result.scaled_object = dict(facts.scaled_object)
-            result.events.append(Event("Normal", "ScaledObjectDeleted", f'{A_SCALEDOBJECT} is "false"'))
+            if why_none.type == "Normal":
+                result.events.append(why_none)
         return result
     if not facts.keda:
         result.events.append(
@@ -614,8 +833,9 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
             )
         )
         return result
-    wanted = scaled_object(deployment, spec)
-    if facts.scaled_object is None:
+    wanted = scaled_object(deployment, spec, facts.keda_fallback_behavior)
+    action = child_action(wanted, facts.scaled_object, SCALED_OBJECT_OPTIONAL)
+    if action == "create":
         result.scaled_object, result.scaled_object_action = wanted, "create"
         result.events.append(
             Event(
@@ -625,11 +845,65 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
                 f"replica, {spec.min_replicas}-{spec.max_replicas} replicas",
             )
         )
-    elif not matches(wanted["spec"], facts.scaled_object.get("spec")) or not matches(
-        wanted["metadata"]["labels"], facts.scaled_object.get("metadata", {}).get("labels")
-    ):
+    elif action == "update":
         result.scaled_object, result.scaled_object_action = wanted, "update"
         result.events.append(
             Event("Normal", "ScaledObjectUpdated", f"ScaledObject {wanted['metadata']['name']} updated")
         )
     return result
+
+
+# Fields of the ScaledObject that the operator writes only when asked: their presence alone is a difference.
+SCALED_OBJECT_OPTIONAL: tuple[tuple[str | int, ...], ...] = (
+    ("pollingInterval",),
+    ("fallback",),
+    ("fallback", "behavior"),
+    ("advanced",),
+    ("triggers", 0, "authenticationRef"),
+    *(("triggers", 0, "metadata", key) for key in ("authModes", "namespace", "customHeaders", "unsafeSsl")),
+)
+
+
+def _at(obj: Any, path: tuple[str | int, ...]) -> Any:
+    for part in path:
+        if isinstance(part, int):
+            obj = obj[part] if isinstance(obj, list) and len(obj) > part else None
+        else:
+            obj = obj.get(part) if isinstance(obj, Mapping) else None
+        if obj is None:
+            return None
+    return obj
+
+
+def child_action(
+    wanted: Mapping[str, Any] | None,
+    actual: Mapping[str, Any] | None,
+    optional: tuple[tuple[str | int, ...], ...] = (),
+) -> str | None:
+    """create, update, delete or None: what brings an owned child object (`actual`) to `wanted`.
+
+    Fields the API server or the child's controller may add are not differences (`matches`); the `optional`
+    fields that `actual` has and `wanted` lacks are (an option the user removed).
+    """
+    if wanted is None:
+        return "delete" if actual is not None else None
+    if actual is None:
+        return "create"
+    spec, have = wanted.get("spec"), actual.get("spec")
+    if not matches(spec, have) or not matches(wanted["metadata"]["labels"], actual.get("metadata", {}).get("labels")):
+        return "update"
+    if any(_at(have, path) is not None and _at(spec, path) is None for path in optional):
+        return "update"
+    return None
+
+
+def discovery_paths(deployment: Mapping[str, Any], spec: Spec, facts: Facts, cfg: Config) -> list[str]:
+    """The configured ways by which Prometheus will find this Deployment's sidecars, once injected."""
+    paths = []
+    if prometheus_annotations_wanted(deployment, spec):
+        paths.append("annotations")
+    if "port-name" in cfg.discovery:
+        paths.append("port-name")
+    if "podmonitor" in cfg.discovery and facts.pod_monitor_crd:
+        paths.append("podmonitor")
+    return paths

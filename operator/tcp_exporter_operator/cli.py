@@ -90,10 +90,16 @@ def render(path: str, psa_level: str | None, cfg: Config) -> int:
         spec, note = builders.allowed_method(spec, psa_level)
         if note is not None:
             print(f"tcp-exporter-operator: {note.message}", file=sys.stderr)
-        if not builders.prometheus_annotations_wanted(doc, spec):
-            print(f"tcp-exporter-operator: {builders.DISCOVERY_NOTE}", file=sys.stderr)
         out.append(builders.inject(doc, spec))
-        if spec.scaled_object:
+        # Offline, no PodMonitor CRD is assumed: Prometheus must find the sidecar another configured way.
+        if spec.scaled_object and not builders.discovery_paths(doc, spec, builders.Facts(), cfg):
+            print(
+                f"tcp-exporter-operator: {doc['metadata'].get('name')}: no ScaledObject: Prometheus would not see "
+                "the sidecar; set TCP_EXPORTER_OPERATOR_DISCOVERY to include port-name if a scrape job on the "
+                f"port name {builders.METRICS_PORT_NAME!r} runs",
+                file=sys.stderr,
+            )
+        elif spec.scaled_object:
             scaled = builders.scaled_object(doc, spec)
             # Offline there is no Deployment UID to own it by; the operator adopts it when it runs.
             del scaled["metadata"]["ownerReferences"]

@@ -1,4 +1,7 @@
-"""The operator's configuration: one typed object, from TCP_EXPORTER_OPERATOR_* variables at start-up."""
+"""The operator's configuration: one typed object, from TCP_EXPORTER_OPERATOR_* variables at start-up.
+
+Every per-Deployment annotation has a field here as its operator-wide default; the annotation wins.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,11 @@ from dataclasses import dataclass, field, fields
 from tcp_exporter import __version__
 
 PREFIX = "TCP_EXPORTER_OPERATOR_"
+# How the cluster's Prometheus finds the sidecars (see manifests/monitoring):
+#  annotations: a scrape job on the pods' prometheus.io/* annotations (the operator adds them);
+#  port-name:   a scrape job on the sidecar's container port name, tcp-metrics;
+#  podmonitor:  the Prometheus Operator, through a PodMonitor the operator creates when that CRD exists.
+DISCOVERY_PATHS = ("annotations", "port-name", "podmonitor")
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,26 @@ class Config:
     memory_request: str = "32Mi"
     memory_limit: str = "96Mi"
     namespaces: tuple[str, ...] = field(default=())
+    discovery: tuple[str, ...] = ("annotations", "podmonitor")
+    pod_monitor_labels: str = ""  # key=value,key=value, e.g. release=kube-prometheus-stack
+    # KEDA: the ScaledObject and its Prometheus trigger. Empty means "not set": KEDA's own default applies.
+    polling_interval: int = 15
+    scale_down_stabilization: str = ""  # seconds; the HPA's default is 300
+    fallback_behavior: str = "currentReplicasIfHigher"
+    fallback_failure_threshold: int = 3
+    fallback_replicas: str = ""  # default: the Deployment's min-replicas
+    authentication_ref: str = ""  # NAME, TriggerAuthentication/NAME or ClusterTriggerAuthentication/NAME
+    auth_modes: str = ""
+    prometheus_namespace: str = ""
+    custom_headers: str = ""
+    unsafe_ssl: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.discovery if d not in DISCOVERY_PATHS]
+        if unknown or not self.discovery:
+            raise ValueError(
+                f"{PREFIX}DISCOVERY={','.join(self.discovery)!r}: give one or more of {', '.join(DISCOVERY_PATHS)}"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -41,7 +69,7 @@ class Config:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ValueError(f"{name}={raw!r} is not an integer") from None
-            elif f.name == "namespaces":
+            elif str(f.type).startswith("tuple"):
                 values[f.name] = tuple(n.strip() for n in raw.split(",") if n.strip())
             else:
                 values[f.name] = raw

@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from tcp_exporter_operator import builders
-from tcp_exporter_operator.builders import A_PORT, A_STATUS, MANAGED_BY, PSA_ENFORCE, Facts, Plan
+from tcp_exporter_operator.builders import A_PORT, A_STATUS, MANAGED_BY, PSA_ENFORCE, Event, Facts, Plan
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.kube import ApiError, Conflict, Kube
 
@@ -94,9 +94,8 @@ def deployments(namespace: str | None, name: str, **_: Any) -> dict[tuple[str | 
     return {(namespace, name): True}
 
 
-@kopf.index("keda.sh", "v1alpha1", "scaledobjects")
-def scaledobjects(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
-    # Only what a plan compares: a small copy, not the whole body.
+def _child_summary(namespace: str | None, body: kopf.Body) -> dict[str | None, Any]:
+    """Only what a plan compares of a child object (ScaledObject, PodMonitor): a small copy, not the whole body."""
     meta = body["metadata"]
     return {
         namespace: {
@@ -113,6 +112,16 @@ def scaledobjects(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str 
     }
 
 
+@kopf.index("keda.sh", "v1alpha1", "scaledobjects")
+def scaledobjects(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
+    return _child_summary(namespace, body)
+
+
+@kopf.index("monitoring.coreos.com", "v1", "podmonitors", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+def podmonitors(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
+    return _child_summary(namespace, body)
+
+
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
 def hpas(namespace: str | None, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[str | None, Any]:
     owners = {ref.get("kind") for ref in meta.get("ownerReferences") or []}
@@ -125,14 +134,25 @@ def psa_levels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, str | None
 
 
 @kopf.index("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-def crds(name: str, **_: Any) -> dict[str, bool]:
-    return {name: True}
+def crds(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
+    """CRD name -> whether it has what the plan relies on (for KEDA's: fallback.behavior, KEDA 2.17+)."""
+    if name != KEDA_CRD:
+        return {name: True}
+    versions = [v for v in spec.get("versions") or [] if v.get("name") == "v1alpha1"]
+    schema = versions[0].get("schema", {}).get("openAPIV3Schema", {}) if versions else {}
+    fallback = schema.get("properties", {}).get("spec", {}).get("properties", {}).get("fallback", {})
+    return {
+        name: "behavior" in fallback.get("properties", {}) or bool(fallback.get("x-kubernetes-preserve-unknown-fields"))
+    }
 
 
 def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[Any, Any]]) -> Facts:
     namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
     ours = None
     foreign = []
+    pod_monitor = next(
+        (pm for pm in list(indexes["podmonitors"].get(namespace, [])) if builders.is_ours(pm, deployment)), None
+    )
     # Indexes are live and updated from other threads: copy (atomically, in C) before walking.
     for so in list(indexes["scaledobjects"].get(namespace, [])):
         targets = so.get("spec", {}).get("scaleTargetRef", {}).get("name") == name
@@ -149,7 +169,9 @@ def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[An
     return Facts(
         psa_level=levels[0] if levels else None,
         keda=KEDA_CRD in crd_names,
+        keda_fallback_behavior=KEDA_CRD in crd_names and all(crd_names[KEDA_CRD]),
         pod_monitor_crd=PODMONITOR_CRD in crd_names,
+        pod_monitor=pod_monitor,
         scaled_object=ours,
         foreign_autoscalers=tuple(sorted(foreign)),
     )
@@ -169,19 +191,39 @@ def apply(kube: Kube, deployment: Mapping[str, Any], plan: Plan, memo: kopf.Memo
     if plan.deployment_patch is not None:
         written = kube.patch_deployment(meta["namespace"], meta["name"], plan.deployment_patch)
         memo.awaiting[meta.get("uid")] = (written, time.monotonic() + CONSISTENCY_TIMEOUT)
-    if plan.scaled_object_action == "create":
-        kube.create_scaled_object(plan.scaled_object or {})
-    elif plan.scaled_object_action == "update":
-        kube.update_scaled_object(plan.scaled_object or {})
-    elif plan.scaled_object_action == "delete":
-        so = plan.scaled_object or {}
-        kube.delete_scaled_object(so["metadata"]["namespace"], so["metadata"]["name"])
-    if plan.pod_monitor is not None:
-        kube.create_pod_monitor(plan.pod_monitor)
+    events = list(plan.events)
+    for kind, child, action in (
+        ("ScaledObject", plan.scaled_object, plan.scaled_object_action),
+        ("PodMonitor", plan.pod_monitor, plan.pod_monitor_action),
+    ):
+        if action is None or child is None:
+            continue
+        if action == "delete":
+            kube.delete_child(kind, child["metadata"]["namespace"], child["metadata"]["name"])
+        elif action == "update":
+            kube.replace_child(child)
+        else:
+            existing = kube.create_child(child)
+            if existing is None:
+                continue
+            if builders.is_ours(existing, deployment):
+                # Ours, but the index had not seen it yet when this plan was made: bring it to what is wanted.
+                kube.replace_child(child)
+                continue
+            name = child["metadata"]["name"]
+            events = [e for e in events if not (e.type == "Normal" and e.reason.startswith(kind))]
+            events.append(
+                Event(
+                    "Warning",
+                    f"{kind}Conflict",
+                    f"a {kind} named {name} already exists and is not owned by this Deployment: it is left as it "
+                    f"is, and this Deployment gets no {kind} until it is renamed or deleted",
+                )
+            )
     warned: dict[str, set[tuple[str, str]]] = memo.warned
     uid = meta.get("uid", "")
-    warnings = {(e.reason, e.message) for e in plan.events if e.type == "Warning"}
-    for event in plan.events:
+    warnings = {(e.reason, e.message) for e in events if e.type == "Warning"}
+    for event in events:
         # A Warning is posted once while it holds, not on every watch event of the Deployment.
         if event.type == "Warning" and (event.reason, event.message) in warned.get(uid, set()):
             continue
@@ -244,7 +286,7 @@ def older(version: str | None, than: str) -> bool:
         return False
 
 
-INDEXES = ("deployments", "scaledobjects", "hpas", "psa_levels", "crds")
+INDEXES = ("deployments", "scaledobjects", "podmonitors", "hpas", "psa_levels", "crds")
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index[Any, Any]]:
@@ -277,8 +319,9 @@ def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any)
 
 
 @kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def scaledobject_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    """A ScaledObject of ours deleted or edited by hand is put back.
+@kopf.on.event("monitoring.coreos.com", "v1", "podmonitors", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A ScaledObject or PodMonitor of ours deleted or edited by hand is put back.
 
     KEDA updates its status often; only a new generation (a spec edit) or a deletion is worth a look.
     """
@@ -299,9 +342,14 @@ def scaledobject_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: An
                 reconcile(deployment, memo, _indexes(kwargs), fresh=True)
 
 
-@kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", field="metadata.name", value=KEDA_CRD)
-def keda_installed(type: str, memo: kopf.Memo, **kwargs: Any) -> None:
-    """KEDA installed after the operator: create the ScaledObjects that were waiting for it, no restart needed."""
+def _child_crd(name: str, **_: Any) -> bool:
+    return name in (KEDA_CRD, PODMONITOR_CRD)
+
+
+@kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", when=_child_crd)
+def child_crd_installed(type: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    """KEDA or the Prometheus Operator installed after the operator: create the ScaledObjects and PodMonitors
+    that were waiting for them, no restart needed."""
     if type != "ADDED":
         return
     indexes = _indexes(kwargs)

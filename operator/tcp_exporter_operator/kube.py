@@ -26,10 +26,9 @@ import kopf
 from tcp_exporter_operator.builders import MANAGED_BY, Event
 
 log = logging.getLogger(__name__)
-KEDA = "/apis/keda.sh/v1alpha1"
-PODMONITOR = "/apis/monitoring.coreos.com/v1"
+# The objects the operator makes for a Deployment, by kind: their API group's path.
+CHILDREN = {"ScaledObject": "/apis/keda.sh/v1alpha1", "PodMonitor": "/apis/monitoring.coreos.com/v1"}
 JSON_PATCH = "application/json-patch+json"
-MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT = 15.0
 
 
@@ -130,23 +129,41 @@ class Kube:
             raise
         return str(new["metadata"]["resourceVersion"])
 
-    def create_scaled_object(self, body: Mapping[str, Any]) -> None:
-        self._create(f"{KEDA}/namespaces/{body['metadata']['namespace']}/scaledobjects", body)
-
-    def update_scaled_object(self, body: Mapping[str, Any]) -> None:
+    def create_child(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create a ScaledObject or PodMonitor; if one of that name exists, return it (ours or not) instead."""
         meta = body["metadata"]
-        patch = {"metadata": {"labels": meta["labels"]}, "spec": body["spec"]}
-        self.request("PATCH", f"{KEDA}/namespaces/{meta['namespace']}/scaledobjects/{meta['name']}", patch, MERGE_PATCH)
-
-    def delete_scaled_object(self, namespace: str, name: str) -> None:
         try:
-            self.request("DELETE", f"{KEDA}/namespaces/{namespace}/scaledobjects/{name}")
+            self.request("POST", self._collection(body["kind"], meta["namespace"]), dict(body))
+        except ApiError as exc:
+            if exc.status == 403 and "NamespaceTerminating" in exc.body:
+                log.debug("not creating %s %s: its namespace is being deleted", body["kind"], meta["name"])
+                return None
+            if exc.status != 409:
+                raise
+            existing = self.request("GET", f"{self._collection(body['kind'], meta['namespace'])}/{meta['name']}")
+            return dict(existing)
+        return None
+
+    def replace_child(self, body: Mapping[str, Any]) -> None:
+        """Our child's spec and labels replaced whole: an option the user removed goes too (a merge patch keeps
+        what it does not mention)."""
+        meta = body["metadata"]
+        ops = [
+            {"op": "add", "path": "/metadata/labels", "value": meta["labels"]},
+            {"op": "replace", "path": "/spec", "value": body["spec"]},
+        ]
+        self.request("PATCH", f"{self._collection(body['kind'], meta['namespace'])}/{meta['name']}", ops, JSON_PATCH)
+
+    def delete_child(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self.request("DELETE", f"{self._collection(kind, namespace)}/{name}")
         except ApiError as exc:
             if exc.status != 404:
                 raise
 
-    def create_pod_monitor(self, body: Mapping[str, Any]) -> None:
-        self._create(f"{PODMONITOR}/namespaces/{body['metadata']['namespace']}/podmonitors", body)
+    @staticmethod
+    def _collection(kind: str, namespace: str) -> str:
+        return f"{CHILDREN[kind]}/namespaces/{namespace}/{kind.lower()}s"
 
     def ensure_peering(self, name: str) -> None:
         """The cluster-wide kopf peering object the replicas share; created if missing."""
