@@ -8,10 +8,10 @@ PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 export TCP_EXPORTER_CACHE ?= $(HOME)/.cache/tcp-exporter
 LOCALKUBE := PYTHONPATH=tests $(PY) -m localkube
-APT_PACKAGES := iptables nftables conntrack iproute2 prometheus openssl util-linux
+APT_PACKAGES := iptables nftables conntrack iproute2 openssl util-linux
 STAMP := $(VENV)/.installed
 
-.PHONY: help deps venv lint test test-unit demo bench cluster-up cluster-down clean lock
+.PHONY: help deps venv tools lint test test-unit demo bench cluster-up cluster-down clean lock
 
 help:
 	@echo "make demo         run the whole thing on a local control plane"
@@ -46,9 +46,15 @@ lint: venv
 	@echo "==> hadolint"; $(VENV)/bin/hadolint Dockerfile.operator Dockerfile.sidecar
 	@echo "==> go vet (control-plane tooling)"; cd tests/localkube && go vet . && test -z "$$(gofmt -l .)"
 
-test: deps venv
+# Test tooling built from Go modules, cached under $(TCP_EXPORTER_CACHE): the control plane, and Prometheus
+# with Kubernetes discovery (Debian's package has none).
+tools: deps venv
 	@echo "==> building (or reusing) the local control plane"
 	@$(LOCALKUBE) build >/dev/null
+	@echo "==> building (or reusing) Prometheus with Kubernetes discovery"
+	@PYTHONPATH=tests $(PY) -c "import promstack; promstack.binaries()"
+
+test: tools
 	@echo "==> pytest"
 	@$(VENV)/bin/pytest -v $(PYTEST_ARGS)
 
@@ -61,12 +67,13 @@ cluster-up: deps venv
 cluster-down: venv
 	@$(LOCALKUBE) down
 
-demo: deps venv
+demo: tools
 	@PYTHONPATH=tests $(PY) -m demo
 
-bench: deps venv
+bench: tools
 	@$(PY) -m bench.sidecar
 	@$(PY) -m bench.operator
+	@$(PY) -m bench.signal
 
 clean: cluster-down
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache

@@ -173,17 +173,22 @@ def accept(server: socket.socket, count: int) -> list[socket.socket]:
 
 @dataclass
 class Lan:
-    """A switch: one namespace (the "lan": clients, Prometheus) bridged to several pod namespaces."""
+    """A switch: one namespace (the "lan": clients) bridged to several pod namespaces, and optionally to this
+    host's namespace (where the control plane and Prometheus listen on loopback), on 198.19.N.0/24 and
+    fd00:7ca:N::/64."""
 
     lan: str
     lan_v4: str
     pods: list[str]
     pod_v4: list[str]
+    pod_v6: list[str]
+    host_v4: str | None = None
 
 
 @contextlib.contextmanager
-def lan(pods: int) -> Iterator[Lan]:
-    """A bridge in a fresh namespace and `pods` fresh namespaces attached to it, on 198.19.N.0/24."""
+def lan(pods: int, host: bool = False) -> Iterator[Lan]:
+    """A bridge in a fresh namespace and `pods` fresh namespaces attached to it; with `host`, a veth from this
+    namespace to the bridge too, so that a process here reaches the pods (it goes when the bridge's does)."""
     global _counter
     with _lock:
         _counter += 1
@@ -191,21 +196,38 @@ def lan(pods: int) -> Iterator[Lan]:
     tag = uuid.uuid4().hex[:6]
     hub = f"tcpx-lan-{tag}"
     names = [f"tcpx-p{i}-{tag}" for i in range(pods)]
-    result = Lan(hub, f"198.19.{n}.254", names, [f"198.19.{n}.{i + 1}" for i in range(pods)])
+    result = Lan(
+        hub,
+        f"198.19.{n}.254",
+        names,
+        [f"198.19.{n}.{i + 1}" for i in range(pods)],
+        [f"fd00:7ca:{n:x}::{i + 1:x}" for i in range(pods)],
+        f"198.19.{n}.253" if host else None,
+    )
     run("ip", "netns", "add", hub)
     try:
         run("ip", "netns", "exec", hub, "ip", "link", "set", "lo", "up")
         run("ip", "netns", "exec", hub, "ip", "link", "add", "br0", "type", "bridge")
         run("ip", "netns", "exec", hub, "ip", "addr", "add", f"{result.lan_v4}/24", "dev", "br0")
+        run("ip", "netns", "exec", hub, "ip", "-6", "addr", "add", f"fd00:7ca:{n:x}::fe/64", "dev", "br0", "nodad")
         run("ip", "netns", "exec", hub, "ip", "link", "set", "br0", "up")
-        for i, (ns, address) in enumerate(zip(names, result.pod_v4, strict=True)):
+        for i, (ns, v4, v6) in enumerate(zip(names, result.pod_v4, result.pod_v6, strict=True)):
             run("ip", "netns", "add", ns)
             run("ip", "link", "add", f"l{i}{tag}", "netns", hub, "type", "veth", "peer", "name", "eth0", "netns", ns)
             run("ip", "netns", "exec", hub, "ip", "link", "set", f"l{i}{tag}", "master", "br0", "up")
             run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-            run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+            run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{v4}/24", "dev", "eth0")
+            run("ip", "netns", "exec", ns, "ip", "-6", "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
             run("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
+        if host:
+            run("ip", "link", "add", f"h{tag}", "type", "veth", "peer", "name", f"j{tag}", "netns", hub)
+            run("ip", "netns", "exec", hub, "ip", "link", "set", f"j{tag}", "master", "br0", "up")
+            run("ip", "addr", "add", f"{result.host_v4}/24", "dev", f"h{tag}")
+            run("ip", "-6", "addr", "add", f"fd00:7ca:{n:x}::fd/64", "dev", f"h{tag}", "nodad")
+            run("ip", "link", "set", f"h{tag}", "up")
         yield result
     finally:
         for ns in [*names, hub]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if host:
+            subprocess.run(["ip", "link", "del", f"h{tag}"], capture_output=True)

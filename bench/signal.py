@@ -1,0 +1,148 @@
+"""Signal latency: from a step in a Deployment's connections to the value KEDA reads from Prometheus.
+
+    python -m bench.signal [--intervals 5,15] [--steps 8] [--json PATH]
+
+On the local control plane: the operator injects a Deployment, its pod runs as a kubelet would (podsim: real
+sidecar, pod status written), a real Prometheus finds it through Kubernetes discovery with the documented
+`tcp-exporter` job at each scrape interval, and the ScaledObject's own query is polled every 50 ms after each
+step (100 connections opened or closed) until it shows the new total. Steps start at random points of the
+scrape cycle, as real traffic does. KEDA and the HPA add their own periods on top (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers import wait_for
+from kubernetes import client, config
+from localkube import cluster as localkube
+from netns import lan
+from operator_proc import REPO, Operator
+from podsim import Kubelet
+from promstack import Prometheus, documented_jobs
+
+from bench.common import RESULTS, log, write_results
+
+NAME = "signal-api"
+NAMESPACE = "bench-signal"
+STEP = 100
+
+
+def measure(prom: Prometheus, query: str, kubelet: Kubelet, pod: Any, steps: int, interval: float) -> list[float]:
+    latencies = []
+    for i in range(steps):
+        time.sleep(random.uniform(0, interval))
+        if i % 2 == 0:
+            kubelet.connect(pod, STEP)
+        else:
+            for _ in range(STEP):
+                pod.clients.pop().close()
+        want = len(pod.clients)
+        started = time.monotonic()
+        wait_for(lambda w=want: prom.query(query) == w, 4 * interval + 30, f"the query to show {want}", 0.05)
+        latencies.append(time.monotonic() - started)
+        log(f"  scrape interval {interval:g} s, step {i + 1}/{steps}: {latencies[-1]:.2f} s")
+    return latencies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--intervals", default="5,15", help="scrape intervals in seconds, comma-separated")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--json", default=str(RESULTS / "signal.json"))
+    args = parser.parse_args()
+    intervals = [float(x) for x in args.intervals.split(",")]
+
+    cluster = localkube.temporary()
+    kubectl = localkube.kubectl()
+
+    def k(*a: str) -> str:
+        import subprocess
+
+        return subprocess.run(
+            [kubectl, "--kubeconfig", cluster.kubeconfig, *a], check=True, text=True, capture_output=True
+        ).stdout
+
+    rows: list[dict[str, Any]] = []
+    operator = None
+    try:
+        k("apply", "-k", str(REPO / "manifests"))
+        operator = Operator(cluster, k)
+        api = config.new_client_from_config(config_file=cluster.kubeconfig)
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": NAMESPACE}})
+        wait_for(
+            lambda: client.CoreV1Api(api).list_namespaced_service_account(NAMESPACE).items, 30, "the ServiceAccount"
+        )
+        labels = {"app": NAME}
+        body = {
+            "metadata": {"name": NAME, "annotations": {"tcp-exporter/port": "8080"}},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "app", "image": "example.test/app:1"}]},
+                },
+            },
+        }
+        apps, custom = client.AppsV1Api(api), client.CustomObjectsApi(api)
+        apps.create_namespaced_deployment(NAMESPACE, body)
+        so = wait_for(
+            lambda: custom.list_namespaced_custom_object("keda.sh", "v1alpha1", NAMESPACE, "scaledobjects")["items"],
+            60,
+            "the ScaledObject",
+        )[0]
+        query = so["spec"]["triggers"][0]["metadata"]["query"]
+        apps.patch_namespaced_deployment(NAME, NAMESPACE, {"spec": {"replicas": 1}})
+        with lan(1, host=True) as net:
+            kubelet = Kubelet(api, NAMESPACE, net)
+            try:
+                (pod_body,) = kubelet.pods_of(NAME, 1)
+                pod = kubelet.run(pod_body)
+                for interval in intervals:
+                    jobs = documented_jobs(("tcp-exporter",), cluster.kubeconfig, NAMESPACE)
+                    prom = Prometheus(jobs, scrape_interval=f"{interval:g}s")
+                    try:
+                        wait_for(lambda p=prom: p.query(query) == len(pod.clients), 60, "the first scrape")
+                        latencies = measure(prom, query, kubelet, pod, args.steps, interval)
+                    finally:
+                        prom.stop()
+                    rows.append(
+                        {
+                            "scrape_interval_s": interval,
+                            "steps": len(latencies),
+                            "min_s": min(latencies),
+                            "median_s": statistics.median(latencies),
+                            "max_s": max(latencies),
+                            "latencies_s": latencies,
+                        }
+                    )
+            finally:
+                kubelet.close()
+    finally:
+        if operator is not None:
+            operator.close()
+        cluster.stop()
+
+    print("\nFrom a step in connections to the ScaledObject's query showing it (real Prometheus, pod discovery):\n")
+    print("| scrape interval | steps | min s | median s | max s |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(
+            f"| {row['scrape_interval_s']:g} s | {row['steps']} | {row['min_s']:.2f} | {row['median_s']:.2f} "
+            f"| {row['max_s']:.2f} |"
+        )
+    write_results(args.json, {"signal_latency": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

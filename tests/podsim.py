@@ -1,0 +1,106 @@
+"""Pods as a kubelet would run them, without a kubelet: each pod the ReplicaSet controller created gets a network
+namespace of a `lan`, a TCP server on its app port, the real sidecar started with the arguments of the pod's
+own tcp-exporter container (as UID 65532 with no capability, as the injected securityContext asks), and a
+status written through the status subresource: phase Running, Ready, and its pod IP (IPv4 or IPv6).
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter_proc import EXPORTER
+from helpers import die_with_parent, wait_for
+from kubernetes import client
+from netns import Lan, connect, listener
+
+AS_SIDECAR = ["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+@dataclass
+class RunningPod:
+    name: str
+    netns: str
+    ip: str
+    server: socket.socket
+    sidecar: subprocess.Popen[bytes]
+    clients: list[socket.socket] = field(default_factory=list)
+
+
+class Kubelet:
+    """Runs the pods of a namespace in the slots of a `lan`, one pod per slot."""
+
+    def __init__(self, api: Any, namespace: str, net: Lan, app_port: int = 8080) -> None:
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.ns = namespace
+        self.net = net
+        self.app_port = app_port
+        self.free = list(range(len(net.pods)))
+        self.pods: dict[str, RunningPod] = {}
+
+    def pods_of(self, deployment: str, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+        """Wait until the Deployment has `count` pods with the sidecar and no others; return them."""
+
+        labels = self.apps.read_namespaced_deployment(deployment, self.ns).spec.selector.match_labels
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+
+        def ready() -> list[dict[str, Any]] | None:
+            items = self.core.list_namespaced_pod(self.ns, label_selector=selector).items
+            pods = [p for p in items if p.metadata.deletion_timestamp is None]
+            with_sidecar = [p for p in pods if any(c.name == "tcp-exporter" for c in p.spec.containers)]
+            if len(with_sidecar) == count == len(pods):
+                return [client.ApiClient().sanitize_for_serialization(p) for p in with_sidecar]
+            return None
+
+        return wait_for(ready, timeout, f"{count} injected pods of {deployment}")
+
+    def run(self, pod: dict[str, Any], ipv6: bool = False) -> RunningPod:
+        slot = self.free.pop(0)
+        ns = self.net.pods[slot]
+        ip = self.net.pod_v6[slot] if ipv6 else self.net.pod_v4[slot]
+        (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "tcp-exporter"]
+        server = listener(ns, self.app_port)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *AS_SIDECAR, EXPORTER, *sidecar["args"], "--log-level=warning"],
+            preexec_fn=die_with_parent(),
+        )
+        name = pod["metadata"]["name"]
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        ready = [{"type": t, "status": "True", "lastTransitionTime": now} for t in ("Ready", "ContainersReady")]
+        self.core.patch_namespaced_pod_status(
+            name,
+            self.ns,
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": ip,
+                    "podIPs": [{"ip": ip}],
+                    "startTime": now,
+                    "conditions": [*ready, {"type": "PodScheduled", "status": "True", "lastTransitionTime": now}],
+                }
+            },
+        )
+        running = RunningPod(name, ns, ip, server, proc)
+        self.pods[name] = running
+        return running
+
+    def connect(self, pod: RunningPod, count: int) -> None:
+        """`count` client connections from the lan to the pod's app port, each accepted by its server."""
+        pod.clients += connect(self.net.lan, pod.ip, self.app_port, count)
+
+    def kill_sidecar(self, pod: RunningPod) -> None:
+        pod.sidecar.kill()
+        pod.sidecar.wait(timeout=10)
+
+    def close(self) -> None:
+        for pod in self.pods.values():
+            if pod.sidecar.poll() is None:
+                pod.sidecar.terminate()
+                pod.sidecar.wait(timeout=10)
+            for s in [*pod.clients, pod.server]:
+                s.close()
+        self.pods.clear()
