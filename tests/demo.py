@@ -3,10 +3,11 @@
 1. start etcd, kube-apiserver and kube-controller-manager (built once from Go modules, cached);
 2. install tcp-exporter with `kubectl apply -k manifests/` and run the operator as its ServiceAccount;
 3. apply the annotated sample Deployment; show the injected pod template and the ScaledObject;
-4. run the sidecar, with the injected arguments, in a network namespace standing in for the pod, next to a
-   TCP server that the demo opens connections to from another namespace;
-5. scrape it with a real Prometheus using the documented scrape job, run the ScaledObject's query, and print
-   the replica count KEDA would choose.
+4. run its pod as a kubelet would: a network namespace with a TCP server on the app port and the real sidecar
+   with the pod's own arguments, the pod's status (Running, Ready, its IP) written to the apiserver; then open
+   connections to it from another namespace;
+5. a real Prometheus finds the pod through Kubernetes discovery with the documented scrape jobs; run the
+   ScaledObject's query and print the replica count KEDA would choose.
 Everything it starts is stopped at the end. Needs root (network namespaces).
 """
 
@@ -17,18 +18,18 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
 
-from exporter_proc import EXPORTER
-from helpers import die_with_parent, wait_for
-from kubernetes import client, config
+from helpers import wait_for
+from kubernetes import config
 from localkube import cluster as localkube
-from netns import connect, in_netns, listener, pair
+from netns import in_netns, lan
 from operator_proc import REPO, Operator
-from promstack import Prometheus, discovered, keda_replicas
+from podsim import Kubelet
+from promstack import Prometheus, documented_jobs, keda_replicas
 
 CONNECTIONS = 250
 NAMESPACE = "demo"
+NAME = "echo-server"
 
 
 def step(title: str) -> None:
@@ -73,46 +74,42 @@ def main() -> int:
         k("create", "namespace", NAMESPACE)
         show(k("apply", "-n", NAMESPACE, "-k", str(REPO / "manifests" / "samples")))
         api = config.new_client_from_config(config_file=cluster.kubeconfig)
-        apps, custom = client.AppsV1Api(api), client.CustomObjectsApi(api)
 
-        def sidecar() -> Any:
-            dep = apps.read_namespaced_deployment("echo", NAMESPACE)
-            return next((c for c in dep.spec.template.spec.containers if c.name == "tcp-exporter"), None)
+        def injected() -> dict[str, object] | None:
+            dep = json.loads(k("get", "deployment", NAME, "-n", NAMESPACE, "-o", "json"))
+            names = [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]]
+            return dep if "tcp-exporter" in names else None
 
-        wait_for(sidecar, 60, "the operator to inject the sidecar")
-        dep = json.loads(apps.read_namespaced_deployment("echo", NAMESPACE, _preload_content=False).data)
-        template = dep["spec"]["template"]
-        step("The injected pod template (kubectl get deployment echo -o yaml)")
+        dep = wait_for(injected, 60, "the operator to inject the sidecar")
+        template = dep["spec"]["template"]  # type: ignore[index]
+        step(f"The injected pod template (kubectl get deployment {NAME} -o yaml)")
         show(json.dumps({"metadata": template["metadata"], "containers": template["spec"]["containers"]}, indent=2))
-        show("tcp-exporter/status: " + dep["metadata"]["annotations"]["tcp-exporter/status"])
+        show("tcp-exporter/status: " + dep["metadata"]["annotations"]["tcp-exporter/status"])  # type: ignore[index]
         so = wait_for(
-            lambda: custom.list_namespaced_custom_object("keda.sh", "v1alpha1", NAMESPACE, "scaledobjects")["items"],
+            lambda: json.loads(k("get", "scaledobjects", "-n", NAMESPACE, "-o", "json"))["items"],
             60,
             "the ScaledObject",
         )[0]
         step("The ScaledObject the operator owns")
         show(json.dumps(so["spec"], indent=2))
-        show(k("get", "events", "-n", NAMESPACE, "--field-selector", "involvedObject.name=echo"))
+        show(k("get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}"))
 
-        step(f"Running the sidecar with the injected arguments, and opening {CONNECTIONS} connections to the app")
-        args = sidecar().args
-        pod = json.loads(k("get", "pods", "-n", NAMESPACE, "-o", "json"))["items"]
-        pod_name = next(
-            p["metadata"]["name"] for p in pod if any(c["name"] == "tcp-exporter" for c in p["spec"]["containers"])
-        )
-        with pair() as net:
-            server = listener(net.pod, 8080)
-            exporter = subprocess.Popen(
-                ["ip", "netns", "exec", net.pod, EXPORTER, *args, "--log-level=warning"], preexec_fn=die_with_parent()
-            )
+        step(f"Running its pod as a kubelet would, and opening {CONNECTIONS} connections to the app")
+        with lan(1, host=True) as net:
+            kubelet = Kubelet(api, NAMESPACE, net)
+            prometheus = None
             try:
-                clients = connect(net.peer, net.pod_v4, 8080, CONNECTIONS)
-                accepted = [server.accept()[0] for _ in range(CONNECTIONS)]
-                show(f"pod {pod_name} (network namespace {net.pod}, {net.pod_v4}), exporter: {' '.join(args)}")
+                (pod,) = kubelet.pods_of(NAME, 1)
+                running = kubelet.run(pod)
+                kubelet.connect(running, CONNECTIONS)
+                args = next(c["args"] for c in pod["spec"]["containers"] if c["name"] == "tcp-exporter")
+                show(f"pod {running.name} ({running.ip}, network namespace {running.netns})")
+                show(f"sidecar: tcp-exporter {' '.join(args)}")
+                show(k("get", "pods", "-n", NAMESPACE, "-o", "wide"))
 
                 def metric() -> str | None:
                     try:
-                        with socket.create_connection((net.pod_v4, 9100), timeout=2) as s:
+                        with socket.create_connection((running.ip, 9100), timeout=2) as s:
                             s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
                             body = b"".join(iter(lambda: s.recv(65536), b"")).decode()
                     except OSError:
@@ -122,35 +119,42 @@ def main() -> int:
 
                 show(
                     "$ curl :9100/metrics | grep established\n"
-                    + wait_for(lambda: in_netns(net.peer, metric), 30, "the exporter")
+                    + wait_for(lambda: in_netns(net.lan, metric), 30, "the exporter")
                 )
-                step("Prometheus scrapes it with the documented scrape job; KEDA's query and replica count")
-                annotations = template["metadata"]["annotations"]
+                step("Prometheus finds the pod through Kubernetes discovery; KEDA's query and replica count")
                 prometheus = Prometheus(
-                    net.peer,
-                    [discovered(net.pod_v4, int(annotations["prometheus.io/port"]), NAMESPACE, pod_name, annotations)],
+                    documented_jobs(("tcp-exporter", "kubernetes-pods"), cluster.kubeconfig, NAMESPACE)
                 )
-                try:
-                    trigger = so["spec"]["triggers"][0]["metadata"]
-                    value = wait_for(lambda: prometheus.query(trigger["query"]), 60, "Prometheus to scrape")
-                    replicas = keda_replicas(
-                        value, int(trigger["threshold"]), so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]
-                    )
-                    show(f"query:     {trigger['query']}")
-                    show(f"value:     {value:.0f} connections")
-                    show(f"threshold: {trigger['threshold']} per replica (AverageValue)")
-                    show(
-                        f"KEDA would run ceil({value:.0f} / {trigger['threshold']}) = {replicas} replicas "
-                        f"(between {so['spec']['minReplicaCount']} and {so['spec']['maxReplicaCount']})"
-                    )
-                finally:
-                    prometheus.stop()
-                for s in clients + accepted:
-                    s.close()
+                trigger = so["spec"]["triggers"][0]["metadata"]
+                value = wait_for(lambda: prometheus.query(trigger["query"]), 60, "Prometheus to scrape")
+
+                def scraping() -> list[str] | None:
+                    up = sorted({t["labels"]["job"] for t in prometheus.targets() if t["health"] == "up"})  # type: ignore[union-attr]
+                    return up if len(up) == 2 else None
+
+                jobs = wait_for(scraping, 60, "both scrape jobs to scrape the pod")
+                replicas = keda_replicas(
+                    value, int(trigger["threshold"]), so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]
+                )
+                show(f"scraped by: {', '.join(jobs)} (two jobs, each pod counted once)")
+                show(f"query:     {trigger['query']}")
+                show(f"value:     {value:.0f} connections")
+                show(f"threshold: {trigger['threshold']} per replica (AverageValue)")
+                show(
+                    f"KEDA would run ceil({value:.0f} / {trigger['threshold']}) = {replicas} replicas "
+                    f"(between {so['spec']['minReplicaCount']} and {so['spec']['maxReplicaCount']})"
+                )
+                kubelet.kill_sidecar(running)
+                gone = wait_for(lambda: prometheus.query(trigger["query"]) is None, 60, "the value to go")
+                show(
+                    f"sidecar killed: the query returns {'no value' if gone else 'a value'}, not 0; with "
+                    f'ignoreNullValues: "false" KEDA applies its fallback ({so["spec"]["fallback"]["behavior"]}) '
+                    "and does not scale in"
+                )
             finally:
-                exporter.terminate()
-                exporter.wait(timeout=10)
-                server.close()
+                if prometheus is not None:
+                    prometheus.stop()
+                kubelet.close()
     finally:
         step("Cleaning up: operator, control plane, namespaces")
         if operator is not None:

@@ -43,7 +43,8 @@ class Kubelet:
         self.pods: dict[str, RunningPod] = {}
 
     def pods_of(self, deployment: str, count: int, timeout: float = 60) -> list[dict[str, Any]]:
-        """Wait until the Deployment has `count` pods with the sidecar and no others; return them."""
+        """Wait until the Deployment has `count` pods with the sidecar; return them. Pods of the template before
+        the injection may still exist: as on a real cluster, they go once these run and are Ready."""
 
         labels = self.apps.read_namespaced_deployment(deployment, self.ns).spec.selector.match_labels
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
@@ -52,7 +53,7 @@ class Kubelet:
             items = self.core.list_namespaced_pod(self.ns, label_selector=selector).items
             pods = [p for p in items if p.metadata.deletion_timestamp is None]
             with_sidecar = [p for p in pods if any(c.name == "tcp-exporter" for c in p.spec.containers)]
-            if len(with_sidecar) == count == len(pods):
+            if len(with_sidecar) == count:
                 return [client.ApiClient().sanitize_for_serialization(p) for p in with_sidecar]
             return None
 
@@ -81,6 +82,18 @@ class Kubelet:
                     "podIPs": [{"ip": ip}],
                     "startTime": now,
                     "conditions": [*ready, {"type": "PodScheduled", "status": "True", "lastTransitionTime": now}],
+                    "containerStatuses": [
+                        {
+                            "name": c["name"],
+                            "image": c["image"],
+                            "imageID": "",
+                            "ready": True,
+                            "started": True,
+                            "restartCount": 0,
+                            "state": {"running": {"startedAt": now}},
+                        }
+                        for c in pod["spec"]["containers"]
+                    ],
                 }
             },
         )
