@@ -44,7 +44,7 @@ lint: venv
 	@echo "==> ruff"; $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	@echo "==> mypy"; $(VENV)/bin/mypy
 	@echo "==> hadolint"; $(VENV)/bin/hadolint Dockerfile.operator Dockerfile.sidecar
-	@echo "==> go vet (control-plane tooling)"; cd tests/localkube && go vet . && test -z "$$(gofmt -l .)"
+	@echo "==> go vet (control-plane tooling)"; cd tests/localkube && CGO_ENABLED=0 go vet -trimpath . && test -z "$$(gofmt -l .)"
 
 # Test tooling built from Go modules, cached under $(TCP_EXPORTER_CACHE): the control plane, and Prometheus
 # with Kubernetes discovery (Debian's package has none).
