@@ -46,20 +46,22 @@ lint: venv
 	@echo "==> hadolint"; $(VENV)/bin/hadolint Dockerfile.operator Dockerfile.sidecar
 	@echo "==> go vet (control-plane tooling)"; cd tests/localkube && CGO_ENABLED=0 go vet -trimpath . && test -z "$$(gofmt -l .)"
 
-# Test tooling built from Go modules, cached under $(TCP_EXPORTER_CACHE): the control plane, and Prometheus
-# with Kubernetes discovery (Debian's package has none).
+# Test tooling built from Go modules, cached under $(TCP_EXPORTER_CACHE): the control plane, Prometheus
+# with Kubernetes discovery (Debian's package has none), and KEDA.
 tools: deps venv
 	@echo "==> building (or reusing) the local control plane"
 	@$(LOCALKUBE) build >/dev/null
 	@echo "==> building (or reusing) Prometheus with Kubernetes discovery"
 	@PYTHONPATH=tests $(PY) -c "import promstack; promstack.binaries()"
+	@echo "==> building (or reusing) KEDA's operator and metrics adapter"
+	@PYTHONPATH=tests $(PY) -c "import kedastack; kedastack.binaries()"
 
 test: tools
 	@echo "==> pytest"
 	@$(VENV)/bin/pytest -v $(PYTEST_ARGS)
 
 test-unit: venv
-	@$(VENV)/bin/pytest -v -m "not cluster and not netns and not prometheus" $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -v -m "not cluster and not netns and not prometheus and not keda" $(PYTEST_ARGS)
 
 cluster-up: deps venv
 	@$(LOCALKUBE) up

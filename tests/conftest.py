@@ -109,6 +109,17 @@ def operator(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def keda(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
+    """Real KEDA (operator and metrics adapter, built from its Go module) serving external metrics."""
+    need(os.geteuid() == 0, "KEDA's adapter listens on a test address this host gets for it, which needs root")
+    from kedastack import Keda
+
+    k = Keda(cluster, kubectl)
+    yield k
+    k.stop()
+
+
+@pytest.fixture(scope="session")
 def audit(cluster: Any) -> Any:
     from operator_proc import Audit
 
@@ -132,4 +143,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(("operator log (tail)", "\n".join(funcargs["operator"].log().splitlines()[-60:])))
         if "cluster" in funcargs:
             report.sections.append(("control plane", funcargs["cluster"].logs_tail(20)))
+        if "keda" in funcargs:
+            for name in ("keda-operator", "keda-adapter"):
+                report.sections.append((f"{name} log (tail)", funcargs["keda"].logs(name, 40)))
     return report

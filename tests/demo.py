@@ -1,33 +1,38 @@
-"""`make demo`: the whole path on a real local control plane, from annotation to KEDA's replica count.
+"""`make demo`: the whole path on a real local control plane, from annotation to the replica count KEDA sets.
 
-1. start etcd, kube-apiserver and kube-controller-manager (built once from Go modules, cached);
+1. start etcd, kube-apiserver and kube-controller-manager with the HPA controller (built once from Go modules,
+   cached), real KEDA (operator and metrics adapter, also built from Go modules) and a real Prometheus;
 2. install tcp-exporter with `kubectl apply -k manifests/` and run the operator as its ServiceAccount;
 3. apply the annotated sample Deployment; show the injected pod template and the ScaledObject;
-4. run its pod as a kubelet would: a network namespace with a TCP server on the app port and the real sidecar
-   with the pod's own arguments, the pod's status (Running, Ready, its IP) written to the apiserver; then open
-   connections to it from another namespace;
-5. a real Prometheus finds the pod through Kubernetes discovery with the documented scrape jobs; run the
-   ScaledObject's query and print the replica count KEDA would choose.
+4. run its pods as a kubelet would: a network namespace each with a TCP server on the app port and the real
+   sidecar with the pod's own arguments, the pod's status (Running, Ready, its IP) written to the apiserver;
+   then open connections to it from another namespace;
+5. Prometheus finds the pod through Kubernetes discovery; KEDA's HPA scales the Deployment on the count, and
+   the new pods run too; then every sidecar is killed, and KEDA's fallback holds the replica count.
 Everything it starts is stopped at the end. Needs root (network namespaces).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import time
 
 from helpers import wait_for
+from kedastack import Keda
 from kubernetes import config
 from localkube import cluster as localkube
 from netns import in_netns, lan
 from operator_proc import REPO, Operator
 from podsim import Kubelet
-from promstack import Prometheus, documented_jobs, keda_replicas
+from promstack import Prometheus, documented_jobs
 
 CONNECTIONS = 250
+MAX_PODS = 6
 NAMESPACE = "demo"
 NAME = "echo-server"
 
@@ -48,26 +53,30 @@ def main() -> int:
     cluster = localkube.temporary()
     kubectl = localkube.kubectl()
 
-    def k(*args: str, input: str | None = None) -> str:
-        return subprocess.run(
-            [kubectl, "--kubeconfig", cluster.kubeconfig, *args],
-            check=True,
-            text=True,
-            capture_output=True,
-            input=input,
-        ).stdout
+    def k(*args: str, input: str | None = None, check: bool = True) -> str:
+        proc = subprocess.run(
+            [kubectl, "--kubeconfig", cluster.kubeconfig, *args], text=True, capture_output=True, input=input
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
+        return proc.stdout
 
     operator: Operator | None = None
+    keda: Keda | None = None
+    prometheus: Prometheus | None = None
     try:
         show(k("version").strip())
+        step("Starting KEDA (operator and metrics adapter, built from KEDA's Go module) and Prometheus")
+        keda = Keda(cluster, k)
+        show(
+            "KEDA serves v1beta1.external.metrics.k8s.io: " + k("get", "apiservice", "v1beta1.external.metrics.k8s.io")
+        )
+        prometheus = Prometheus(documented_jobs(("tcp-exporter", "kubernetes-pods"), cluster.kubeconfig, NAMESPACE))
+        show(f"Prometheus at {prometheus.url}, discovering pods in namespace {NAMESPACE} with the documented jobs")
+
         step("Installing tcp-exporter: kubectl apply -k manifests/")
         show(k("apply", "-k", str(REPO / "manifests")))
-        show(
-            "(KEDA itself cannot run here; a stand-in of its ScaledObject CRD is installed: "
-            + k("apply", "-f", str(localkube.CRDS / "keda.yaml")).strip()
-            + ")"
-        )
-        operator = Operator(cluster, k, env={"TCP_EXPORTER_OPERATOR_PROMETHEUS": "http://prometheus.monitoring:9090"})
+        operator = Operator(cluster, k, env={"TCP_EXPORTER_OPERATOR_PROMETHEUS": prometheus.url})
         show("operator running as system:serviceaccount:tcp-exporter:tcp-exporter-operator")
 
         step("Applying the annotated sample: kubectl apply -k manifests/samples/")
@@ -95,17 +104,14 @@ def main() -> int:
         show(k("get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}"))
 
         step(f"Running its pod as a kubelet would, and opening {CONNECTIONS} connections to the app")
-        with lan(1, host=True) as net:
+        with lan(MAX_PODS, host=True) as net:
             kubelet = Kubelet(api, NAMESPACE, net)
-            prometheus = None
             try:
-                (pod,) = kubelet.pods_of(NAME, 1)
-                running = kubelet.run(pod)
+                (running,) = wait_for(lambda: kubelet.sync(NAME) or None, 60, "the pod")
                 kubelet.connect(running, CONNECTIONS)
-                args = next(c["args"] for c in pod["spec"]["containers"] if c["name"] == "tcp-exporter")
+                args = next(c["args"] for c in template["spec"]["containers"] if c["name"] == "tcp-exporter")
                 show(f"pod {running.name} ({running.ip}, network namespace {running.netns})")
                 show(f"sidecar: tcp-exporter {' '.join(args)}")
-                show(k("get", "pods", "-n", NAMESPACE, "-o", "wide"))
 
                 def metric() -> str | None:
                     try:
@@ -121,44 +127,51 @@ def main() -> int:
                     "$ curl :9100/metrics | grep established\n"
                     + wait_for(lambda: in_netns(net.lan, metric), 30, "the exporter")
                 )
-                step("Prometheus finds the pod through Kubernetes discovery; KEDA's query and replica count")
-                prometheus = Prometheus(
-                    documented_jobs(("tcp-exporter", "kubernetes-pods"), cluster.kubeconfig, NAMESPACE)
-                )
+                step("Prometheus finds the pod through Kubernetes discovery; KEDA reads the query")
                 trigger = so["spec"]["triggers"][0]["metadata"]
-                value = wait_for(lambda: prometheus.query(trigger["query"]), 60, "Prometheus to scrape")
-
-                def scraping() -> list[str] | None:
-                    up = sorted({t["labels"]["job"] for t in prometheus.targets() if t["health"] == "up"})  # type: ignore[union-attr]
-                    return up if len(up) == 2 else None
-
-                jobs = wait_for(scraping, 60, "both scrape jobs to scrape the pod")
-                replicas = keda_replicas(
-                    value, int(trigger["threshold"]), so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]
-                )
-                show(f"scraped by: {', '.join(jobs)} (two jobs, each pod counted once)")
+                value = wait_for(lambda: prometheus.query(trigger["query"]), 60, "Prometheus to scrape")  # type: ignore[union-attr]
                 show(f"query:     {trigger['query']}")
-                show(f"value:     {value:.0f} connections")
-                show(f"threshold: {trigger['threshold']} per replica (AverageValue)")
-                show(
-                    f"KEDA would run ceil({value:.0f} / {trigger['threshold']}) = {replicas} replicas "
-                    f"(between {so['spec']['minReplicaCount']} and {so['spec']['maxReplicaCount']})"
-                )
-                kubelet.kill_sidecar(running)
-                gone = wait_for(lambda: prometheus.query(trigger["query"]) is None, 60, "the value to go")
-                show(
-                    f"sidecar killed: the query returns {'no value' if gone else 'a value'}, not 0; with "
-                    f'ignoreNullValues: "false" KEDA applies its fallback ({so["spec"]["fallback"]["behavior"]}) '
-                    "and does not scale in"
-                )
+                show(f"value:     {value:.0f} connections, threshold {trigger['threshold']} per replica")
+
+                step("KEDA's HPA scales the Deployment (kubectl get hpa,deployment)")
+                started = time.monotonic()
+                want = math.ceil(value / int(trigger["threshold"]))
+
+                def replicas() -> int:
+                    kubelet.sync(NAME)
+                    return int(
+                        json.loads(k("get", "deployment", NAME, "-n", NAMESPACE, "-o", "json"))["spec"]["replicas"]
+                    )
+
+                wait_for(lambda: replicas() == want, 120, f"the HPA to scale to {want}", 0.5)
+                took = time.monotonic() - started
+                wait_for(lambda: len(kubelet.sync(NAME)) == want, 60, f"{want} pods to run")
+                show(k("get", "hpa,deployment", "-n", NAMESPACE))
+                show(f"1 -> {want} replicas, {took:.0f} s after Prometheus saw {value:.0f} connections")
+                show(k("get", "pods", "-n", NAMESPACE, "-o", "wide"))
+
+                step("Every sidecar killed: the query returns nothing, KEDA falls back and does not scale in")
+                for pod in kubelet.sync(NAME):
+                    kubelet.kill_sidecar(pod)
+                wait_for(lambda: prometheus.query(trigger["query"]) is None, 60, "the value to go")  # type: ignore[union-attr]
+
+                def fallback() -> bool:
+                    status = json.loads(k("get", "scaledobject", NAME, "-n", NAMESPACE, "-o", "json")).get("status", {})
+                    return any(c["type"] == "Fallback" and c["status"] == "True" for c in status.get("conditions", []))
+
+                wait_for(fallback, 120, "KEDA's Fallback condition", 1)
+                show(k("get", "scaledobject", NAME, "-n", NAMESPACE))
+                show(f"fallback ({so['spec']['fallback']['behavior']}): still {replicas()} replicas")
             finally:
-                if prometheus is not None:
-                    prometheus.stop()
                 kubelet.close()
     finally:
-        step("Cleaning up: operator, control plane, namespaces")
+        step("Cleaning up: operator, KEDA, Prometheus, control plane, namespaces")
         if operator is not None:
             operator.close()
+        if prometheus is not None:
+            prometheus.stop()
+        if keda is not None:
+            keda.stop()
         cluster.stop()
     show("done; nothing left running")
     return 0

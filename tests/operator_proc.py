@@ -214,6 +214,14 @@ class Kube:
         wait_for(seen, 60, "the deployment controller to see the latest template")
         return self.replicasets(name)
 
+    def hpa(self, name: str) -> Any:
+        try:
+            return self.autoscaling.read_namespaced_horizontal_pod_autoscaler(name, self.ns)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def replicasets(self, name: str) -> int:
         return len(
             [

@@ -41,6 +41,7 @@ class Kubelet:
         self.app_port = app_port
         self.free = list(range(len(net.pods)))
         self.pods: dict[str, RunningPod] = {}
+        self.owned: dict[str, set[str]] = {}  # Deployment -> names of the pods run for it by sync()
 
     def pods_of(self, deployment: str, count: int, timeout: float = 60) -> list[dict[str, Any]]:
         """Wait until the Deployment has `count` pods with the sidecar; return them. Pods of the template before
@@ -100,6 +101,38 @@ class Kubelet:
         running = RunningPod(name, ns, ip, server, proc)
         self.pods[name] = running
         return running
+
+    def sync(self, deployment: str) -> list[RunningPod]:
+        """Do what a kubelet does between two looks: run the Deployment's new pods, let go of deleted ones.
+        Returns the running pods of the Deployment, oldest first."""
+        labels = self.apps.read_namespaced_deployment(deployment, self.ns).spec.selector.match_labels
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        items = self.core.list_namespaced_pod(self.ns, label_selector=selector).items
+        live = [
+            p
+            for p in sorted(items, key=lambda p: (p.metadata.creation_timestamp, p.metadata.name))
+            if p.metadata.deletion_timestamp is None and any(c.name == "tcp-exporter" for c in p.spec.containers)
+        ]
+        names = {p.metadata.name for p in live}
+        owned = self.owned.setdefault(deployment, set())
+        for name in owned - names:
+            self.release(name)
+            owned.discard(name)
+        for pod in live:
+            if pod.metadata.name not in self.pods:
+                self.run(client.ApiClient().sanitize_for_serialization(pod))
+                owned.add(pod.metadata.name)
+        return [self.pods[p.metadata.name] for p in live]
+
+    def release(self, name: str) -> None:
+        """The pod is gone: stop its sidecar, close its sockets, free its slot."""
+        pod = self.pods.pop(name)
+        if pod.sidecar.poll() is None:
+            pod.sidecar.terminate()
+            pod.sidecar.wait(timeout=10)
+        for s in [*pod.clients, pod.server]:
+            s.close()
+        self.free.append(self.net.pods.index(pod.netns))
 
     def connect(self, pod: RunningPod, count: int) -> None:
         """`count` client connections from the lan to the pod's app port, each accepted by its server."""

@@ -9,7 +9,6 @@ cached outside the repository like the control plane.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import socket
 import subprocess
@@ -62,11 +61,6 @@ def rule_file(folder: Path) -> Path:
     path = folder / "tcp-exporter-rules.yaml"
     path.write_text(yaml.safe_dump(rule["spec"]))
     return path
-
-
-def keda_replicas(value: float, threshold: int, minimum: int, maximum: int) -> int:
-    """What KEDA (through the HPA) asks for with metricType AverageValue: ceil(value / threshold), clamped."""
-    return max(minimum, min(maximum, math.ceil(value / threshold)))
 
 
 def documented_jobs(names: tuple[str, ...], kubeconfig: str, namespace: str) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import pytest
 from helpers import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from localkube.cluster import CRDS
+from localkube.cluster import CRDS, install_crds
 from operator_proc import KEDA, REPO, Audit, Kube, Operator, deployment, injected, operator_writes
 
 pytestmark = pytest.mark.cluster
@@ -219,7 +219,7 @@ def test_a_scaledobject_deleted_or_a_sidecar_removed_by_hand_is_restored(operato
 
 
 def test_scaledobjects_appear_when_keda_is_installed_after_the_operator(
-    operator: Operator, kube: Kube, kubectl: Callable[..., str]
+    operator: Operator, kube: Kube, kubectl: Callable[..., str], cluster: Any
 ) -> None:
     kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=true")
     try:
@@ -228,8 +228,7 @@ def test_scaledobjects_appear_when_keda_is_installed_after_the_operator(
         warning = wait_for(lambda: kube.events("late", "Warning"), 30, "a Warning Event")
         assert warning[0].reason == "KedaMissing"
     finally:
-        kubectl("apply", "-f", str(CRDS / "keda.yaml"))
-        kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=30s")
+        install_crds(cluster)
     wait_for(lambda: kube.scaled_object("late"), 60, "the ScaledObject once KEDA is there")
 
 

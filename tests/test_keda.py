@@ -1,0 +1,95 @@
+"""The whole chain on real parts: annotated Deployment -> the operator's ScaledObject -> real KEDA (operator and
+metrics adapter behind the aggregation layer) -> the HPA controller -> the Deployment's replica count, with pods
+run as a kubelet would (the real sidecar in a network namespace each) and a real Prometheus discovering them.
+
+Nothing here computes KEDA's arithmetic: the replica counts asserted are the ones the HPA writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import pytest
+from conftest import need
+from helpers import wait_for
+from netns import lan
+from operator_proc import Kube, Operator, deployment, injected
+from podsim import Kubelet
+from promstack import Prometheus, documented_jobs
+
+pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.prometheus, pytest.mark.keda]
+
+NAME = "game-proxy.eu-1"
+THRESHOLD = 100
+MAX = 6
+
+
+def test_keda_and_the_hpa_scale_out_scale_in_and_hold_on_missing_data(
+    operator: Operator, keda: Any, kube: Kube, cluster: Any, api: Any
+) -> None:
+    need(os.geteuid() == 0, "network namespaces need root")
+    with lan(MAX + 1, host=True) as net:
+        kubelet = Kubelet(api, kube.ns, net)
+        prom = Prometheus(documented_jobs(("tcp-exporter",), cluster.kubeconfig, kube.ns))
+        try:
+            kube.create(
+                deployment(
+                    NAME,
+                    {
+                        "tcp-exporter/port": "web",
+                        "tcp-exporter/threshold": str(THRESHOLD),
+                        "tcp-exporter/max-replicas": str(MAX),
+                        "tcp-exporter/prometheus": prom.url,
+                        # Short, so that the scale-in is seen within the test; the default is the HPA's 300 s.
+                        "tcp-exporter/scale-down-stabilization": "5",
+                    },
+                )
+            )
+            so = injected(kube, NAME)
+            query = so["spec"]["triggers"][0]["metadata"]["query"]
+
+            def replicas() -> int:
+                kubelet.sync(NAME)
+                return int(kube.get(NAME).spec.replicas)
+
+            def settled_at(want: int, timeout: float, what: str) -> float:
+                started = time.monotonic()
+                wait_for(lambda: replicas() == want, timeout, what, 0.5)
+                return time.monotonic() - started
+
+            (first,) = wait_for(lambda: kubelet.sync(NAME) or None, 60, "the first pod to run")
+            hpa = wait_for(lambda: kube.hpa(f"keda-hpa-{so['metadata']['name']}"), 60, "KEDA's HPA")
+            assert hpa.spec.max_replicas == MAX
+
+            # Step up: 450 connections -> ceil(450 / 100) = 5 replicas, written by the HPA.
+            kubelet.connect(first, 450)
+            wait_for(lambda: prom.query(query) == 450, 30, "Prometheus to see 450 connections")
+            up = settled_at(math.ceil(450 / THRESHOLD), 90, "the HPA to scale out to 5")
+            # Step down: 150 -> 2 replicas once the stabilization window has passed.
+            for s in first.clients[150:]:
+                s.close()
+            del first.clients[150:]
+            wait_for(lambda: prom.query(query) == 150, 30, "Prometheus to see 150 connections")
+            down = settled_at(2, 120, "the HPA to scale in to 2")
+            print(f"\nreaction: scale-out {up:.1f} s, scale-in {down:.1f} s (stabilization 5 s)")
+
+            # Every sidecar gone: the query returns nothing, KEDA falls back, and the replicas do not drop.
+            for pod in kubelet.sync(NAME):
+                kubelet.kill_sidecar(pod)
+            wait_for(lambda: prom.query(query) is None, 30, "the query to return nothing")
+
+            def fallback_active() -> bool:
+                status = kube.scaled_object(NAME).get("status", {})  # type: ignore[union-attr]
+                return any(c["type"] == "Fallback" and c["status"] == "True" for c in status.get("conditions", []))
+
+            wait_for(fallback_active, 120, "KEDA's Fallback condition", 1)
+            held_until = time.monotonic() + 30  # two more HPA periods on the fallback
+            while time.monotonic() < held_until:
+                assert int(kube.get(NAME).spec.replicas) == 2, "the replica count dropped on missing data"
+                time.sleep(1)
+        finally:
+            prom.stop()
+            kubelet.close()
