@@ -1,11 +1,19 @@
 """Operator benchmark: N annotated Deployments created at once on a fresh local control plane.
 
     python -m bench.operator [--counts 100,1000] [--json PATH]
+    python -m bench.operator --scale [--populations 0,5000,20000] [--annotated 1000] [--namespaces 200]
 
 Reports the time until every Deployment is converged (sidecar injected and
 ScaledObject created), the operator's API writes per Deployment from the
 audit log (successful, and rejected as conflicts), its writes during a no-op
 resync (an operator restart re-lists everything), and its peak RSS.
+
+--scale: the operator among many Deployments that are not its business, as in a real cluster. For each
+population of unannotated Deployments (replicas 0, spread over many namespaces; one cluster that grows), a bare
+client (8 threads, kept-alive) first does the operator's writes for 1,000 annotated Deployments (read, the
+planner's JSON patch, the ScaledObject create, 2 Events); then the operator starts and 1,000 more annotated
+Deployments are created 8 s later: the time to converge them, against the bare client's; then a restart with
+one annotation changed meanwhile: the time to that write, and the writes once in sync; and the RSS.
 """
 
 from __future__ import annotations
@@ -144,6 +152,166 @@ def run_count(api: Any, op: Operator, audit_log: str, n: int) -> dict[str, Any]:
     }
 
 
+def create_many(apps: Any, bodies: list[tuple[str, dict[str, Any]]]) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda nb: apps.create_namespaced_deployment(nb[0], nb[1], _preload_content=False), bodies))
+
+
+def delete_many(apps: Any, bodies: list[tuple[str, dict[str, Any]]]) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(
+            pool.map(
+                lambda nb: apps.delete_namespaced_deployment(
+                    nb[1]["metadata"]["name"], nb[0], propagation_policy="Background", _preload_content=False
+                ),
+                bodies,
+            )
+        )
+
+
+def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> float:
+    """The operator's writes for `count` annotated Deployments, done by a bare official client: the baseline."""
+    from tcp_exporter_operator import builders
+    from tcp_exporter_operator.config import Config
+    from tcp_exporter_operator.kube import Kube
+
+    apps = client.AppsV1Api(api)
+    bodies = []
+    for i in range(count):
+        body = deployment(f"{tag}-{i:04d}")
+        body["spec"]["replicas"] = 0
+        bodies.append((namespaces[i % len(namespaces)], body))
+    create_many(apps, bodies)
+    kube = Kube(lambda: api.configuration)
+    cfg = Config()
+
+    def one(nb: tuple[str, dict[str, Any]]) -> None:
+        namespace, body = nb
+        current = kube.get_deployment(namespace, body["metadata"]["name"])
+        assert current is not None
+        plan = builders.plan(current, builders.Facts(), cfg)
+        assert plan.deployment_patch is not None and plan.scaled_object is not None
+        kube.patch_deployment(namespace, body["metadata"]["name"], plan.deployment_patch)
+        kube.create_child(plan.scaled_object)
+        for event in plan.events[:2]:
+            kube.post_event(current, event)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, bodies))
+    took = time.monotonic() - started
+    # Gone again before the operator starts: it is to track the 1,000 of its own run, not these too.
+    delete_many(apps, bodies)
+    return took
+
+
+def run_scale(
+    cluster: Any, run_kubectl: Any, api: Any, populations: list[int], annotated: int, spread: int
+) -> list[dict[str, Any]]:
+    core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    namespaces = [f"pop-{i:03d}" for i in range(spread)]
+    for ns in namespaces:
+        core.create_namespace({"metadata": {"name": ns}}, _preload_content=False)
+    rows: list[dict[str, Any]] = []
+    present = 0
+    for target in populations:
+        log(f"population {target:,}: creating {target - present:,} unannotated Deployments in {spread} namespaces")
+        bodies = []
+        for i in range(present, target):
+            body = deployment(f"other-{i:05d}")
+            body["metadata"]["annotations"] = {}
+            body["spec"]["replicas"] = 0
+            bodies.append((namespaces[i % spread], body))
+        create_many(apps, bodies)
+        present = target
+        baseline = bare_client(api, namespaces, annotated, f"base{target}")
+        log(f"  bare client: {annotated} Deployments in {baseline:.1f} s")
+
+        op = Operator(cluster, run_kubectl)
+        started = time.monotonic()
+        try:
+            time.sleep(8)  # the operator has started; users keep working
+            tag = f"ann{target}"
+            bodies = []
+            for i in range(annotated):
+                body = deployment(f"{tag}-{i:04d}")
+                body["spec"]["replicas"] = 0
+                bodies.append((namespaces[i % spread], body))
+            created_at = time.monotonic()
+            create_many(apps, bodies)
+
+            def converged(tag: str = tag) -> bool:
+                items = custom.list_cluster_custom_object("keda.sh", "v1alpha1", "scaledobjects")["items"]
+                return sum(1 for so in items if so["metadata"]["name"].startswith(tag + "-")) >= annotated
+
+            wait_for(converged, 1200, f"{annotated} Deployments to converge", interval=1)
+            took = time.monotonic() - created_at
+            peak = peak_rss_mb(op.proc.pid) if op.proc else float("nan")
+            after = rss_now_mb(op.proc.pid) if op.proc else float("nan")
+            log(f"  operator: converged in {took:.1f} s ({took / baseline:.2f}x), peak RSS {peak:.0f} MB")
+
+            op.stop()
+            ns0, first = namespaces[0], f"{tag}-0000"
+            apps.patch_namespaced_deployment(
+                first, ns0, {"metadata": {"annotations": {"tcp-exporter/threshold": "77"}}}
+            )
+            mark = Path(cluster.audit_log).stat().st_size
+            restarted = time.monotonic()
+            op.start()
+
+            def updated(ns0: str = ns0, first: str = first) -> bool:
+                so = custom.get_namespaced_custom_object("keda.sh", "v1alpha1", ns0, "scaledobjects", first)
+                return bool(so["spec"]["triggers"][0]["metadata"]["threshold"] == "77")
+
+            wait_for(updated, 300, "the write after the restart", interval=0.2)
+            first_write = time.monotonic() - restarted
+            time.sleep(30)  # the writes a restart costs once in sync: counted over a while, not awaited
+            writes = sum(
+                1
+                for line in Path(cluster.audit_log).read_bytes()[mark:].decode().splitlines()
+                if line
+                and (e := json.loads(line))["user"]["username"] == USER
+                and e["stage"] == "ResponseComplete"
+                and e.get("objectRef", {}).get("resource") not in ("events",)
+            )
+            log(f"  restart: first write after {first_write:.1f} s; {writes} writes in the 30 s after it")
+        finally:
+            op.close()
+        # The next population's operator is to track its own 1,000, not these too.
+        delete_many(apps, bodies)
+        rows.append(
+            {
+                "population": target,
+                "annotated": annotated,
+                "namespaces": spread,
+                "bare_client_seconds": baseline,
+                "operator_seconds": took,
+                "ratio": took / baseline,
+                "restart_first_write_seconds": first_write,
+                "restart_writes": writes,
+                "operator_peak_rss_mb": peak,
+                "operator_rss_after_convergence_mb": after,
+                "since_start_seconds": time.monotonic() - started,
+            }
+        )
+    return rows
+
+
+def print_scale(rows: list[dict[str, Any]]) -> None:
+    print("\n## Operator among unannotated Deployments (1,000 annotated created 8 s after start)\n")
+    print(
+        "| other Deployments | namespaces | bare client s | operator s | ratio | restart: first write s "
+        "| writes once in sync | peak RSS MB | RSS after convergence MB |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['population']:,} | {r['namespaces']} | {r['bare_client_seconds']:.1f} | {r['operator_seconds']:.1f} "
+            f"| {r['ratio']:.2f} | {r['restart_first_write_seconds']:.1f} | {r['restart_writes'] - 1} "
+            f"| {r['operator_peak_rss_mb']:.0f} | {r['operator_rss_after_convergence_mb']:.0f} |"
+        )
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("\n## Operator: Deployments created at once\n")
     print(
@@ -164,8 +332,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", default="100,1000")
-    parser.add_argument("--json", default=str(RESULTS / "operator.json"))
+    parser.add_argument("--scale", action="store_true", help="the operator among many unannotated Deployments")
+    parser.add_argument("--populations", default="0,5000,20000")
+    parser.add_argument("--annotated", type=int, default=1000)
+    parser.add_argument("--namespaces", type=int, default=200)
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    args.json = args.json or str(RESULTS / ("operator-scale.json" if args.scale else "operator.json"))
     cluster = localkube.temporary()
     rows = []
     try:
@@ -177,8 +350,15 @@ def main() -> int:
             ).stdout
 
         run_kubectl("apply", "-k", str(REPO / "manifests"))
-        op = Operator(cluster, run_kubectl)
         api = config.new_client_from_config(config_file=cluster.kubeconfig)
+        api.configuration.connection_pool_maxsize = 16
+        if args.scale:
+            populations = [int(x) for x in args.populations.split(",") if x]
+            scale = run_scale(cluster, run_kubectl, api, populations, args.annotated, args.namespaces)
+            print_scale(scale)
+            write_results(args.json, scale)
+            return 0
+        op = Operator(cluster, run_kubectl)
         try:
             for n in (int(x) for x in args.counts.split(",") if x):
                 rows.append(run_count(api, op, cluster.audit_log, n))

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -66,8 +67,12 @@ class Operator:
         kubectl: Callable[..., str],
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        wrap: list[str] | None = None,
     ) -> None:
+        """`env` adds to (or, KUBECONFIG included, replaces) the process environment; `wrap` is a command the
+        operator runs under (for example a private mount namespace)."""
         self.args = args or []
+        self.wrap = wrap or []
         self.cluster = cluster
         token = kubectl("-n", NAMESPACE, "create", "token", SERVICE_ACCOUNT, "--duration=24h").strip()
         config = json.loads(Path(cluster.kubeconfig).read_text())
@@ -90,7 +95,14 @@ class Operator:
         self.health = free_port()
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's life
         self.proc = subprocess.Popen(
-            [OPERATOR, "run", f"--liveness=http://127.0.0.1:{self.health}/healthz", "--log-level=debug", *self.args],
+            [
+                *self.wrap,
+                OPERATOR,
+                "run",
+                f"--liveness=http://127.0.0.1:{self.health}/healthz",
+                "--log-level=debug",
+                *self.args,
+            ],
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -106,6 +118,14 @@ class Operator:
                 return False
 
         wait_for(healthy, 60, "the operator's liveness endpoint")
+
+    def liveness(self) -> int:
+        """The HTTP status of the operator's liveness endpoint (kopf's, with the operator's probes)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health}/healthz", timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -150,7 +150,7 @@ def test_audit_log_records_writes_by_client_name(api: Any, cluster: Any, namespa
     ]
 
 
-def test_scaledobject_crd_enforces_kedas_constraints(api: Any, namespace: str) -> None:
+def test_kedas_real_scaledobject_crd_refuses_number_metadata_and_a_nameless_target(api: Any, namespace: str) -> None:
     custom = client.CustomObjectsApi(api)
 
     def scaled_object(metadata: dict[str, Any], **trigger: Any) -> dict[str, Any]:
@@ -170,9 +170,7 @@ def test_scaledobject_crd_enforces_kedas_constraints(api: Any, namespace: str) -
     with pytest.raises(ApiException) as number:
         create(scaled_object({"threshold": 100}))
     assert number.value.status == 422
-    with pytest.raises(ApiException) as metric_type:
-        create(scaled_object({"threshold": "100"}, metricType="Average"))
-    assert metric_type.value.status == 422
+    # (metricType's values are checked by KEDA's admission webhook, not by its CRD: not run here.)
     no_name = scaled_object({"threshold": "100"})
     del no_name["spec"]["scaleTargetRef"]["name"]
     with pytest.raises(ApiException) as missing:

@@ -402,3 +402,27 @@ def test_config_reads_prefixed_environment_and_rejects_bad_numbers() -> None:
     with pytest.raises(ValueError, match="TCP_EXPORTER_OPERATOR_DISCOVERY"):
         Config.from_env({"TCP_EXPORTER_OPERATOR_DISCOVERY": "annotations,dns"})
     assert Config.from_env({"TCP_EXPORTER_OPERATOR_DISCOVERY": "port-name"}).discovery == ("port-name",)
+
+
+def test_a_new_sidecar_image_in_the_configuration_is_a_paced_upgrade_the_users_change_is_not() -> None:
+    dep = applied(stored(), plan(stored(), Facts(), CFG))
+    so = plan(stored(), Facts(), CFG).scaled_object
+    new_image = Config(sidecar_image="ghcr.io/tcp-exporter/tcp-exporter:9.9.9")
+    waiting = plan(dep, Facts(scaled_object=so, rollout_slot=False), new_image)
+    assert waiting.upgrade_deferred and waiting.deployment_patch is None and waiting.events == []
+    going = plan(dep, Facts(scaled_object=so, rollout_slot=True), new_image)
+    assert going.upgrade and going.deployment_patch is not None
+    assert [e.reason for e in going.events] == ["Upgraded"]
+    # The user's own change is never held back, even with no slot free.
+    dep["metadata"]["annotations"]["tcp-exporter/cpu-limit"] = "500m"
+    mine = plan(dep, Facts(scaled_object=so, rollout_slot=False), new_image)
+    assert mine.deployment_patch is not None and not mine.upgrade and not mine.upgrade_deferred
+
+
+def test_a_status_written_before_inputs_were_recorded_counts_as_an_upgrade() -> None:
+    dep = applied(stored(), plan(stored(), Facts(), CFG))
+    status = json.loads(dep["metadata"]["annotations"][builders.A_STATUS])
+    del status["inputs"]
+    status["hash"] = "0" * 16  # and its sidecar differs from today's
+    dep["metadata"]["annotations"][builders.A_STATUS] = json.dumps(status)
+    assert plan(dep, Facts(rollout_slot=False), CFG).upgrade_deferred

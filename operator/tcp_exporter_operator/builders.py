@@ -21,6 +21,7 @@ from tcp_exporter import __version__
 from tcp_exporter import contract as sidecar
 
 from tcp_exporter_operator.config import Config
+from tcp_exporter_operator.events import LABELS, Event
 
 PREFIX = "tcp-exporter/"
 A_PORT = PREFIX + "port"
@@ -49,10 +50,20 @@ A_PROMETHEUS_NAMESPACE = PREFIX + "prometheus-namespace"
 A_CUSTOM_HEADERS = PREFIX + "custom-headers"
 A_UNSAFE_SSL = PREFIX + "unsafe-ssl"
 
+# The annotations that shape the injected sidecar (not the ScaledObject): a change of one of them is the user's.
+SIDECAR_INPUTS = (
+    A_PORT,
+    A_METHOD,
+    A_IMAGE,
+    A_METRICS_PORT,
+    A_CPU_REQUEST,
+    A_CPU_LIMIT,
+    A_MEMORY_REQUEST,
+    A_MEMORY_LIMIT,
+)
+
 CONTAINER = "tcp-exporter"
 METRICS_PORT_NAME = "tcp-metrics"
-MANAGED_BY = "tcp-exporter-operator"
-LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 PROMETHEUS_SCRAPE = "prometheus.io/scrape"
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 INJECTABLE_METHODS = ("sockdiag", "conntrack", "psutil")
@@ -123,6 +134,7 @@ class Spec:
     prometheus: str
     scaled_object: bool
     resources: dict[str, dict[str, str]]
+    inputs: str = ""  # a digest of the user's annotations that shape the sidecar (SIDECAR_INPUTS)
     annotate: bool = True  # whether Prometheus finds sidecars by prometheus.io/* annotations (the discovery setting)
     deployment: str = ""  # the Deployment's name: the sidecar labels its series with it, the query selects on it
     pod_monitor_labels: dict[str, str] = field(default_factory=dict)
@@ -139,16 +151,11 @@ class Facts:
     scaled_object: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
     foreign_autoscalers: tuple[str, ...] = ()  # e.g. "HorizontalPodAutoscaler/web"
     pod_monitor: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
+    # Whether an upgrade rollout (a sidecar change that is the operator's, not the user's) may start now.
+    rollout_slot: bool = True
     # Whether the installed KEDA knows fallback.behavior (2.17+). An older one would drop the field and apply
     # its fixed behavior, scaling to fallback.replicas: there the operator writes no fallback at all.
     keda_fallback_behavior: bool = True
-
-
-@dataclass
-class Event:
-    type: str  # Normal or Warning
-    reason: str
-    message: str
 
 
 @dataclass
@@ -161,6 +168,10 @@ class Plan:
     pod_monitor: dict[str, Any] | None = None
     pod_monitor_action: str | None = None  # create, update, delete
     events: list[Event] = field(default_factory=list)
+    # The Deployment patch is an upgrade: the sidecar changes for the operator's reasons (a new image or default),
+    # not the user's. Such rollouts are paced; `upgrade_deferred` means one waits for a slot (no patch planned).
+    upgrade: bool = False
+    upgrade_deferred: bool = False
 
     @property
     def writes(self) -> int:
@@ -393,6 +404,7 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
             )
     return Spec(
         deployment=deployment["metadata"]["name"],
+        inputs=_digest({key: annotations.get(key) for key in SIDECAR_INPUTS}),
         annotate="annotations" in cfg.discovery,
         pod_monitor_labels=parse_pod_monitor_labels(annotations, cfg),
         keda=parse_keda(annotations, cfg, min_replicas, max_replicas),
@@ -468,10 +480,12 @@ def _digest(value: Any) -> str:
 
 
 def status(spec: Spec, pod_annotations: Mapping[str, str]) -> dict[str, Any]:
-    """What tcp-exporter/status records: enough to undo the injection, and a hash to tell drift."""
+    """What tcp-exporter/status records: enough to undo the injection, a hash to tell drift, and a digest of the
+    user's annotations that shape the sidecar, to tell an upgrade of the operator from a change of the user's."""
     injected = {"container": sidecar_container(spec), "podAnnotations": dict(pod_annotations)}
     return {
         "version": __version__,
+        "inputs": spec.inputs,
         "ports": list(spec.ports),
         "method": spec.method,
         "podAnnotations": sorted(pod_annotations),
@@ -788,15 +802,22 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     desired = inject(deployment, spec)
     paths = discovery_paths(deployment, spec, facts, cfg)
     if not in_sync(deployment, desired):
-        result.deployment_patch = deployment_patch(deployment, desired)
-        verb = "Updated" if recorded else "Injected"
-        result.events.append(
-            Event(
-                "Normal",
-                verb,
-                f"{verb.lower()} the {CONTAINER} sidecar (port {','.join(map(str, spec.ports))}, method {spec.method})",
-            )
+        wanted_status = recorded_status(desired) or {}
+        upgrade = bool(
+            recorded
+            and recorded.get("inputs") in (None, spec.inputs)  # None: recorded by a release before inputs
+            and recorded.get("hash") != wanted_status.get("hash")
         )
+        if upgrade and not facts.rollout_slot:
+            result.upgrade_deferred = True
+        else:
+            result.deployment_patch = deployment_patch(deployment, desired)
+            result.upgrade = upgrade
+            verb = "Updated" if recorded else "Injected"
+            what = f"port {','.join(map(str, spec.ports))}, method {spec.method}"
+            if upgrade:
+                verb, what = "Upgraded", f"{(recorded or {}).get('version', '?')} -> {wanted_status.get('version')}"
+            result.events.append(Event("Normal", verb, f"{verb.lower()} the {CONTAINER} sidecar ({what})"))
     wanted_pm = pod_monitor(deployment, spec) if "podmonitor" in paths else None
     result.pod_monitor_action = child_action(wanted_pm, facts.pod_monitor)
     result.pod_monitor = wanted_pm if wanted_pm is not None else dict(facts.pod_monitor or {})

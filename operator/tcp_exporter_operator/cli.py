@@ -120,9 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "render":
         return render(args.filename, args.psa_level, cfg)
-    # kopf imports the official Kubernetes client for its login helpers whenever it is installed (as in a
-    # development environment); the operator logs in and calls the API without it, so keep it out: ~18 MB.
-    sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
     import kopf
 
     from tcp_exporter_operator import handlers  # noqa: F401 - registers the handlers
@@ -138,6 +135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         peering_name=args.peering,
         priority=args.priority if args.priority is not None else secrets.randbelow(1 << 30),
         liveness_endpoint=args.liveness,
-        memo=kopf.Memo(config=cfg),
+        memo=kopf.Memo(config=cfg, namespaces=tuple(namespaces)),
     )
     return 0

@@ -33,6 +33,9 @@ class Config:
     memory_request: str = "32Mi"
     memory_limit: str = "96Mi"
     namespaces: tuple[str, ...] = field(default=())
+    credentials_grace: int = 60  # seconds of refused credentials before liveness fails
+    # Upgrade rollouts (the sidecar changes because the operator's image or defaults did) at once, at most.
+    max_concurrent_rollouts: int = 3
     discovery: tuple[str, ...] = ("annotations", "podmonitor")
     pod_monitor_labels: str = ""  # key=value,key=value, e.g. release=kube-prometheus-stack
     # KEDA: the ScaledObject and its Prometheus trigger. Empty means "not set": KEDA's own default applies.

@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import http.client
+import json
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import urllib3
 
 from tcp_exporter_operator import builders
-from tcp_exporter_operator.builders import A_PORT, A_STATUS, MANAGED_BY, PSA_ENFORCE, Event, Facts, Plan
+from tcp_exporter_operator.builders import A_PORT, A_STATUS, PSA_ENFORCE, Facts, Plan
 from tcp_exporter_operator.config import Config
-from tcp_exporter_operator.kube import ApiError, Conflict, Kube
+from tcp_exporter_operator.events import MANAGED_BY, Event
+from tcp_exporter_operator.kube import ApiError, Conflict, Kube, load_configuration
 
 log = logging.getLogger(__name__)
 KEDA_CRD = "scaledobjects.keda.sh"
@@ -40,17 +43,33 @@ def tracked(annotations: Mapping[str, str], **_: Any) -> bool:
     return A_PORT in annotations or A_STATUS in annotations
 
 
-def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
-    """In-cluster ServiceAccount, else KUBECONFIG: kopf's own minimal logins, no client library."""
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
-    if info is None:
-        raise kopf.LoginError("no in-cluster ServiceAccount and no KUBECONFIG or ~/.kube/config")
-    return info
+def connection_info(configuration: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials from the official client's configuration: the same loader for both, so that kopf's
+    watches and the operator's writes log in (and in again, after a 401) the same way."""
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme or ("Bearer" if token else None),
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
 
 
 @kopf.on.login()
-def login_handler(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
-    return login(settings)
+def login_handler(**_: Any) -> kopf.ConnectionInfo:
+    """Called at start and again whenever the API server refuses kopf's credentials."""
+    try:
+        return connection_info(load_configuration())
+    except Exception as exc:
+        raise kopf.LoginError(f"no usable in-cluster ServiceAccount or kubeconfig: {exc}") from exc
 
 
 @kopf.on.startup()
@@ -67,17 +86,40 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.execution.max_workers = 8
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
-    memo.kube = Kube(login(settings))
+    memo.kube = Kube()
+    if not hasattr(memo, "namespaces"):
+        memo.namespaces = memo.config.namespaces
     if not settings.peering.standalone and settings.peering.mandatory:
         settings.peering.clusterwide = True  # one ClusterKopfPeering, whatever namespaces are watched
         memo.kube.ensure_peering(settings.peering.name)
     # kopf gives each object a shallow copy of this memo: state shared by all of them lives in mutable
     # containers made here, never in attributes set later from a handler.
     memo.warned = {}
+    memo.synced = {}  # uid -> unchanged(): the Deployment as last found in sync
+    memo.rollouts = Rollouts(memo.config.max_concurrent_rollouts)
     memo.awaiting = {}
     memo.so_generations = {}
-    memo.shared = {"indexes": None}
+    memo.shared = {"indexes": None}  # the live indexes, for passes over every tracked Deployment
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
+
+
+@kopf.on.probe(id="credentials")
+def credentials_probe(memo: kopf.Memo, **_: Any) -> str:
+    """Liveness fails once the API server has refused the operator's credentials, loaded afresh, for longer than
+    CREDENTIALS_GRACE seconds: a restart is then the way to new ones (a remounted token, a fixed kubeconfig)."""
+    kube: Kube = memo.kube
+    if kube.refused_since is not None:
+        with contextlib.suppress(ApiError):
+            kube.check_credentials()
+        if kube.refused_since is None and memo.shared["indexes"] is not None:
+            # Accepted again: catch up on what was refused meanwhile, without waiting for the periodic resync.
+            threading.Thread(target=full_pass, args=(memo, memo.shared["indexes"]), daemon=True).start()
+    since = kube.refused_since
+    if since is not None and time.monotonic() - since > memo.config.credentials_grace:
+        raise kopf.PermanentError(
+            f"the API server has refused the operator's credentials for {time.monotonic() - since:.0f} s"
+        )
+    return "ok"
 
 
 @kopf.on.cleanup()
@@ -88,10 +130,10 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 # -- indexes: the cluster facts a plan needs, kept by watches instead of per-event reads ---------
 
 
-@kopf.index("apps", "v1", "deployments", when=tracked)
-def deployments(namespace: str | None, name: str, **_: Any) -> dict[tuple[str | None, str], bool]:
-    # Names only: keeping every body would cost ~50 kB per Deployment; the rare full passes read afresh.
-    return {(namespace, name): True}
+# No index of Deployments: until every object of an indexed resource has been indexed once, kopf runs no
+# handler, and its bookkeeping for that grows with the square of the count (150 s of a core for 5,000
+# Deployments). Deployments are the resource a cluster has thousands of; the rare passes over the tracked
+# ones list them in pages instead (`full_pass`).
 
 
 def _child_summary(namespace: str | None, body: kopf.Body) -> dict[str | None, Any]:
@@ -102,6 +144,7 @@ def _child_summary(namespace: str | None, body: kopf.Body) -> dict[str | None, A
             "metadata": {
                 "name": meta["name"],
                 "namespace": namespace,
+                "deletionTimestamp": meta.get("deletionTimestamp"),
                 "labels": dict(meta.get("labels") or {}),
                 "ownerReferences": [
                     {"kind": r.get("kind"), "uid": r.get("uid")} for r in meta.get("ownerReferences") or []
@@ -151,11 +194,18 @@ def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[An
     ours = None
     foreign = []
     pod_monitor = next(
-        (pm for pm in list(indexes["podmonitors"].get(namespace, [])) if builders.is_ours(pm, deployment)), None
+        (
+            pm
+            for pm in list(indexes["podmonitors"].get(namespace, []))
+            if builders.is_ours(pm, deployment) and not pm["metadata"].get("deletionTimestamp")
+        ),
+        None,
     )
     # Indexes are live and updated from other threads: copy (atomically, in C) before walking.
     for so in list(indexes["scaledobjects"].get(namespace, [])):
         targets = so.get("spec", {}).get("scaleTargetRef", {}).get("name") == name
+        if so["metadata"].get("deletionTimestamp"):
+            continue  # on its way out (KEDA's finalizer holds it a moment): as good as gone
         if builders.is_ours(so, deployment):
             ours = so
         elif targets:
@@ -183,14 +233,16 @@ def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[An
 def _transient(exc: Exception) -> bool:
     if isinstance(exc, ApiError):
         return exc.status in (429, 500, 502, 503, 504)
-    return isinstance(exc, http.client.HTTPException | OSError)
+    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
 
 
 def apply(kube: Kube, deployment: Mapping[str, Any], plan: Plan, memo: kopf.Memo) -> None:
     meta = deployment["metadata"]
     if plan.deployment_patch is not None:
-        written = kube.patch_deployment(meta["namespace"], meta["name"], plan.deployment_patch)
+        written, generation = kube.patch_deployment(meta["namespace"], meta["name"], plan.deployment_patch)
         memo.awaiting[meta.get("uid")] = (written, time.monotonic() + CONSISTENCY_TIMEOUT)
+        if plan.upgrade:
+            memo.rollouts.started(meta.get("uid", ""), generation)
     events = list(plan.events)
     for kind, child, action in (
         ("ScaledObject", plan.scaled_object, plan.scaled_object_action),
@@ -231,6 +283,94 @@ def apply(kube: Kube, deployment: Mapping[str, Any], plan: Plan, memo: kopf.Memo
     warned[uid] = warnings
 
 
+def refused(kube: Kube, memo: kopf.Memo, deployment: Mapping[str, Any], exc: ApiError) -> None:
+    """A write the API server refused (RBAC, a webhook, validation): one Warning on the Deployment, posted once
+    while it holds, and no Normal Event for what was not done. The next event or resync tries again."""
+    meta = deployment["metadata"]
+    detail = exc.body
+    with contextlib.suppress(ValueError, AttributeError):  # a Status object's message, when it is one
+        detail = json.loads(exc.body).get("message", exc.body)
+    event = Event("Warning", "WriteRefused", f"the API server refused a write ({exc.status}): {detail}"[:1000])
+    warned: dict[str, set[tuple[str, str]]] = memo.warned
+    if (event.reason, event.message) not in warned.setdefault(meta.get("uid", ""), set()):
+        warned[meta.get("uid", "")].add((event.reason, event.message))
+        kube.post_event(deployment, event)
+    log.warning("reconciling %s/%s: %s", meta["namespace"], meta["name"], event.message)
+
+
+class Rollouts:
+    """Upgrade rollouts under way (at most `limit`), and the Deployments waiting for one, in arrival order.
+
+    An upgrade rollout is a sidecar change of the operator's own making (a new image or default after an
+    operator upgrade): without pacing, every annotated Deployment of the cluster would restart at once.
+    Slots are reserved before planning, since several workers plan at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.lock = threading.Lock()
+        self.active: dict[str, int | None] = {}  # uid -> generation to complete (None: reserved, not started)
+        self.waiting: dict[str, tuple[str, str]] = {}  # uid -> (namespace, name)
+
+    def reserve(self, uid: str) -> bool:
+        with self.lock:
+            if uid in self.active:
+                return True
+            if len(self.active) < self.limit:
+                self.active[uid] = None
+                return True
+            return False
+
+    def unreserve(self, uid: str) -> None:
+        with self.lock:
+            if self.active.get(uid, 0) is None:
+                del self.active[uid]
+
+    def started(self, uid: str, generation: int) -> None:
+        with self.lock:
+            self.active[uid] = generation
+            self.waiting.pop(uid, None)
+
+    def wait(self, uid: str, namespace: str, name: str) -> None:
+        with self.lock:
+            if uid not in self.waiting:
+                log.info("upgrade of %s/%s waits: %d rollouts under way", namespace, name, len(self.active))
+            self.waiting[uid] = (namespace, name)
+
+    def progress(self, uid: str, deployment: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """If this Deployment's paced rollout is over (done, or past its progress deadline), free its slot and
+        return the next waiting Deployment to reconcile."""
+        with self.lock:
+            generation = self.active.get(uid)
+            if generation is None or not rollout_over(deployment, generation):
+                return []
+            del self.active[uid]
+            if not self.waiting:
+                return []
+            next_uid = next(iter(self.waiting))
+            return [self.waiting.pop(next_uid)]
+
+
+def rollout_over(deployment: Mapping[str, Any], generation: int) -> bool:
+    """The deployment controller has rolled out `generation`: every replica updated and available, or the rollout
+    ran past its progress deadline (then the next may go: one stuck Deployment must not stop the upgrade)."""
+    status = deployment.get("status") or {}
+    if int(status.get("observedGeneration") or 0) < generation:
+        return False
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            return True
+    want = int((deployment.get("spec") or {}).get("replicas", 1))
+    return all(int(status.get(k) or 0) == want for k in ("updatedReplicas", "replicas", "availableReplicas"))
+
+
+def unchanged(deployment: Mapping[str, Any]) -> tuple[int, int]:
+    """What a plan of this Deployment depends on, of the Deployment itself: its spec (by generation) and its
+    annotations. The controllers' status updates, most of a Deployment's watch events, change neither."""
+    meta = deployment["metadata"]
+    return int(meta.get("generation") or 0), hash(tuple(sorted((meta.get("annotations") or {}).items())))
+
+
 def reconcile(
     deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Any, Any]], fresh: bool = False
 ) -> None:
@@ -246,12 +386,26 @@ def reconcile(
     for delay in (*RETRY_DELAYS, None):
         try:
             if current is None or current["metadata"].get("deletionTimestamp"):
+                memo.rollouts.unreserve(deployment["metadata"].get("uid", ""))
                 return
-            plan = builders.plan(current, facts_for(current, indexes), memo.config)
+            facts = facts_for(current, indexes)
+            uid = current["metadata"].get("uid", "")
+            plan = builders.plan(current, facts, memo.config)
+            if plan.upgrade and not memo.rollouts.reserve(uid):
+                facts.rollout_slot = False
+                plan = builders.plan(current, facts, memo.config)  # the same, but the paced patch
+                memo.rollouts.wait(uid, namespace, name)
             if plan.deployment_patch is not None and not fresh:
                 current, fresh = kube.get_deployment(namespace, name), True
                 continue
-            apply(kube, current, plan, memo)
+            try:
+                apply(kube, current, plan, memo)
+            finally:
+                memo.rollouts.unreserve(uid)  # a no-op once the rollout has started
+            if plan.writes == 0 and not plan.upgrade_deferred:
+                memo.synced[uid] = unchanged(current)
+            else:
+                memo.synced.pop(uid, None)
             log.log(
                 logging.INFO if plan.writes else logging.DEBUG,
                 "reconciled %s/%s at resourceVersion %s: %d writes",
@@ -265,6 +419,9 @@ def reconcile(
             current = kube.get_deployment(namespace, name)
             continue
         except Exception as exc:
+            if isinstance(exc, ApiError) and not (_transient(exc) and delay is not None):
+                refused(kube, memo, current or deployment, exc)
+                return
             if not _transient(exc) or delay is None:
                 raise
             log.warning("reconciling %s/%s failed (%s); retrying in %s s", namespace, name, exc, delay)
@@ -286,7 +443,7 @@ def older(version: str | None, than: str) -> bool:
         return False
 
 
-INDEXES = ("deployments", "scaledobjects", "podmonitors", "hpas", "psa_levels", "crds")
+INDEXES = ("scaledobjects", "podmonitors", "hpas", "psa_levels", "crds")
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index[Any, Any]]:
@@ -302,7 +459,13 @@ def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any)
     if type == "DELETED":
         memo.warned.pop(uid, None)
         memo.awaiting.pop(uid, None)
+        memo.synced.pop(uid, None)
         return
+    for namespace_, name_ in memo.rollouts.progress(uid, body):
+        # A paced upgrade finished here: the next waiting Deployment may roll now.
+        following = memo.kube.get_deployment(namespace_, name_)
+        if following is not None:
+            reconcile(following, memo, indexes, fresh=True)
     if uid in memo.awaiting:
         written, deadline = memo.awaiting[uid]
         if older(body["metadata"].get("resourceVersion"), written) and time.monotonic() < deadline:
@@ -315,6 +478,16 @@ def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any)
             )
             return
         del memo.awaiting[uid]
+    if memo.synced.get(uid) == unchanged(body):
+        # In sync, and nothing the plan reads of the Deployment has changed since: no need to plan again. Its
+        # children's edits come through their own events, CRDs through full passes, both planned afresh.
+        log.debug(
+            "reconciled %s/%s at resourceVersion %s: 0 writes (unchanged)",
+            body["metadata"]["namespace"],
+            body["metadata"]["name"],
+            body["metadata"].get("resourceVersion"),
+        )
+        return
     reconcile(body, memo, indexes)
 
 
@@ -352,11 +525,18 @@ def child_crd_installed(type: str, memo: kopf.Memo, **kwargs: Any) -> None:
     that were waiting for them, no restart needed."""
     if type != "ADDED":
         return
-    indexes = _indexes(kwargs)
-    for namespace, name in list(indexes["deployments"]):
-        deployment = memo.kube.get_deployment(namespace, name)
-        if deployment is not None:
-            reconcile(deployment, memo, indexes, fresh=True)
+    full_pass(memo, _indexes(kwargs))
+
+
+def full_pass(memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Any, Any]]) -> None:
+    """Reconcile every tracked Deployment, read afresh: a list in pages, then one read each."""
+    for namespace, name in memo.kube.list_tracked(memo.namespaces, tracked):
+        try:
+            deployment = memo.kube.get_deployment(namespace, name)
+            if deployment is not None:
+                reconcile(deployment, memo, indexes, fresh=True)
+        except Exception:
+            log.exception("reconciling %s/%s in a full pass failed", namespace, name)
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
@@ -369,10 +549,7 @@ async def _resync_forever(memo: kopf.Memo) -> None:
         indexes = memo.shared["indexes"]
         if indexes is None:
             continue
-        for namespace, name in list(indexes["deployments"]):
-            try:
-                deployment = await asyncio.to_thread(memo.kube.get_deployment, namespace, name)
-                if deployment is not None:
-                    await asyncio.to_thread(reconcile, deployment, memo, indexes, True)
-            except Exception:
-                log.exception("resync of %s/%s failed", namespace, name)
+        try:
+            await asyncio.to_thread(full_pass, memo, indexes)
+        except Exception:
+            log.exception("the periodic resync failed")

@@ -1,35 +1,41 @@
-"""The few API calls the operator makes, over plain HTTPS, with "already exists" and "already gone" treated as
-the non-errors they are.
+"""The few API calls the operator makes, through the official Kubernetes client, with "already exists" and
+"already gone" treated as the non-errors they are.
 
-No Kubernetes client library: kopf's own login functions give the credentials (in-cluster ServiceAccount or
-KUBECONFIG), the standard library's http.client sends a handful of JSON requests, and the operator does not
-pay the official client's 40 MB of generated models for them.
+Credentials: the client loads the in-cluster ServiceAccount (whose token file it re-reads) or the kubeconfig in
+any of its forms (exec plugins as EKS, GKE and AKS use, client certificates, tokens). A token can be revoked
+before the expiry it announced, so a 401 reloads the credentials and retries the call once. kopf logs in through
+the same loader (`handlers.login`), so its watches refresh the same way.
+
+Answers are read as plain JSON (`_preload_content=False`): the operator needs a few fields, not the client's
+generated models, and building those for every Deployment would cost more than the request.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
-import http.client
 import json
 import logging
-import os
 import socket
-import ssl
-import tempfile
-import urllib.parse
-from collections.abc import Mapping
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
-from tcp_exporter_operator.builders import MANAGED_BY, Event
+from tcp_exporter_operator.events import MANAGED_BY, Event
 
 log = logging.getLogger(__name__)
-# The objects the operator makes for a Deployment, by kind: their API group's path.
-CHILDREN = {"ScaledObject": "/apis/keda.sh/v1alpha1", "PodMonitor": "/apis/monitoring.coreos.com/v1"}
-JSON_PATCH = "application/json-patch+json"
+T = TypeVar("T")
+# The objects the operator makes for a Deployment, by kind: (group, version, plural).
+CHILDREN = {
+    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+    "PodMonitor": ("monitoring.coreos.com", "v1", "podmonitors"),
+}
 REQUEST_TIMEOUT = 15.0
+JSON_PATCH = "application/json-patch+json"  # said explicitly: the client would guess merge-patch for some APIs
+POOL_SIZE = 16  # above kopf's worker count, so no request waits for a connection
 
 
 class ApiError(Exception):
@@ -45,148 +51,200 @@ class Conflict(Exception):
     """The object changed since it was read: read it again and re-plan."""
 
 
-def _data(value: str | bytes) -> bytes:
-    """kubeconfig *-data fields are base64 of PEM."""
-    raw = value.encode() if isinstance(value, str) else value
-    return raw if raw.lstrip().startswith(b"-----") else base64.b64decode(raw)
-
-
-def tls_context(info: kopf.ConnectionInfo) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if info.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    elif info.ca_path:
-        ctx.load_verify_locations(cafile=os.fsdecode(info.ca_path))
-    elif info.ca_data:
-        ctx.load_verify_locations(cadata=_data(info.ca_data).decode())
-    cert, key = info.certificate_path, info.private_key_path
-    if info.certificate_data or info.private_key_data:
-        folder = tempfile.mkdtemp(prefix="tcpx-operator-tls-")  # load_cert_chain reads files only
-        if info.certificate_data:
-            cert = os.path.join(folder, "tls.crt")
-            with open(cert, "wb") as f:
-                f.write(_data(info.certificate_data))
-        if info.private_key_data:
-            key = os.path.join(folder, "tls.key")
-            with open(os.open(key, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-                f.write(_data(info.private_key_data))
-    if cert:
-        ctx.load_cert_chain(os.fsdecode(cert), os.fsdecode(key) if key else None)
-    return ctx
+def load_configuration() -> client.Configuration:
+    """In-cluster ServiceAccount, else KUBECONFIG or ~/.kube/config, in every form the official client reads."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    configuration.connection_pool_maxsize = POOL_SIZE
+    return configuration
 
 
 class Kube:
-    def __init__(self, info: kopf.ConnectionInfo) -> None:
-        url = urllib.parse.urlsplit(info.server)
-        self.host, self.port = url.hostname or "localhost", url.port or 443
-        self.prefix = url.path.rstrip("/")
-        self.ctx = tls_context(info)
-        self.headers = {"Accept": "application/json", "User-Agent": f"{MANAGED_BY}"}
-        if info.token:
-            self.headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
-        elif info.username and info.password:
-            basic = base64.b64encode(f"{info.username}:{info.password}".encode()).decode()
-            self.headers["Authorization"] = f"Basic {basic}"
+    def __init__(self, loader: Callable[[], client.Configuration] = load_configuration) -> None:
+        self.loader = loader
+        self.lock = threading.Lock()
+        self.api = client.ApiClient(loader())
         self.instance = socket.gethostname()
+        # Since when every call has been refused as unauthenticated, even with credentials loaded afresh.
+        self.refused_since: float | None = None
 
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
-        """Send one request; return the decoded JSON answer; raise ApiError for an error status.
+    def relogin(self, failed: client.ApiClient) -> None:
+        """New credentials, unless another thread already got them since `failed` was refused."""
+        with self.lock:
+            if self.api is failed:
+                log.info("the API server refused our credentials (401): loading them again")
+                self.api = client.ApiClient(self.loader())
 
-        One connection per request: no kept-alive connection can go stale between two requests.
-        """
-        payload = None if body is None else json.dumps(body).encode()
-        headers = dict(self.headers)
-        if payload is not None:
-            headers["Content-Type"] = content_type
-        conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=REQUEST_TIMEOUT)
-        try:
-            conn.request(method, self.prefix + path, body=payload, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-        finally:
-            conn.close()
-        if resp.status >= 400:
-            raise ApiError(resp.status, data.decode(errors="replace"))
-        return json.loads(data) if data else None
+    def call(self, fn: Callable[[client.ApiClient], T]) -> T:
+        """Run one API call; a 401 reloads the credentials and retries once; errors become ApiError."""
+        for attempt in (1, 2):
+            api = self.api
+            try:
+                result = fn(api)
+            except ApiException as exc:
+                if exc.status == 401 and attempt == 1:
+                    self.relogin(api)
+                    continue
+                if exc.status == 401 and self.refused_since is None:
+                    self.refused_since = time.monotonic()
+                raise ApiError(int(exc.status or 0), str(exc.body or exc.reason)) from None
+            self.refused_since = None
+            return result
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        data = response.data
+        return dict(json.loads(data)) if data else {}
+
+    def check_credentials(self) -> None:
+        """One cheap authenticated read (a namespace list of one), re-logging in if refused; raises ApiError."""
+        self.call(lambda api: client.CoreV1Api(api).list_namespace(limit=1, _preload_content=False))
+
+    # -- Deployments ------------------------------------------------------------------------------
 
     def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return dict(self.request("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}"))
+            return self.call(
+                lambda api: self._json(
+                    client.AppsV1Api(api).read_namespaced_deployment(
+                        name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                    )
+                )
+            )
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
 
-    def patch_deployment(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> str:
-        """Apply a JSON patch; return the new resourceVersion."""
+    def list_tracked(self, namespaces: tuple[str, ...], tracked: Callable[[Mapping[str, str]], bool]) -> list[Any]:
+        """(namespace, name) of every Deployment `tracked` accepts, in pages: a periodic full pass, not a cache."""
+        out = []
+        for namespace in namespaces or (None,):
+            token = None
+            while True:
+
+                def page(api: client.ApiClient, token: str | None = token, ns: str | None = namespace) -> Any:
+                    apps = client.AppsV1Api(api)
+                    if ns is None:
+                        return self._json(
+                            apps.list_deployment_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
+                        )
+                    return self._json(
+                        apps.list_namespaced_deployment(ns, limit=500, _continue=token, _preload_content=False)
+                    )
+
+                body = self.call(page)
+                for item in body.get("items") or []:
+                    meta = item["metadata"]
+                    if tracked(meta.get("annotations") or {}):
+                        out.append((meta["namespace"], meta["name"]))
+                token = body.get("metadata", {}).get("continue")
+                if not token:
+                    break
+        return out
+
+    def patch_deployment(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> tuple[str, int]:
+        """Apply a JSON patch; return the new resourceVersion and generation."""
         try:
-            new = self.request("PATCH", f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}", ops, JSON_PATCH)
+            new = self.call(
+                lambda api: self._json(
+                    client.AppsV1Api(api).patch_namespaced_deployment(
+                        name,
+                        namespace,
+                        ops,
+                        _content_type=JSON_PATCH,
+                        _preload_content=False,
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+                )
+            )
         except ApiError as exc:
             # 422 is a failed `test` operation: what the patch replaces changed since it was read.
             if exc.status in (409, 422):
                 raise Conflict(f"deployment {namespace}/{name} changed") from exc
             raise
-        return str(new["metadata"]["resourceVersion"])
+        return str(new["metadata"]["resourceVersion"]), int(new["metadata"].get("generation") or 0)
+
+    # -- children: ScaledObjects and PodMonitors ---------------------------------------------------
 
     def create_child(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create a ScaledObject or PodMonitor; if one of that name exists, return it (ours or not) instead."""
+        group, version, plural = CHILDREN[body["kind"]]
         meta = body["metadata"]
         try:
-            self.request("POST", self._collection(body["kind"], meta["namespace"]), dict(body))
+            self.call(
+                lambda api: client.CustomObjectsApi(api).create_namespaced_custom_object(
+                    group, version, meta["namespace"], plural, dict(body), _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )  # fmt: skip
         except ApiError as exc:
             if exc.status == 403 and "NamespaceTerminating" in exc.body:
                 log.debug("not creating %s %s: its namespace is being deleted", body["kind"], meta["name"])
                 return None
             if exc.status != 409:
                 raise
-            existing = self.request("GET", f"{self._collection(body['kind'], meta['namespace'])}/{meta['name']}")
-            return dict(existing)
+            return self.call(
+                lambda api: self._json(
+                    client.CustomObjectsApi(api).get_namespaced_custom_object(
+                        group, version, meta["namespace"], plural, meta["name"], _preload_content=False,
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+                )
+            )  # fmt: skip
         return None
 
     def replace_child(self, body: Mapping[str, Any]) -> None:
         """Our child's spec and labels replaced whole: an option the user removed goes too (a merge patch keeps
         what it does not mention)."""
+        group, version, plural = CHILDREN[body["kind"]]
         meta = body["metadata"]
         ops = [
             {"op": "add", "path": "/metadata/labels", "value": meta["labels"]},
             {"op": "replace", "path": "/spec", "value": body["spec"]},
         ]
-        self.request("PATCH", f"{self._collection(body['kind'], meta['namespace'])}/{meta['name']}", ops, JSON_PATCH)
+        self.call(
+            lambda api: client.CustomObjectsApi(api).patch_namespaced_custom_object(
+                group, version, meta["namespace"], plural, meta["name"], ops, _content_type=JSON_PATCH,
+                _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+            )
+        )  # fmt: skip
 
     def delete_child(self, kind: str, namespace: str, name: str) -> None:
+        group, version, plural = CHILDREN[kind]
         try:
-            self.request("DELETE", f"{self._collection(kind, namespace)}/{name}")
+            self.call(
+                lambda api: client.CustomObjectsApi(api).delete_namespaced_custom_object(
+                    group, version, namespace, plural, name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
         except ApiError as exc:
             if exc.status != 404:
                 raise
 
-    @staticmethod
-    def _collection(kind: str, namespace: str) -> str:
-        return f"{CHILDREN[kind]}/namespaces/{namespace}/{kind.lower()}s"
-
     def ensure_peering(self, name: str) -> None:
         """The cluster-wide kopf peering object the replicas share; created if missing."""
-        self._create(
-            "/apis/kopf.dev/v1/clusterkopfpeerings",
-            {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
-        )
-
-    def _create(self, path: str, body: Mapping[str, Any]) -> None:
+        body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
         try:
-            self.request("POST", path, dict(body))
+            self.call(
+                lambda api: client.CustomObjectsApi(api).create_cluster_custom_object(
+                    "kopf.dev", "v1", "clusterkopfpeerings", body, _preload_content=False
+                )
+            )
         except ApiError as exc:
-            if exc.status == 403 and "NamespaceTerminating" in exc.body:
-                log.debug("not creating %s: its namespace is being deleted", path)
-                return
             if exc.status != 409:
                 raise
-            log.debug("%s %s already exists", path, body["metadata"]["name"])
+
+    # -- Events ----------------------------------------------------------------------------------
 
     def post_event(self, deployment: Mapping[str, Any], event: Event) -> None:
         meta = deployment["metadata"]
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {
+        body: Any = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
@@ -209,6 +267,10 @@ class Kube:
             "count": 1,
         }
         try:
-            self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body)
+            self.call(
+                lambda api: client.CoreV1Api(api).create_namespaced_event(
+                    meta["namespace"], body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
         except ApiError as exc:
             log.warning("could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc)

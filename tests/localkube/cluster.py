@@ -463,24 +463,22 @@ def install_crds(cluster: Cluster) -> None:
     """
     import kedastack
 
-    subprocess.run(
-        [kubectl(), "--kubeconfig", cluster.kubeconfig, "apply", "--server-side", "-f", str(kedastack.crd_dir())],
-        check=True,
-        capture_output=True,
+    def run(*args: str) -> None:
+        proc = subprocess.run([kubectl(), "--kubeconfig", cluster.kubeconfig, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+
+    run("apply", "--server-side", "-f", str(kedastack.crd_dir()))
+    # Established only once the API server serves the new resource; wait for it to be there first.
+    _wait(
+        lambda: (
+            _get(cluster, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/scaledobjects.keda.sh") is not None
+        ),
+        30,
+        "KEDA's ScaledObject CRD",
+        cluster,
     )
-    subprocess.run(
-        [
-            kubectl(),
-            "--kubeconfig",
-            cluster.kubeconfig,
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/scaledobjects.keda.sh",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    run("wait", "--for=condition=Established", "--timeout=60s", "crd/scaledobjects.keda.sh")
 
 
 def local_cluster() -> Cluster | None:
