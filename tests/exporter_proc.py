@@ -71,7 +71,9 @@ class Exporter:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, **(env or {})},
+            # These tests change connections between back-to-back scrapes and check each count: every scrape
+            # counts afresh (the production default shares a count for 1 s; a unit test covers that).
+            env={**os.environ, "TCP_EXPORTER_SHARE_WINDOW": "0", **(env or {})},
             preexec_fn=die_with_parent(),
         )
 

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from exporter_proc import EXPORTER
@@ -196,3 +197,51 @@ def test_help_documents_every_flag_and_version_prints() -> None:
     code, out, _err = Proc(["--version"]).finish()
     assert code == 0
     assert out.startswith("tcp-exporter 0.")
+
+
+def threads_and_rss_mb(pid: int) -> tuple[int, float]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024
+
+
+def test_three_thousand_idle_half_requests_leave_threads_and_memory_bounded_and_scrapes_answered(
+    watched: tuple[int, socket.socket],
+) -> None:
+    port, _server = watched
+    listen = free_port()
+    proc = Proc([f"--listen-address=127.0.0.1:{listen}", f"--watch-port={port}", "--method=sockdiag"])
+    proc.wait_serving(listen)
+    idle = []
+    try:
+        for _ in range(3000):
+            s = socket.create_connection(("127.0.0.1", listen))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # half a request, never finished
+            idle.append(s)
+        threads, rss = threads_and_rss_mb(proc.proc.pid)
+        assert threads <= 8, f"{threads} threads for 3,000 idle clients"
+        assert rss <= 64, f"{rss:.1f} MB RSS for 3,000 idle clients"
+        for _ in range(5):
+            started = time.monotonic()
+            status, body = get(listen, "/metrics")
+            assert status == 200 and "tcp_exporter_established_connections" in body
+            assert time.monotonic() - started < 1.0
+    finally:
+        for s in idle:
+            s.close()
+        proc.proc.terminate()
+        proc.finish()
+
+
+def test_a_client_that_sends_nothing_is_disconnected_after_the_header_timeout() -> None:
+    listen = free_port()
+    proc = Proc([f"--listen-address=127.0.0.1:{listen}", "--watch-port=9", "--method=sockdiag"])
+    proc.wait_serving(listen)
+    try:
+        with socket.create_connection(("127.0.0.1", listen)) as s:
+            s.settimeout(20)
+            started = time.monotonic()
+            assert s.recv(1) == b""  # closed by the server, not by us
+            assert 4 <= time.monotonic() - started < 15
+    finally:
+        proc.proc.terminate()
+        proc.finish()

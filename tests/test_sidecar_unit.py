@@ -13,7 +13,7 @@ from helpers import wait_for
 from tcp_exporter import contract, netlink
 from tcp_exporter.cli import parse_args
 from tcp_exporter.exporter import Coalescer, parse_listen_address
-from tcp_exporter.methods import AcceptedSampler, sockdiag
+from tcp_exporter.methods import AcceptedSampler, Counts, sockdiag
 from tcp_exporter.methods import conntrack as ct
 
 DATA = Path(__file__).parent / "data"
@@ -210,3 +210,62 @@ def test_bad_input_exits_2(argv: list[str], env: dict[str, str], capsys: pytest.
 
 def test_env_name_follows_the_flag() -> None:
     assert contract.env_name("--watch-port") == "TCP_EXPORTER_WATCH_PORT"
+
+
+class Flaky:
+    """A counting method that fails while `failing` is set: the health logic, over the real HTTP server."""
+
+    name = "flaky"
+    exact_accepted = False
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def count(self) -> Counts:
+        if self.failing:
+            raise OSError("netlink refused")
+        return Counts(established={8080: 3}, accepted={8080: 3})
+
+    def close(self) -> None:
+        pass
+
+
+def test_healthz_fails_once_counting_has_failed_for_longer_than_allowed_and_recovers() -> None:
+    import urllib.error
+    import urllib.request
+
+    from tcp_exporter.exporter import ConnectionCollector, make_registry, serve
+
+    method = Flaky()
+    collector = ConnectionCollector(method, "test", unhealthy_after=0.5)  # type: ignore[arg-type]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = serve(("127.0.0.1", port), make_registry(collector), collector, "")
+
+    def get(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+    try:
+        assert get("/metrics") == 200 and get("/healthz") == 200
+        method.failing = True
+        get("/metrics")  # a count that fails
+        assert get("/healthz") == 200  # not yet: a failure is not an outage
+        wait_for(lambda: (get("/metrics"), get("/healthz"))[1] == 503, 10, "/healthz to fail")
+        method.failing = False
+        get("/metrics")
+        assert get("/healthz") == 200
+    finally:
+        server.stop()
+
+
+def test_back_to_back_calls_within_the_window_share_one_run() -> None:
+    runs = []
+    shared = Coalescer(lambda: runs.append(1) or len(runs), window=60)
+    assert shared() == 1 and shared() == 1 and len(runs) == 1
+    fresh = Coalescer(lambda: runs.append(1) or len(runs), window=0)
+    assert fresh() == 2 and fresh() == 3

@@ -36,6 +36,12 @@ def listen_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -97,6 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"label the connection series {c.DEPLOYMENT_LABEL}=NAME, so that a query selects one Deployment's "
         "pods exactly (the operator sets it); default: no such label",
     )
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=None,
+        help="open connections to the metrics port at most; past it the oldest idle one closes (default 64)",
+    )
+    parser.add_argument(
+        "--share-window",
+        type=non_negative,
+        default=None,
+        metavar="SECONDS",
+        help="scrapes within this long after a count share it, so a tight scrape loop costs one count "
+        "(default 1; 0: every scrape counts)",
+    )
+    parser.add_argument(
+        "--unhealthy-after",
+        type=non_negative,
+        default=None,
+        metavar="SECONDS",
+        help="/healthz fails once counting has failed for this long without a success (default 300)",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None, help="default info")
     parser.add_argument("--log-format", choices=("text", "json"), default=None, help="default text")
     parser.add_argument("--version", action="version", version=f"tcp-exporter {__version__}")
@@ -145,6 +172,12 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
         args.method = from_env("--method", choice(c.METHODS), "auto")
     if args.resync_interval is None:
         args.resync_interval = from_env("--resync-interval", non_negative, 60.0)
+    if args.max_connections is None:
+        args.max_connections = from_env("--max-connections", positive_int, 64)
+    if args.share_window is None:
+        args.share_window = from_env("--share-window", non_negative, 1.0)
+    if args.unhealthy_after is None:
+        args.unhealthy_after = from_env("--unhealthy-after", non_negative, 300.0)
     if args.deployment is None:
         args.deployment = from_env("--deployment", label_value, None)
     if args.log_level is None:
@@ -201,10 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        collector = ConnectionCollector(method, reason, deployment=args.deployment)
+        collector = ConnectionCollector(
+            method,
+            reason,
+            deployment=args.deployment,
+            share_window=args.share_window,
+            unhealthy_after=args.unhealthy_after,
+        )
         landing = LANDING.format(ports=", ".join(map(str, ports)), method=method.name)
         try:
-            server = serve(args.listen_address, make_registry(collector), landing)
+            server = serve(args.listen_address, make_registry(collector), collector, landing, args.max_connections)
         except OSError as exc:
             host, port = args.listen_address
             log.error("cannot listen on %s:%d: %s", host or "*", port, exc.strerror or exc)

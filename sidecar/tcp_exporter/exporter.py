@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import selectors
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -21,6 +17,7 @@ from prometheus_client.registry import Collector
 from tcp_exporter import __version__
 from tcp_exporter import contract as c
 from tcp_exporter.methods import Counts, Method
+from tcp_exporter.server import Response, Route, Server, listening_socket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,18 +27,24 @@ class Coalescer(Generic[T]):
     """Runs `fn` for callers, one run at a time; callers that arrive during a run share the next one.
 
     Every caller gets the result of a run that started after it arrived, so
-    concurrent scrapes stay exact while costing one count, not one each.
+    concurrent scrapes stay exact while costing one count, not one each; or,
+    within `window` seconds of the end of a successful run, that run's result.
     """
 
-    def __init__(self, fn: Callable[[], T]) -> None:
+    def __init__(self, fn: Callable[[], T], window: float = 0.0) -> None:
         self.fn = fn
+        self.window = window
         self.cond = threading.Condition()
         self.running = False
         self.generation = 0
+        self.finished = float("-inf")
         self.outcome: tuple[T | None, BaseException | None] = (None, None)
 
     def __call__(self) -> T:
         with self.cond:
+            if not self.running and self.outcome[1] is None and time.monotonic() - self.finished < self.window:
+                # A count that ended moments ago: a tight scrape loop shares it instead of pinning the CPU limit.
+                return self.outcome[0]  # type: ignore[return-value]
             wanted = self.generation + (2 if self.running else 1)
             while self.generation < wanted:
                 if self.running:
@@ -58,6 +61,7 @@ class Coalescer(Generic[T]):
                     self.cond.acquire()
                     self.running = False
                     self.generation += 1
+                    self.finished = time.monotonic()
                     self.outcome = outcome
                     self.cond.notify_all()
             result, error = self.outcome
@@ -69,25 +73,42 @@ class Coalescer(Generic[T]):
 class ConnectionCollector(Collector):
     """Counts on each scrape: the gauge KEDA scales on, the accepted counter, self-metrics."""
 
-    def __init__(self, method: Method, reason: str, deployment: str | None = None) -> None:
+    def __init__(
+        self,
+        method: Method,
+        reason: str,
+        deployment: str | None = None,
+        share_window: float = 0.0,
+        unhealthy_after: float = 300.0,
+    ) -> None:
         self.method = method
         self.reason = reason
+        self.unhealthy_after = unhealthy_after
+        self.failing_since: float | None = None
         # A constant label on the connection series, or none: (names, values) added to the port label.
         self.extra: tuple[list[str], list[str]] = ([c.DEPLOYMENT_LABEL], [deployment]) if deployment else ([], [])
         self.failures = 0
         self.last_duration = 0.0
-        self.count = Coalescer(self._timed_count)
+        self.count = Coalescer(self._timed_count, share_window)
 
     def _timed_count(self) -> Counts:
         started = time.perf_counter()
         try:
-            return self.method.count()
+            counts = self.method.count()
+            self.failing_since = None
+            return counts
         except Exception:
             self.failures += 1
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
             log.exception("counting connections with %s failed", self.method.name)
             raise
         finally:
             self.last_duration = time.perf_counter() - started
+
+    def failing_for(self) -> float:
+        """Seconds since counting started failing without a success since; 0 if the last count succeeded."""
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -147,55 +168,26 @@ LANDING = """<!doctype html>
 def make_registry(collector: ConnectionCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    ProcessCollector(namespace=c.METRIC_PREFIX.rstrip("_"), registry=registry)
+    ProcessCollector(registry=registry)  # the standard process_* names, as every exporter has them
     return registry
 
 
-def make_handler(registry: CollectorRegistry, landing: str) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = f"tcp-exporter/{__version__}"
+def routes(registry: CollectorRegistry, collector: ConnectionCollector, landing: str) -> dict[str, Route]:
+    def metrics(headers: dict[str, str]) -> Response:
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        return Response(200, content_type, encoder(registry))
 
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == c.METRICS_PATH:
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._reply(200, content_type, encoder(registry))
-            elif path == c.HEALTH_PATH:
-                self._reply(200, "text/plain; charset=utf-8", b"ok\n")
-            elif path == "/":
-                self._reply(200, "text/html; charset=utf-8", landing.encode())
-            else:
-                self._reply(404, "text/plain; charset=utf-8", b"not found\n")
+    def health(_headers: dict[str, str]) -> Response:
+        failing = collector.failing_for()
+        if failing > collector.unhealthy_after:
+            return Response(503, "text/plain; charset=utf-8", f"counting has failed for {failing:.0f} s\n".encode())
+        return Response(200, "text/plain; charset=utf-8", b"ok\n")
 
-        def _reply(self, status: int, content_type: str, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s " + format, self.address_string(), *args)
-
-    return Handler
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-
-class V6Server(Server):
-    address_family = socket.AF_INET6
-
-
-class DualStackServer(Server):
-    address_family = socket.AF_INET6
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+    return {
+        c.METRICS_PATH: metrics,
+        c.HEALTH_PATH: health,
+        "/": lambda _headers: Response(200, "text/html; charset=utf-8", landing.encode()),
+    }
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
@@ -211,50 +203,12 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     return host, port
 
 
-def _serve(server: ThreadingHTTPServer, wake: int) -> None:
-    """Serve until `wake` becomes readable, blocking in select between requests: no polling."""
-    with selectors.DefaultSelector() as selector:
-        selector.register(server, selectors.EVENT_READ)
-        selector.register(wake, selectors.EVENT_READ)
-        while True:
-            for key, _ in selector.select():
-                if key.fileobj == wake:
-                    return
-                server.handle_request()
-
-
-class Serving:
-    """A server running in its own thread; stop() ends it."""
-
-    def __init__(self, server: ThreadingHTTPServer) -> None:
-        self.server = server
-        self.wake_r, self.wake_w = os.pipe()
-        self.thread = threading.Thread(target=_serve, args=(server, self.wake_r), name="http", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        os.write(self.wake_w, b"x")
-        self.thread.join(timeout=2)
-        self.server.server_close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
-
-
-def serve(listen: tuple[str, int], registry: CollectorRegistry, landing: str) -> Serving:
+def serve(
+    listen: tuple[str, int],
+    registry: CollectorRegistry,
+    collector: ConnectionCollector,
+    landing: str,
+    max_connections: int = 64,
+) -> Server:
     """Bind and start serving in a thread; raises OSError if the address cannot be bound."""
-    host, port = listen
-    handler = make_handler(registry, landing)
-    server: ThreadingHTTPServer
-    if host in ("", "::"):
-        try:
-            server = DualStackServer(("::", port), handler)
-        except OSError as exc:
-            if exc.errno not in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here
-                raise
-            server = Server(("0.0.0.0", port), handler)
-    elif ":" in host:
-        server = V6Server((host, port), handler)
-    else:
-        server = Server((host, port), handler)
-    server.timeout = None
-    return Serving(server)
+    return Server(listening_socket(*listen), routes(registry, collector, landing), max_connections=max_connections)
