@@ -108,9 +108,10 @@ def operator(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
     op.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def keda(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
-    """Real KEDA (operator and metrics adapter, built from its Go module) serving external metrics."""
+    """Real KEDA (operator and metrics adapter, built from its Go module) serving external metrics, for the
+    tests of one module: the operator's other tests delete and reinstall KEDA's CRD under it."""
     need(os.geteuid() == 0, "KEDA's adapter listens on a test address this host gets for it, which needs root")
     from kedastack import Keda
 

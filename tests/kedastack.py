@@ -220,6 +220,16 @@ class Keda:
 
     def stop(self) -> None:
         self.kubectl("delete", "apiservice", "v1beta1.external.metrics.k8s.io", "--ignore-not-found", check=False)
+        # KEDA's finalizers on ScaledObjects left behind would hold them (and their namespaces, and a deletion of
+        # the CRD) forever once KEDA is gone: release them, as uninstalling KEDA requires.
+        out = self.kubectl("get", "scaledobjects", "--all-namespaces", "-o", "json", check=False)
+        for item in json.loads(out or "{}").get("items", []):
+            if item["metadata"].get("finalizers"):
+                meta = item["metadata"]
+                self.kubectl(
+                    "-n", meta["namespace"], "patch", "scaledobject", meta["name"], "--type=merge",
+                    "-p", '{"metadata":{"finalizers":null}}', check=False,
+                )  # fmt: skip
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
