@@ -22,6 +22,7 @@ from typing import Any
 
 import gobuild
 from helpers import die_with_parent, wait_for
+from pki import make_ca, make_cert
 
 HERE = Path(__file__).resolve().parent
 KEDA_VERSION = "v2.21.0"
@@ -67,14 +68,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 def make_certs(folder: Path, address: str) -> None:
     """ca.crt, and tls.crt/tls.key for both ends of KEDA's gRPC link and the adapter's HTTPS, signed by it."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=keda-test-ca",
-             "-keyout", "ca.key", "-out", "ca.crt", cwd=folder)  # fmt: skip
     names = [
         f"DNS:{OPERATOR_SERVICE}",
         f"DNS:{OPERATOR_SERVICE}.{NAMESPACE}.svc",
@@ -84,11 +79,10 @@ def make_certs(folder: Path, address: str) -> None:
         "IP:127.0.0.1",
         f"IP:{address}",
     ]
-    (folder / "ext.cnf").write_text(f"subjectAltName={','.join(names)}\nextendedKeyUsage=serverAuth,clientAuth\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=keda", "-keyout", "tls.key", "-out", "tls.csr",
-             cwd=folder)  # fmt: skip
-    _openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "30",
-             "-extfile", "ext.cnf", "-out", "tls.crt", cwd=folder)  # fmt: skip
+    make_ca(folder, "ca", "keda-test-ca")
+    make_cert(
+        folder, "tls", "ca", "keda", f"subjectAltName={','.join(names)}\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
 
 
 class Keda:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import gobuild
 from helpers import die_with_parent
+from pki import make_ca, make_cert
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -215,109 +216,17 @@ def _spawn(cluster: Cluster, name: str, args: list[str]) -> int:
     return proc.pid
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 def _make_pki(pki: Path) -> None:
     pki.mkdir(parents=True)
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "30",
-        "-subj",
-        "/CN=localkube-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        cwd=pki,
-    )
-    (pki / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=kube-apiserver",
-        "-keyout",
-        "apiserver.key",
-        "-out",
-        "apiserver.csr",
-        cwd=pki,
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "apiserver.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "30",
-        "-extfile",
-        "san.cnf",
-        "-out",
-        "apiserver.crt",
-        cwd=pki,
-    )
-    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
-    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    make_ca(pki, "ca", "localkube-ca")
+    make_cert(pki, "apiserver", "ca", "kube-apiserver", "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    subprocess.run(["openssl", "genrsa", "-out", "sa.key", "2048"], cwd=pki, check=True, capture_output=True)
+    subprocess.run(["openssl", "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"], cwd=pki, check=True,
+                   capture_output=True)  # fmt: skip
     # The aggregation layer: the apiserver proxies to extension API servers (KEDA's metrics adapter) as
     # front-proxy-client, a certificate of its own CA that the extension servers trust for request headers.
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "30",
-        "-subj",
-        "/CN=localkube-front-proxy-ca",
-        "-keyout",
-        "front-proxy-ca.key",
-        "-out",
-        "front-proxy-ca.crt",
-        cwd=pki,
-    )
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        f"/CN={FRONT_PROXY_CLIENT}",
-        "-keyout",
-        "front-proxy-client.key",
-        "-out",
-        "front-proxy-client.csr",
-        cwd=pki,
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "front-proxy-client.csr",
-        "-CA",
-        "front-proxy-ca.crt",
-        "-CAkey",
-        "front-proxy-ca.key",
-        "-CAcreateserial",
-        "-days",
-        "30",
-        "-out",
-        "front-proxy-client.crt",
-        cwd=pki,
-    )
+    make_ca(pki, "front-proxy-ca", "localkube-front-proxy-ca")
+    make_cert(pki, "front-proxy-client", "front-proxy-ca", FRONT_PROXY_CLIENT)
 
 
 def kubeconfig_text(server: str, ca_file: Path, token: str, user: str) -> str:
