@@ -213,24 +213,28 @@ class Keda:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop(self) -> None:
-        self.kubectl("delete", "apiservice", "v1beta1.external.metrics.k8s.io", "--ignore-not-found", check=False)
-        # KEDA's finalizers on ScaledObjects left behind would hold them (and their namespaces, and a deletion of
-        # the CRD) forever once KEDA is gone: release them, as uninstalling KEDA requires.
-        out = self.kubectl("get", "scaledobjects", "--all-namespaces", "-o", "json", check=False)
-        for item in json.loads(out or "{}").get("items", []):
-            if item["metadata"].get("finalizers"):
+        """Undo everything, whatever fails on the way: the APIService, KEDA's finalizers, the processes, the
+        address, the folder."""
+        try:
+            self.kubectl("delete", "apiservice", "v1beta1.external.metrics.k8s.io", "--ignore-not-found", check=False)
+            # KEDA's finalizers on ScaledObjects left behind would hold them (and their namespaces, and a deletion
+            # of the CRD) forever once KEDA is gone: release them, as uninstalling KEDA requires.
+            out = self.kubectl("get", "scaledobjects", "--all-namespaces", "-o", "json", check=False)
+            for item in json.loads(out or "{}").get("items", []):
                 meta = item["metadata"]
-                self.kubectl(
-                    "-n", meta["namespace"], "patch", "scaledobject", meta["name"], "--type=merge",
-                    "-p", '{"metadata":{"finalizers":null}}', check=False,
-                )  # fmt: skip
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        subprocess.run(["ip", "addr", "del", f"{self.address}/32", "dev", "lo"], capture_output=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
+                if meta.get("finalizers"):
+                    self.kubectl(
+                        "-n", meta["namespace"], "patch", "scaledobject", meta["name"], "--type=merge",
+                        "-p", '{"metadata":{"finalizers":null}}', check=False,
+                    )  # fmt: skip
+        finally:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            subprocess.run(["ip", "addr", "del", f"{self.address}/32", "dev", "lo"], capture_output=True)
+            shutil.rmtree(self.dir, ignore_errors=True)
