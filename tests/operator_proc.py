@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,7 +151,10 @@ class Operator:
         return self.log_path.read_text(errors="replace")
 
     def reconciled(self, namespace: str, name: str, resource_version: str) -> bool:
-        return f"reconciled {namespace}/{name} at resourceVersion {resource_version}:" in self.log()
+        """Whether the operator has reconciled this version of the Deployment, or a later one (kopf may merge an
+        object's events, and the operator skips those older than its own write)."""
+        pattern = re.compile(rf"reconciled {re.escape(namespace)}/{re.escape(name)} at resourceVersion (\d+):")
+        return any(int(v) >= int(resource_version) for v in pattern.findall(self.log()))
 
     def wait_reconciled(self, namespace: str, name: str, resource_version: str, timeout: float = 30) -> None:
         wait_for(

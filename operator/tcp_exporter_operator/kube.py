@@ -186,6 +186,11 @@ class Kube:
             if exc.status == 403 and "NamespaceTerminating" in exc.body:
                 log.debug("not creating %s %s: its namespace is being deleted", body["kind"], meta["name"])
                 return None
+            if exc.status == 404:
+                # The kind is not served (its CRD is being removed, or not yet there): the CRD's own event
+                # re-plans every tracked Deployment; nothing to tell the user that the plan will not say.
+                log.info("not creating %s %s: the API server does not serve that kind now", body["kind"], meta["name"])
+                return None
             if exc.status != 409:
                 raise
             return self.call(
