@@ -385,7 +385,7 @@ def test_with_peering_two_replicas_run_and_only_the_higher_priority_one_writes(
         assert operator_writes(audit, mark, kube.ns) == [
             ("create", "scaledobjects", "ha"),
             ("patch", "deployments", "ha"),
-        ]
+        ], f"standby's log:\n{standby.log()[-3000:]}"
         assert f"reconciled {kube.ns}/ha" not in standby.log()
     finally:
         for replica in replicas:

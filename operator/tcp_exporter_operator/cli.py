@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -128,13 +130,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("tcp_exporter_operator").setLevel(args.log_level.upper())
     logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)  # pausing and resuming replicas
     namespaces = args.namespace or list(cfg.namespaces)
+    priority = args.priority if args.priority is not None else secrets.randbelow(1 << 30)
+    # Named here, not by kopf: the operator's own Deployment workers apply kopf's peering rule by this identity.
+    identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{secrets.token_hex(4)}"
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,
         standalone=args.peering is None,
         peering_name=args.peering,
-        priority=args.priority if args.priority is not None else secrets.randbelow(1 << 30),
+        priority=priority,
+        identity=identity,  # type: ignore[arg-type]  # kopf.Identity, a NewType of str kopf does not export
         liveness_endpoint=args.liveness,
-        memo=kopf.Memo(config=cfg, namespaces=tuple(namespaces)),
+        memo=kopf.Memo(config=cfg, namespaces=tuple(namespaces), identity=identity, priority=priority),
     )
     return 0

@@ -1,10 +1,11 @@
-"""kopf handlers: thin, level-based, and without kopf's bookkeeping on anybody's objects.
+"""The operator's handlers: thin, level-based, and without kopf's bookkeeping on anybody's objects.
 
-Every handler here is an event handler or an index: kopf stores no progress
-or diff-base for those, so nothing of kopf's is written to users'
-Deployments. Each event re-derives the whole desired state from the
-Deployment (`builders.plan`) and writes only what differs: after convergence
-a resync, a restart or an unrelated edit costs no write.
+Deployments come from the operator's own watch (`watch.Deployments`: kopf would keep state for every
+Deployment of the cluster) through a work queue and a few worker threads; kopf watches the small resources:
+indexes of ScaledObjects, PodMonitors, HPAs, namespaces and CRDs, and events of the children. kopf stores
+no progress or diff-base for event handlers or indexes, so nothing of kopf's is written to users'
+Deployments. Each event re-derives the whole desired state from the Deployment (`builders.plan`) and writes
+only what differs: after convergence a resync, a restart or an unrelated edit costs no write.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from tcp_exporter_operator import builders
 from tcp_exporter_operator.builders import A_PORT, A_STATUS, PSA_ENFORCE, Facts, Plan
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.events import MANAGED_BY, Event
-from tcp_exporter_operator.kube import ApiError, Conflict, Kube, load_configuration
+from tcp_exporter_operator.kube import ApiError, Conflict, Kube, hpa_summary, load_configuration
+from tcp_exporter_operator.watch import RESYNC, Deployments, Item, Key, Peering, WorkQueue, newest
 
 log = logging.getLogger(__name__)
 KEDA_CRD = "scaledobjects.keda.sh"
@@ -36,6 +38,7 @@ RESYNC_SECONDS = 300.0
 # After its own patch, the operator skips the Deployment's watch events older than its write (they
 # would plan the same patch again), for at most this many seconds.
 CONSISTENCY_TIMEOUT = 10.0
+WORKERS = 8  # threads reconciling Deployments; each holds one Deployment at a time
 
 
 def tracked(annotations: Mapping[str, str], **_: Any) -> bool:
@@ -83,15 +86,17 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 5
     settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8)
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = 4  # kopf's own handlers: indexes and children, all quick
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
     memo.kube = Kube()
     if not hasattr(memo, "namespaces"):
         memo.namespaces = memo.config.namespaces
+    peering = None
     if not settings.peering.standalone and settings.peering.mandatory:
         settings.peering.clusterwide = True  # one ClusterKopfPeering, whatever namespaces are watched
         memo.kube.ensure_peering(settings.peering.name)
+        peering = settings.peering.name
     # kopf gives each object a shallow copy of this memo: state shared by all of them lives in mutable
     # containers made here, never in attributes set later from a handler.
     memo.warned = {}
@@ -99,7 +104,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.rollouts = Rollouts(memo.config.max_concurrent_rollouts)
     memo.awaiting = {}
     memo.so_generations = {}
-    memo.shared = {"indexes": None}  # the live indexes, for passes over every tracked Deployment
+    memo.shared = {"indexes": None}  # kopf's live indexes, once all are filled (`indexes_ready`)
+    memo.ready = threading.Event()
+    memo.peering = Peering(
+        memo.kube,
+        peering,
+        getattr(memo, "identity", ""),
+        getattr(memo, "priority", settings.peering.priority),
+        on_resume=lambda: full_pass(memo),  # what changed while another replica was active
+    )
+    memo.queue = WorkQueue[Key, Item](newest)
+    memo.deployments = Deployments(memo.kube, memo.namespaces, tracked, lambda t, b: dispatch(memo, t, b))
+    memo.deployments.start()  # lists while kopf fills its indexes; the workers wait for both
+    for i in range(WORKERS):
+        threading.Thread(target=_work, args=(memo,), name=f"reconcile-{i}", daemon=True).start()
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
 
 
@@ -111,9 +129,9 @@ def credentials_probe(memo: kopf.Memo, **_: Any) -> str:
     if kube.refused_since is not None:
         with contextlib.suppress(ApiError):
             kube.check_credentials()
-        if kube.refused_since is None and memo.shared["indexes"] is not None:
+        if kube.refused_since is None:
             # Accepted again: catch up on what was refused meanwhile, without waiting for the periodic resync.
-            threading.Thread(target=full_pass, args=(memo, memo.shared["indexes"]), daemon=True).start()
+            full_pass(memo)
     since = kube.refused_since
     if since is not None and time.monotonic() - since > memo.config.credentials_grace:
         raise kopf.PermanentError(
@@ -125,15 +143,16 @@ def credentials_probe(memo: kopf.Memo, **_: Any) -> str:
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.resync.cancel()
+    memo.deployments.stop()
 
 
 # -- indexes: the cluster facts a plan needs, kept by watches instead of per-event reads ---------
 
 
-# No index of Deployments: until every object of an indexed resource has been indexed once, kopf runs no
-# handler, and its bookkeeping for that grows with the square of the count (150 s of a core for 5,000
-# Deployments). Deployments are the resource a cluster has thousands of; the rare passes over the tracked
-# ones list them in pages instead (`full_pass`).
+# No index of Deployments, and no kopf watch of them: until every object of an indexed resource has been
+# indexed once, kopf runs no handler, its bookkeeping for that grows with the square of the count (150 s of a
+# core for 5,000 Deployments), and it keeps a stream and a worker per watched object. Deployments are the
+# resource a cluster has thousands of: the operator watches them itself (`watch.Deployments`).
 
 
 def _child_summary(namespace: str | None, body: kopf.Body) -> dict[str | None, Any]:
@@ -166,9 +185,8 @@ def podmonitors(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | 
 
 
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
-def hpas(namespace: str | None, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[str | None, Any]:
-    owners = {ref.get("kind") for ref in meta.get("ownerReferences") or []}
-    return {namespace: {"name": name, "target": spec.get("scaleTargetRef", {}), "keda": "ScaledObject" in owners}}
+def hpas(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
+    return {namespace: hpa_summary(body)}
 
 
 @kopf.index("", "v1", "namespaces")
@@ -189,7 +207,14 @@ def crds(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
     }
 
 
-def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[Any, Any]]) -> Facts:
+def facts_for(
+    deployment: Mapping[str, Any],
+    indexes: Mapping[str, kopf.Index[Any, Any]],
+    hpas: list[dict[str, Any]] | None = None,
+) -> Facts:
+    """The cluster facts a plan of this Deployment needs, from the indexes; `hpas`, read afresh, replaces the
+    index's HPAs (an HPA created just before the Deployment may not be indexed yet when the Deployment's event
+    comes: its own watch is faster than kopf's)."""
     namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
     ours = None
     foreign = []
@@ -210,7 +235,7 @@ def facts_for(deployment: Mapping[str, Any], indexes: Mapping[str, kopf.Index[An
             ours = so
         elif targets:
             foreign.append(f"ScaledObject/{so['metadata']['name']}")
-    for hpa in list(indexes["hpas"].get(namespace, [])):
+    for hpa in hpas if hpas is not None else list(indexes["hpas"].get(namespace, [])):
         target = hpa["target"]
         if target.get("kind") == "Deployment" and target.get("name") == name and not hpa["keda"]:
             foreign.append(f"HorizontalPodAutoscaler/{hpa['name']}")
@@ -337,6 +362,14 @@ class Rollouts:
                 log.info("upgrade of %s/%s waits: %d rollouts under way", namespace, name, len(self.active))
             self.waiting[uid] = (namespace, name)
 
+    def forget(self, uid: str) -> list[tuple[str, str]]:
+        """A deleted Deployment: its slot, if it held one, goes to the next waiting one (returned)."""
+        with self.lock:
+            self.waiting.pop(uid, None)
+            if self.active.pop(uid, 0) == 0 or not self.waiting:
+                return []
+            return [self.waiting.pop(next(iter(self.waiting)))]
+
     def progress(self, uid: str, deployment: Mapping[str, Any]) -> list[tuple[str, str]]:
         """If this Deployment's paced rollout is over (done, or past its progress deadline), free its slot and
         return the next waiting Deployment to reconcile."""
@@ -383,20 +416,25 @@ def reconcile(
     kube: Kube = memo.kube
     namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
     current: Mapping[str, Any] | None = deployment
+    hpas = None
     for delay in (*RETRY_DELAYS, None):
         try:
             if current is None or current["metadata"].get("deletionTimestamp"):
                 memo.rollouts.unreserve(deployment["metadata"].get("uid", ""))
                 return
-            facts = facts_for(current, indexes)
+            facts = facts_for(current, indexes, hpas)
             uid = current["metadata"].get("uid", "")
             plan = builders.plan(current, facts, memo.config)
             if plan.upgrade and not memo.rollouts.reserve(uid):
                 facts.rollout_slot = False
                 plan = builders.plan(current, facts, memo.config)  # the same, but the paced patch
                 memo.rollouts.wait(uid, namespace, name)
-            if plan.deployment_patch is not None and not fresh:
-                current, fresh = kube.get_deployment(namespace, name), True
+            if plan.deployment_patch is not None and hpas is None:
+                # Before the rollout a patch starts, the facts it rests on read afresh: the Deployment (unless
+                # just read) and the HPAs that would forbid it.
+                if not fresh:
+                    current, fresh = kube.get_deployment(namespace, name), True
+                hpas = kube.list_hpas(namespace)
                 continue
             try:
                 apply(kube, current, plan, memo)
@@ -451,21 +489,66 @@ def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index[Any, Any]]:
     return {name: kwargs[name] for name in INDEXES}
 
 
-@kopf.on.event("apps", "v1", "deployments", when=tracked)
-def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    indexes = _indexes(kwargs)
-    memo.shared["indexes"] = indexes  # live views, for the periodic resync
-    uid = body["metadata"].get("uid")
+@kopf.on.event("", "v1", "namespaces")
+def indexes_ready(memo: kopf.Memo, **kwargs: Any) -> None:
+    """kopf runs no handler before every index is filled: the first one run says the Deployment workers may start
+    (before that, every ScaledObject would look missing, and the plans would write what exists)."""
+    if memo.shared["indexes"] is None:
+        memo.shared["indexes"] = _indexes(kwargs)  # live views, kept current by kopf
+        memo.ready.set()
+        log.info("indexes filled: reconciling Deployments")
+
+
+# -- Deployments: the watch thread dispatches, workers reconcile -------------------------------
+
+
+def dispatch(memo: kopf.Memo, type: str, body: Mapping[str, Any]) -> None:
+    """An event of a tracked Deployment, from the watch thread: queue it (a deletion is only forgotten)."""
+    meta = body["metadata"]
     if type == "DELETED":
+        uid = meta.get("uid")
         memo.warned.pop(uid, None)
         memo.awaiting.pop(uid, None)
         memo.synced.pop(uid, None)
+        for namespace_, name_ in memo.rollouts.forget(uid):
+            enqueue(memo, namespace_, name_)
         return
+    memo.queue.put((meta["namespace"], meta["name"]), (type, body))
+
+
+def enqueue(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Reconcile a Deployment from a fresh read, whether or not it looks in sync."""
+    memo.queue.put((namespace, name), (RESYNC, None))
+
+
+def _work(memo: kopf.Memo) -> None:
+    queue: WorkQueue[Key, Item] = memo.queue
+    while True:
+        memo.ready.wait()
+        entry = queue.get()
+        if entry is None:
+            continue
+        (namespace, name), (type, body) = entry
+        while not memo.peering.wait_active(60):
+            pass  # another replica is active (kopf's peering rule): hold the entry until this one is
+        try:
+            if type == RESYNC:
+                deployment = memo.kube.get_deployment(namespace, name)
+                if deployment is not None:
+                    reconcile(deployment, memo, memo.shared["indexes"], fresh=True)
+            elif body is not None:
+                deployment_event(body, memo)
+        except Exception:
+            log.exception("reconciling %s/%s failed; the next event or resync retries", namespace, name)
+        finally:
+            queue.done((namespace, name))
+
+
+def deployment_event(body: Mapping[str, Any], memo: kopf.Memo) -> None:
+    indexes = memo.shared["indexes"]
+    uid = body["metadata"].get("uid")
     for namespace_, name_ in memo.rollouts.progress(uid, body):
-        # A paced upgrade finished here: the next waiting Deployment may roll now.
-        following = memo.kube.get_deployment(namespace_, name_)
-        if following is not None:
-            reconcile(following, memo, indexes, fresh=True)
+        enqueue(memo, namespace_, name_)  # a paced upgrade finished here: the next waiting one may roll now
     if uid in memo.awaiting:
         written, deadline = memo.awaiting[uid]
         if older(body["metadata"].get("resourceVersion"), written) and time.monotonic() < deadline:
@@ -493,7 +576,7 @@ def deployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any)
 
 @kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 @kopf.on.event("monitoring.coreos.com", "v1", "podmonitors", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A ScaledObject or PodMonitor of ours deleted or edited by hand is put back.
 
     KEDA updates its status often; only a new generation (a spec edit) or a deletion is worth a look.
@@ -507,12 +590,9 @@ def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> N
         generations[meta["uid"]] = meta.get("generation", 0)
         if type != "MODIFIED" or seen == meta.get("generation", 0):
             return
-    namespace = meta["namespace"]
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == "Deployment":
-            deployment = memo.kube.get_deployment(namespace, ref["name"])
-            if deployment is not None and deployment["metadata"].get("uid") == ref.get("uid"):
-                reconcile(deployment, memo, _indexes(kwargs), fresh=True)
+            enqueue(memo, meta["namespace"], ref["name"])
 
 
 def _child_crd(name: str, **_: Any) -> bool:
@@ -520,23 +600,17 @@ def _child_crd(name: str, **_: Any) -> bool:
 
 
 @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", when=_child_crd)
-def child_crd_installed(type: str, memo: kopf.Memo, **kwargs: Any) -> None:
+def child_crd_installed(type: str, memo: kopf.Memo, **_: Any) -> None:
     """KEDA or the Prometheus Operator installed after the operator: create the ScaledObjects and PodMonitors
     that were waiting for them, no restart needed."""
-    if type != "ADDED":
-        return
-    full_pass(memo, _indexes(kwargs))
+    if type == "ADDED":
+        full_pass(memo)
 
 
-def full_pass(memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Any, Any]]) -> None:
-    """Reconcile every tracked Deployment, read afresh: a list in pages, then one read each."""
-    for namespace, name in memo.kube.list_tracked(memo.namespaces, tracked):
-        try:
-            deployment = memo.kube.get_deployment(namespace, name)
-            if deployment is not None:
-                reconcile(deployment, memo, indexes, fresh=True)
-        except Exception:
-            log.exception("reconciling %s/%s in a full pass failed", namespace, name)
+def full_pass(memo: kopf.Memo) -> None:
+    """Reconcile every tracked Deployment, read afresh (queued: each waits for its own worker)."""
+    for namespace, name in memo.deployments.tracked_keys():
+        enqueue(memo, namespace, name)
 
 
 async def _resync_forever(memo: kopf.Memo) -> None:
@@ -546,10 +620,4 @@ async def _resync_forever(memo: kopf.Memo) -> None:
     """
     while True:
         await asyncio.sleep(RESYNC_SECONDS)
-        indexes = memo.shared["indexes"]
-        if indexes is None:
-            continue
-        try:
-            await asyncio.to_thread(full_pass, memo, indexes)
-        except Exception:
-            log.exception("the periodic resync failed")
+        full_pass(memo)

@@ -120,32 +120,16 @@ class Kube:
                 return None
             raise
 
-    def list_tracked(self, namespaces: tuple[str, ...], tracked: Callable[[Mapping[str, str]], bool]) -> list[Any]:
-        """(namespace, name) of every Deployment `tracked` accepts, in pages: a periodic full pass, not a cache."""
-        out = []
-        for namespace in namespaces or (None,):
-            token = None
-            while True:
-
-                def page(api: client.ApiClient, token: str | None = token, ns: str | None = namespace) -> Any:
-                    apps = client.AppsV1Api(api)
-                    if ns is None:
-                        return self._json(
-                            apps.list_deployment_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
-                        )
-                    return self._json(
-                        apps.list_namespaced_deployment(ns, limit=500, _continue=token, _preload_content=False)
-                    )
-
-                body = self.call(page)
-                for item in body.get("items") or []:
-                    meta = item["metadata"]
-                    if tracked(meta.get("annotations") or {}):
-                        out.append((meta["namespace"], meta["name"]))
-                token = body.get("metadata", {}).get("continue")
-                if not token:
-                    break
-        return out
+    def list_hpas(self, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's HorizontalPodAutoscalers, read now (see `hpa_summary`)."""
+        body = self.call(
+            lambda api: self._json(
+                client.AutoscalingV2Api(api).list_namespaced_horizontal_pod_autoscaler(
+                    namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
+        )
+        return [hpa_summary(item) for item in body.get("items") or []]
 
     def patch_deployment(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> tuple[str, int]:
         """Apply a JSON patch; return the new resourceVersion and generation."""
@@ -279,3 +263,14 @@ class Kube:
             )
         except ApiError as exc:
             log.warning("could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc)
+
+
+def hpa_summary(hpa: Mapping[str, Any]) -> dict[str, Any]:
+    """What a plan needs of an HPA: its name, its target, and whether KEDA made it (for a ScaledObject)."""
+    meta = hpa.get("metadata") or {}
+    owners = {ref.get("kind") for ref in meta.get("ownerReferences") or []}
+    return {
+        "name": meta.get("name"),
+        "target": (hpa.get("spec") or {}).get("scaleTargetRef", {}),
+        "keda": "ScaledObject" in owners,
+    }

@@ -1,0 +1,60 @@
+"""Unit tests of the operator's own Deployment watch plumbing: the work queue and the peering rule."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+
+from tcp_exporter_operator.watch import RESYNC, WorkQueue, active, newest
+
+
+def test_work_queue_keeps_one_entry_per_key_with_the_latest_state_in_arrival_order() -> None:
+    queue: WorkQueue[str, int] = WorkQueue()
+    queue.put("a", 1)
+    queue.put("b", 1)
+    queue.put("a", 2)
+    assert len(queue) == 2
+    assert queue.get(0) == ("a", 2)
+    assert queue.get(0) == ("b", 1)
+    assert queue.get(0) is None
+
+
+def test_work_queue_never_hands_a_held_key_to_a_second_worker_until_done() -> None:
+    queue: WorkQueue[str, int] = WorkQueue()
+    queue.put("a", 1)
+    assert queue.get(0) == ("a", 1)
+    queue.put("a", 2)
+    queue.put("b", 1)
+    assert queue.get(0) == ("b", 1)  # "a" is held: skipped, not lost
+    assert queue.get(0) is None
+    got: list[tuple[str, int] | None] = []
+    waiter = threading.Thread(target=lambda: got.append(queue.get(5)))
+    waiter.start()
+    queue.done("a")
+    waiter.join(5)
+    assert got == [("a", 2)]
+
+
+def test_a_waiting_resync_is_not_replaced_by_an_event_but_replaces_one() -> None:
+    event = ("MODIFIED", {"metadata": {}})
+    resync = (RESYNC, None)
+    assert newest(resync, event) == resync
+    assert newest(event, resync) == resync
+    assert newest(event, ("MODIFIED", {"metadata": {"x": 1}})) == ("MODIFIED", {"metadata": {"x": 1}})
+
+
+NOW = datetime.datetime(2026, 11, 29, 12, 0, tzinfo=datetime.UTC)
+
+
+def peer(priority: int, seconds_ago: float, lifetime: int = 60) -> dict[str, object]:
+    seen = NOW - datetime.timedelta(seconds=seconds_ago)
+    return {"priority": priority, "lifetime": lifetime, "lastseen": seen.isoformat()}
+
+
+def test_peering_rule_pauses_for_a_live_peer_of_higher_or_equal_priority_only() -> None:
+    assert active({"me": peer(10, 0)}, "me", 10, NOW)
+    assert not active({"me": peer(10, 0), "other": peer(20, 5)}, "me", 10, NOW)
+    assert not active({"me": peer(10, 0), "other": peer(10, 5)}, "me", 10, NOW)  # kopf pauses both
+    assert active({"me": peer(20, 0), "other": peer(10, 5)}, "me", 20, NOW)
+    assert active({"me": peer(10, 0), "other": peer(20, 61)}, "me", 10, NOW)  # dead: its lifetime is over
+    assert active({"me": peer(10, 0), "other": {"priority": 20, "lastseen": "2026-11-29T11:59:00"}}, "me", 10, NOW)
