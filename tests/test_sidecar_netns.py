@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -147,6 +148,104 @@ def test_conntrack_is_made_active_in_a_fresh_namespace_and_undone_on_sigterm(ns:
         assert exporter.proc.returncode == 0
         assert "tcp_exporter" not in nft_tables(ns)
     assert len(accept(server, 2)) == len(clients)
+
+
+def nft_ruleset(p: Pair) -> str:
+    return subprocess.run(p.exec(p.pod, "nft", "list", "ruleset"), capture_output=True, text=True).stdout
+
+
+def test_conntrack_killed_with_sigkill_leaves_the_ruleset_as_it_was(ns: Pair) -> None:
+    subprocess.run(ns.exec(ns.pod, "nft", "add", "table", "inet", "the_apps_own"), check=True)
+    before = nft_ruleset(ns)
+    exporter = Exporter(ns.pod, [f"--watch-port={WATCHED}", "--method=conntrack", "--listen-address=127.0.0.1:9100"])
+    with exporter:
+        exporter.wait_ready()
+        assert f"tcp_exporter_{exporter.proc.pid}" in nft_tables(ns)
+        exporter.stop(signal.SIGKILL)
+    # The table was owned by the process's netlink socket: the kernel deletes it with the socket.
+    wait_for(lambda: nft_ruleset(ns) == before, 5, "the ruleset to be as it was")
+    assert "the_apps_own" in nft_tables(ns)
+
+
+def test_two_conntrack_instances_in_one_namespace_keep_their_own_state(ns: Pair) -> None:
+    server = listener(ns.pod, WATCHED)
+    args = [f"--watch-port={WATCHED}", "--method=conntrack"]
+    first = Exporter(ns.pod, [*args, "--listen-address=127.0.0.1:9100"], port=9100)
+    second = Exporter(ns.pod, [*args, "--listen-address=127.0.0.1:9101"], port=9101)
+    with first, second:
+        first.wait_ready()
+        second.wait_ready()
+        tables = nft_tables(ns)
+        assert f"tcp_exporter_{first.proc.pid}" in tables and f"tcp_exporter_{second.proc.pid}" in tables
+        first.stop()
+        assert f"tcp_exporter_{first.proc.pid}" not in nft_tables(ns)
+        assert f"tcp_exporter_{second.proc.pid}" in nft_tables(ns)
+        clients = connect(ns.peer, ns.pod_v4, WATCHED, 4)  # tracking is still on for the second one
+        assert second.established(WATCHED) == 4
+        assert second.accepted(WATCHED) == 4
+    assert len(accept(server, 4)) == len(clients)
+
+
+def test_conntrack_resyncs_on_schedule_while_events_keep_coming(ns: Pair) -> None:
+    """A count corrupted on purpose is repaired within about one interval even though events never stop."""
+    from tcp_exporter.methods.conntrack import Conntrack
+
+    server = listener(ns.pod, WATCHED)
+    other = listener(ns.pod, OTHER)
+    held = connect(ns.peer, ns.pod_v4, WATCHED, 10)
+    method = in_netns(ns.pod, lambda: Conntrack((WATCHED,), resync_interval=1.0))
+    stop = threading.Event()
+
+    def churn() -> None:  # conntrack events on another port, many a second, for the whole test
+        while not stop.is_set():
+            for s in connect(ns.peer, ns.pod_v4, OTHER, 5) + accept(other, 5):
+                s.close()
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        assert in_netns(ns.pod, method.count).established[WATCHED] == 10
+        with method.lock:
+            method.established[WATCHED].clear()
+            method.unwatched[WATCHED].clear()
+            method.handshakes.add(b"stale")
+            resyncs = method.resyncs
+        wait_for(lambda: method.resyncs > resyncs, 3, "a scheduled resync despite continuous events")
+        assert in_netns(ns.pod, method.count).established[WATCHED] == 10
+        assert b"stale" not in method.handshakes
+    finally:
+        stop.set()
+        thread.join()
+        in_netns(ns.pod, method.close)
+    assert len(accept(server, 10)) == len(held)
+
+
+def test_auto_in_a_fresh_namespace_uses_sockdiag_and_adds_no_netfilter_state(ns: Pair) -> None:
+    before = nft_ruleset(ns)
+    with Exporter(ns.pod, [f"--watch-port={WATCHED}", "--listen-address=127.0.0.1:9100"]) as exporter:
+        exporter.wait_ready()
+        assert exporter.method() == "sockdiag"
+        (labels,) = exporter.samples()["tcp_exporter_method_info"]
+        assert "tracking is off" in dict(labels)["reason"]
+        assert nft_ruleset(ns) == before
+        assert "dport=8080" not in conntrack_entries(ns)
+
+
+def test_auto_uses_conntrack_where_the_namespace_already_tracks_and_adds_nothing(ns: Pair) -> None:
+    # What a mesh's or the application's own rules do: conntrack is then already paid for.
+    rule = ["iptables", "-A", "INPUT", "-p", "tcp", "-m", "conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT"]
+    subprocess.run(ns.exec(ns.pod, *rule), check=True)
+    server = listener(ns.pod, WATCHED)
+    clients = connect(ns.peer, ns.pod_v4, WATCHED, 2)
+    before = nft_tables(ns)
+    with Exporter(ns.pod, [f"--watch-port={WATCHED}", "--listen-address=127.0.0.1:9100"]) as exporter:
+        exporter.wait_ready()
+        assert exporter.method() == "conntrack"
+        assert nft_tables(ns) == before  # no table of its own
+        clients += connect(ns.peer, ns.pod_v4, WATCHED, 3)
+        assert exporter.established(WATCHED) == 5
+        assert exporter.accepted(WATCHED) == 3
+    assert len(accept(server, 5)) == len(clients)
 
 
 @pytest.mark.parametrize(

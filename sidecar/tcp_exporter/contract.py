@@ -25,6 +25,8 @@ METRIC_COUNT_DURATION = "tcp_exporter_count_duration_seconds"
 METRIC_COUNT_SUCCESS = "tcp_exporter_count_success"
 METRIC_COUNT_FAILURES = "tcp_exporter_count_failures"  # exposed with the _total suffix
 METRIC_BUILD_INFO = "tcp_exporter_build"  # exposed as tcp_exporter_build_info
+METRIC_CONNTRACK_RESYNCS = "tcp_exporter_conntrack_resyncs"  # exposed with the _total suffix; conntrack only
+METRIC_CONNTRACK_LOSSES = "tcp_exporter_conntrack_event_losses"  # exposed with the _total suffix; conntrack only
 PORT_LABEL = "port"
 # Set by --deployment: which Deployment's pods a connection series belongs to, so that a query selects one
 # Deployment exactly (pod-name patterns cannot: names have dots and dashes, share prefixes, and are truncated).

@@ -141,6 +141,17 @@ class ConnectionCollector(Collector):
         )
         yield GaugeMetricFamily(c.METRIC_COUNT_DURATION, "How long the last count took.", value=self.last_duration)
         yield CounterMetricFamily(c.METRIC_COUNT_FAILURES, "Counts that failed since start.", value=self.failures)
+        if self.method.name == "conntrack":
+            yield CounterMetricFamily(
+                c.METRIC_CONNTRACK_RESYNCS,
+                "Resyncs of the event-kept count from the socket table: at start, on schedule, after lost events.",
+                value=getattr(self.method, "resyncs", 0),
+            )
+            yield CounterMetricFamily(
+                c.METRIC_CONNTRACK_LOSSES,
+                "Times the kernel dropped conntrack events (ENOBUFS); each is made good by a resync.",
+                value=getattr(self.method, "losses", 0),
+            )
         method = InfoMetricFamily(c.METRIC_METHOD_INFO, "The counting method in use and why it was chosen.")
         method.add_metric(
             [],

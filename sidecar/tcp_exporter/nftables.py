@@ -3,9 +3,16 @@
 The kernel registers conntrack's hooks in a network namespace only when its
 ruleset needs them ("netfilter: conntrack: register hooks in netns when
 needed by ruleset"), so a fresh pod tracks nothing. One nftables table of
-ours, `inet tcp_exporter`, holding a single `ct state` expression in a chain
-with no hook, makes the kernel register them while costing no rule
-evaluation per packet. Deleting the table releases them again.
+ours, holding a single `ct state` expression in a chain with no hook, makes
+the kernel register them while costing no rule evaluation per packet.
+Deleting the table releases them again.
+
+The table is owned by the netlink socket that made it (`NFT_TABLE_F_OWNER`,
+Linux 5.12+): the kernel deletes it when that socket closes, so a process
+killed with SIGKILL (an OOM kill) leaves nothing behind. Its name is the
+process's own (`tcp_exporter_<pid>`), so two instances in one namespace never
+touch each other's. On an older kernel the table is made without the flag
+(and the log says so): then only a clean exit removes it.
 
 Written with nf_tables netlink directly: no nft or iptables binary needed in
 the image. Needs CAP_NET_ADMIN.
@@ -13,12 +20,17 @@ the image. Needs CAP_NET_ADMIN.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import socket
 import struct
 
 from tcp_exporter import netlink
 
-TABLE = "tcp_exporter"
+log = logging.getLogger(__name__)
+
+TABLE_PREFIX = "tcp_exporter"
 CHAIN = "track"
 
 NFNL_SUBSYS_NFTABLES = 10
@@ -31,6 +43,8 @@ NFT_MSG_NEWRULE = 6
 NFPROTO_INET = 1
 
 NFTA_TABLE_NAME = 1
+NFTA_TABLE_FLAGS = 2
+NFT_TABLE_F_OWNER = 0x2
 NFTA_CHAIN_TABLE = 1
 NFTA_CHAIN_NAME = 3
 NFTA_RULE_TABLE = 1
@@ -43,6 +57,7 @@ NFTA_CT_DREG = 1
 NFTA_CT_KEY = 2
 NFT_REG_1 = 1
 NFT_CT_STATE = 0
+NLM_F_APPEND = 0x800
 
 
 def _nfgen(family: int, res_id: int = 0) -> bytes:
@@ -79,10 +94,36 @@ def _batch(sock: netlink.Socket, *messages: bytes) -> None:
                 pending -= 1
 
 
-def install() -> None:
-    """Create (or re-create, idempotently) our table: conntrack becomes active here."""
-    sock = netlink.Socket(netlink.NETLINK_NETFILTER)
-    try:
+def table_name() -> str:
+    return f"{TABLE_PREFIX}_{os.getpid()}"
+
+
+class Tracking:
+    """Our table, for as long as this object (and its socket) lives: `close` deletes it, and so does the kernel
+    when the process dies, where it supports owned tables."""
+
+    def __init__(self) -> None:
+        self.name = table_name()
+        self.sock = netlink.Socket(netlink.NETLINK_NETFILTER)
+        try:
+            try:
+                self._install(NFT_TABLE_F_OWNER)
+                self.owned = True
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                log.warning(
+                    "this kernel has no owned nftables tables (NFT_TABLE_F_OWNER, Linux 5.12+): table %s is "
+                    "removed on a clean exit only; after a SIGKILL it stays until the pod's network namespace goes",
+                    self.name,
+                )
+                self._install(0)
+                self.owned = False
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _install(self, flags: int) -> None:
         ack = netlink.NLM_F_ACK
         create = netlink.NLM_F_CREATE | ack
         expr = netlink.nla_nested(
@@ -90,41 +131,46 @@ def install() -> None:
             _string(NFTA_EXPR_NAME, "ct"),
             netlink.nla_nested(NFTA_EXPR_DATA, _be32(NFTA_CT_DREG, NFT_REG_1), _be32(NFTA_CT_KEY, NFT_CT_STATE)),
         )
-        # Add then delete then add: whatever was there before, the result is exactly ours.
+        sock, name = self.sock, self.name
+        # Add then delete then add: a table left under this name (a pid reused after a SIGKILL on an old kernel)
+        # does not stand in the way, and the result is exactly ours.
         _batch(
             sock,
-            _msg(NFT_MSG_NEWTABLE, create, sock.next_seq(), _string(NFTA_TABLE_NAME, TABLE)),
-            _msg(NFT_MSG_DELTABLE, ack, sock.next_seq(), _string(NFTA_TABLE_NAME, TABLE)),
-            _msg(NFT_MSG_NEWTABLE, create, sock.next_seq(), _string(NFTA_TABLE_NAME, TABLE)),
+            _msg(NFT_MSG_NEWTABLE, create, sock.next_seq(), _string(NFTA_TABLE_NAME, name)),
+            _msg(NFT_MSG_DELTABLE, ack, sock.next_seq(), _string(NFTA_TABLE_NAME, name)),
+            _msg(
+                NFT_MSG_NEWTABLE,
+                create,
+                sock.next_seq(),
+                _string(NFTA_TABLE_NAME, name),
+                *([_be32(NFTA_TABLE_FLAGS, flags)] if flags else []),
+            ),
             _msg(
                 NFT_MSG_NEWCHAIN,
                 create,
                 sock.next_seq(),
-                _string(NFTA_CHAIN_TABLE, TABLE),
+                _string(NFTA_CHAIN_TABLE, name),
                 _string(NFTA_CHAIN_NAME, CHAIN),
             ),
             _msg(
                 NFT_MSG_NEWRULE,
-                create | 0x800,
-                sock.next_seq(),  # NLM_F_APPEND
-                _string(NFTA_RULE_TABLE, TABLE),
+                create | NLM_F_APPEND,
+                sock.next_seq(),
+                _string(NFTA_RULE_TABLE, name),
                 _string(NFTA_RULE_CHAIN, CHAIN),
                 netlink.nla_nested(NFTA_RULE_EXPRESSIONS, expr),
             ),
         )
-    finally:
-        sock.close()
 
-
-def remove() -> None:
-    """Delete our table if it is there."""
-    sock = netlink.Socket(netlink.NETLINK_NETFILTER)
-    try:
-        ack = netlink.NLM_F_ACK
-        _batch(
-            sock,
-            _msg(NFT_MSG_NEWTABLE, netlink.NLM_F_CREATE | ack, sock.next_seq(), _string(NFTA_TABLE_NAME, TABLE)),
-            _msg(NFT_MSG_DELTABLE, ack, sock.next_seq(), _string(NFTA_TABLE_NAME, TABLE)),
-        )
-    finally:
-        sock.close()
+    def close(self) -> None:
+        """Delete the table (closing the socket would do it too, where owned; said explicitly for old kernels)."""
+        try:
+            _batch(
+                self.sock,
+                _msg(NFT_MSG_DELTABLE, netlink.NLM_F_ACK, self.sock.next_seq(), _string(NFTA_TABLE_NAME, self.name)),
+            )
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        finally:
+            self.sock.close()

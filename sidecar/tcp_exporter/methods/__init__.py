@@ -68,6 +68,22 @@ class Options:
     """Settings some methods take."""
 
     resync_interval: float = 60.0  # conntrack: seconds between full resyncs from the socket table; 0: never
+    # conntrack: whether it may switch connection tracking on for the namespace (its own nftables table). `auto`
+    # never does: it uses conntrack only where something else already tracks connections.
+    switch_on_tracking: bool = True
+
+
+CONNTRACK_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"  # of the reader's network namespace
+
+
+def tracking_active() -> bool:
+    """Whether this network namespace already tracks connections (a mesh's or the app's own iptables/nftables
+    rules registered conntrack's hooks): then it has entries. A fresh namespace has none."""
+    try:
+        with open(CONNTRACK_COUNT) as f:
+            return int(f.read().strip() or 0) > 0
+    except (OSError, ValueError):
+        return False
 
 
 Opener = Callable[[tuple[int, ...], Options], Method]
@@ -96,8 +112,12 @@ def select(name: str, ports: Iterable[int], options: Options | None = None) -> t
         return method, f"{name} requested"
     skipped = []
     for candidate in AUTO_ORDER:
+        if candidate == "conntrack" and not tracking_active():
+            skipped.append("conntrack: connection tracking is off in this namespace, and auto does not switch it on")
+            continue
         try:
-            method = registry[candidate](port_tuple, options)
+            opts = Options(options.resync_interval, switch_on_tracking=False) if candidate == "conntrack" else options
+            method = registry[candidate](port_tuple, opts)
         except Unavailable as exc:
             skipped.append(f"{candidate}: {exc}")
             log.info("method %s unavailable: %s", candidate, exc)

@@ -131,7 +131,13 @@ class Conntrack:
     name = "conntrack"
     exact_accepted = True
 
-    def __init__(self, ports: tuple[int, ...], resync_interval: float = 60.0, rcvbuf: int = EVENT_RCVBUF) -> None:
+    def __init__(
+        self,
+        ports: tuple[int, ...],
+        resync_interval: float = 60.0,
+        rcvbuf: int = EVENT_RCVBUF,
+        switch_on_tracking: bool = True,
+    ) -> None:
         self.ports = ports
         self.port_set = frozenset(ports)
         self.resync_interval = resync_interval
@@ -141,7 +147,8 @@ class Conntrack:
         self.handshakes: set[bytes] = set()
         self.accepted = dict.fromkeys(ports, 0)
         self.local: set[bytes] = set()
-        self.resyncs = 0
+        self.resyncs = 0  # full resyncs from the socket table, the first at start included
+        self.losses = 0  # times the kernel dropped events (ENOBUFS), each made good by a resync
         self.lost = False  # events were dropped: resync when the queue is next empty
         groups = (
             (1 << (NFNLGRP_CONNTRACK_NEW - 1))
@@ -153,9 +160,11 @@ class Conntrack:
         except OSError as exc:
             raise Unavailable(f"cannot subscribe to conntrack events (needs CAP_NET_ADMIN): {exc}") from exc
         self.table: SocketTable | None = None
+        self.tracking: nftables.Tracking | None = None
         try:
             self.events.sock.setblocking(False)
-            nftables.install()
+            if switch_on_tracking:
+                self.tracking = nftables.Tracking()
             self.table = SocketTable(ports)
             with self.lock:
                 self._resync(initial=True)
@@ -229,6 +238,7 @@ class Conntrack:
                 raise
             if not self.lost:
                 log.warning("conntrack events were lost (ENOBUFS): will resync from the socket table")
+                self.losses += 1
             self.lost = True
             return True
         self._handle(buf)
@@ -263,25 +273,33 @@ class Conntrack:
             unwatched &= now
             now -= unwatched
             self.established[port] = now
+        # A handshake seen before is either established by now (the socket table has it) or gone; one still
+        # under way is counted anyway when its ESTABLISHED update comes (an update, not a creation).
+        self.handshakes.clear()
         self.resyncs += 1
 
     def _run(self) -> None:
-        timeout = self.resync_interval if self.resync_interval > 0 else None
+        """Handle events as they come, and resync on a fixed schedule whatever the traffic: a deadline, not a
+        quiet interval, so that steady traffic cannot postpone it (and the addresses' refresh with it)."""
+        interval = self.resync_interval if self.resync_interval > 0 else None
+        next_resync = time.monotonic() + interval if interval else float("inf")
         while True:
+            timeout = None if interval is None else max(0.0, next_resync - time.monotonic())
             ready, _, _ = select.select([self.events.fileno(), self.wake_r], [], [], timeout)
             if self.wake_r in ready:
                 return
             try:
-                if ready:
-                    # One buffer per lock hold, so that a scrape never waits behind a long backlog.
-                    while True:
-                        with self.lock:
-                            if not self._drain_once():
-                                break
-                else:
+                # One buffer per lock hold, so that a scrape never waits behind a long backlog; and no longer
+                # than the next resync is due.
+                while ready and time.monotonic() < next_resync:
+                    with self.lock:
+                        if not self._drain_once():
+                            break
+                if interval is not None and time.monotonic() >= next_resync:
                     with self.lock:
                         self._drain(DRAIN_BUDGET)
                         self._resync(initial=False)
+                    next_resync = time.monotonic() + interval
             except OSError:
                 log.exception("conntrack event handling failed")
 
@@ -304,8 +322,9 @@ class Conntrack:
         if self.table is not None:
             self.table.close()
         self.events.close()
-        with contextlib.suppress(OSError):
-            nftables.remove()
+        if self.tracking is not None:
+            with contextlib.suppress(OSError):
+                self.tracking.close()
 
     def close(self) -> None:
         os.write(self.wake_w, b"x")
@@ -317,4 +336,4 @@ class Conntrack:
 
 
 def open_method(ports: tuple[int, ...], options: Options) -> Conntrack:
-    return Conntrack(ports, options.resync_interval)
+    return Conntrack(ports, options.resync_interval, switch_on_tracking=options.switch_on_tracking)
