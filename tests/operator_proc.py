@@ -94,6 +94,7 @@ class Operator:
 
     def start(self) -> None:
         self.health = free_port()
+        self.metrics_port = free_port()
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's life
         self.proc = subprocess.Popen(
             [
@@ -101,6 +102,7 @@ class Operator:
                 OPERATOR,
                 "run",
                 f"--liveness=http://127.0.0.1:{self.health}/healthz",
+                f"--metrics-address=127.0.0.1:{self.metrics_port}",
                 "--log-level=debug",
                 *self.args,
             ],
@@ -127,6 +129,18 @@ class Operator:
                 return int(resp.status)
         except urllib.error.HTTPError as err:
             return int(err.code)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of the operator's /metrics (0 if absent), by name and exact labels."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            metric, _, rest = series.partition("{")
+            if metric == name and ",".join(sorted(rest.rstrip("}").split(","))) == want:
+                return float(value)
+        return 0.0
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -289,6 +289,66 @@ def test_a_foreign_scaledobject_of_the_same_name_gets_a_warning_no_false_event_a
     assert so["spec"]["scaleTargetRef"]["name"] == "something-else" and "ownerReferences" not in so["metadata"]
 
 
+def test_the_operators_metrics_count_writes_by_kind_and_result_and_time_events_to_writes(
+    operator: Operator, kube: Kube
+) -> None:
+    def sample(name: str, **labels: str) -> float:
+        return operator.metric(f"tcp_exporter_operator_{name}", **labels)
+
+    patches = sample("writes_total", kind="Deployment", verb="patch", result="ok")
+    creates = sample("writes_total", kind="ScaledObject", verb="create", result="ok")
+    conflicts = sample("writes_total", kind="ScaledObject", verb="create", result="conflict")
+    wrote = sample("reconciles_total", result="wrote")
+    timed = sample("event_to_write_seconds_count")
+    kube.create_injected(operator, deployment("metered-api", {"tcp-exporter/port": "8080"}))
+    assert sample("writes_total", kind="Deployment", verb="patch", result="ok") == patches + 1
+    assert sample("writes_total", kind="ScaledObject", verb="create", result="ok") == creates + 1
+    assert sample("reconciles_total", result="wrote") >= wrote + 1
+    assert sample("event_to_write_seconds_count") >= timed + 1
+    assert sample("tracked_deployments") >= 1
+    kube.custom.create_namespaced_custom_object(
+        *KEDA,
+        kube.ns,
+        "scaledobjects",
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledObject",
+            "metadata": {"name": "taken-api", "namespace": kube.ns},
+            "spec": {"scaleTargetRef": {"name": "else"}, "triggers": [{"type": "cpu", "metadata": {"value": "5"}}]},
+        },
+    )
+    kube.create(deployment("taken-api", {"tcp-exporter/port": "8080"}))
+    wait_for(
+        lambda: sample("writes_total", kind="ScaledObject", verb="create", result="conflict") > conflicts,
+        30,
+        "the refused create to be counted",
+    )
+
+
+def test_what_render_prints_applied_as_gitops_would_is_in_sync_adopted_and_costs_no_write(
+    operator: Operator, kube: Kube, audit: Audit
+) -> None:
+    import subprocess
+
+    import yaml
+    from operator_proc import OPERATOR
+
+    body = deployment("gitops-web-api", {"tcp-exporter/port": "8080"})
+    body["metadata"]["namespace"] = kube.ns
+    rendered = subprocess.run(
+        [OPERATOR, "render", "-f", "-"], input=yaml.safe_dump(body), capture_output=True, text=True, env=operator.env
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    injected_body, scaled = yaml.safe_load_all(rendered.stdout)
+    assert "ownerReferences" not in scaled["metadata"]
+    mark = audit.mark()
+    kube.custom.create_namespaced_custom_object(*KEDA, kube.ns, "scaledobjects", scaled)
+    kube.create(injected_body)
+    kube.converged(operator, "gitops-web-api")
+    assert operator_writes(audit, mark, kube.ns) == []
+    assert kube.events("gitops-web-api", "Warning") == []
+
+
 def test_the_podmonitor_is_created_when_its_crd_appears_relabelled_restored_and_deleted_with_the_annotation(
     operator: Operator, kube: Kube, kubectl: Callable[..., str]
 ) -> None:

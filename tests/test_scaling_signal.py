@@ -130,7 +130,7 @@ def test_shipped_alert_rules_pass_promtool_and_each_has_a_runbook_that_exists(tm
         assert f"### runbook: {alert['alert'].lower()}" in readme
 
 
-def test_the_monitoring_component_builds_a_prometheusrule_and_a_grafana_dashboard_configmap(
+def test_the_monitoring_component_builds_a_prometheusrule_an_operator_podmonitor_and_a_dashboard_configmap(
     kubectl: Any, tmp_path: Path
 ) -> None:
     # What the README says to do: list the component in manifests/kustomization.yaml (here in a copy).
@@ -144,6 +144,13 @@ def test_the_monitoring_component_builds_a_prometheusrule_and_a_grafana_dashboar
     (dashboard,) = [d for d in docs if d["metadata"]["name"] == "tcp-exporter-dashboard"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["tcp-exporter.json"])["uid"] == "tcp-exporter"
+    (monitor,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    (operator,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = operator["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    assert f"--metrics-address=:{ports['metrics']}" in pod["spec"]["containers"][0]["args"]
 
 
 def test_the_grafana_dashboard_queries_the_exporters_metrics() -> None:

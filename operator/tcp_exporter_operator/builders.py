@@ -172,6 +172,7 @@ class Plan:
     # not the user's. Such rollouts are paced; `upgrade_deferred` means one waits for a slot (no patch planned).
     upgrade: bool = False
     upgrade_deferred: bool = False
+    desired: dict[str, Any] | None = None  # the Deployment as the plan wants it, when it is injected
 
     @property
     def writes(self) -> int:
@@ -737,12 +738,21 @@ def pod_monitor(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
 
 
 def is_ours(obj: Mapping[str, Any] | None, deployment: Mapping[str, Any]) -> bool:
+    """Whether a ScaledObject or PodMonitor is this operator's for this Deployment: owned by it, or, with no
+    owning Deployment at all, labelled managed-by this operator under the name it would give (as `render` writes
+    them for GitOps, where no UID is known: applied from Git, they are adopted, not taken for a stranger's)."""
     if not obj:
         return False
-    uid = deployment["metadata"].get("uid")
-    return any(
-        ref.get("uid") == uid and ref.get("kind") == "Deployment"
-        for ref in obj.get("metadata", {}).get("ownerReferences") or []
+    meta = obj.get("metadata", {})
+    name = deployment["metadata"]["name"]
+    owners = [ref for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "Deployment"]
+    if owners:
+        return any(ref.get("uid") == deployment["metadata"].get("uid") for ref in owners)
+    target = (obj.get("spec") or {}).get("scaleTargetRef", {}).get("name", name)
+    return (
+        (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == LABELS["app.kubernetes.io/managed-by"]
+        and target == name
+        and meta.get("name") in (child_name(name, limit=SCALED_OBJECT_NAME_MAX), child_name(name, "tcp-exporter"))
     )
 
 
@@ -800,6 +810,7 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
         result.events.append(note)
 
     desired = inject(deployment, spec)
+    result.desired = desired
     paths = discovery_paths(deployment, spec, facts, cfg)
     if not in_sync(deployment, desired):
         wanted_status = recorded_status(desired) or {}

@@ -64,6 +64,18 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint kopf serves (default %(default)s)"
     )
     parser.add_argument(
+        "--metrics-address",
+        default=":8081",
+        metavar="HOST:PORT",
+        help="serve the operator's own Prometheus metrics on /metrics here; empty: not at all (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line for log collectors (default %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
@@ -71,41 +83,39 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Render refuses what the operator would refuse: nothing is injected for these.
+RENDER_ERRORS = ("InvalidAnnotation", "ContainerConflict", "AutoscalerConflict")
+
+
 def render(path: str, psa_level: str | None, cfg: Config) -> int:
+    """What the operator would do to each annotated Deployment of a manifest, printed: the same `plan`, with the
+    facts a cluster would give assumed (KEDA installed, no PodMonitor CRD, no other autoscaler)."""
     text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
     documents = [d for d in yaml.safe_load_all(text) if d]
     out: list[dict[str, Any]] = []
+    failed = False
     for doc in documents:
         if doc.get("kind") != "Deployment":
             out.append(doc)
             continue
         doc.setdefault("metadata", {}).setdefault("namespace", "default")
-        annotations = doc["metadata"].get("annotations") or {}
-        if builders.A_PORT not in annotations:
+        if builders.A_PORT not in (doc["metadata"].get("annotations") or {}):
             out.append(doc)
             continue
-        try:
-            spec = builders.parse_spec(doc, cfg)
-        except builders.InvalidSpec as exc:
-            print(f"tcp-exporter-operator: {doc['metadata'].get('name')}: {exc}", file=sys.stderr)
-            return 1
-        spec, note = builders.allowed_method(spec, psa_level)
-        if note is not None:
-            print(f"tcp-exporter-operator: {note.message}", file=sys.stderr)
-        out.append(builders.inject(doc, spec))
-        # Offline, no PodMonitor CRD is assumed: Prometheus must find the sidecar another configured way.
-        if spec.scaled_object and not builders.discovery_paths(doc, spec, builders.Facts(), cfg):
-            print(
-                f"tcp-exporter-operator: {doc['metadata'].get('name')}: no ScaledObject: Prometheus would not see "
-                "the sidecar; set TCP_EXPORTER_OPERATOR_DISCOVERY to include port-name if a scrape job on the "
-                f"port name {builders.METRICS_PORT_NAME!r} runs",
-                file=sys.stderr,
-            )
-        elif spec.scaled_object:
-            scaled = builders.scaled_object(doc, spec)
-            # Offline there is no Deployment UID to own it by; the operator adopts it when it runs.
+        result = builders.plan(doc, builders.Facts(psa_level=psa_level), cfg)
+        for event in result.events:
+            if event.type == "Warning":
+                print(f"tcp-exporter-operator: {doc['metadata'].get('name')}: {event.message}", file=sys.stderr)
+                failed = failed or event.reason in RENDER_ERRORS
+        out.append(result.desired if result.desired is not None else doc)
+        if result.scaled_object_action == "create" and result.scaled_object is not None:
+            scaled = result.scaled_object
+            # Offline there is no Deployment UID to own it by: applied from Git, the operator adopts it by its
+            # managed-by label and name.
             del scaled["metadata"]["ownerReferences"]
             out.append(scaled)
+    if failed:
+        return 1
     yaml.safe_dump_all(out, sys.stdout, sort_keys=False)
     return 0
 
@@ -124,9 +134,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return render(args.filename, args.psa_level, cfg)
     import kopf
 
-    from tcp_exporter_operator import handlers  # noqa: F401 - registers the handlers
+    from tcp_exporter_operator import (
+        handlers,  # noqa: F401 - registers the handlers
+        metrics,
+    )
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(metrics.JsonFormatter())
+    try:
+        metrics.serve(args.metrics_address)
+    except (OSError, ValueError) as exc:
+        print(f"tcp-exporter-operator: --metrics-address {args.metrics_address!r}: {exc}", file=sys.stderr)
+        return 2
     logging.getLogger("tcp_exporter_operator").setLevel(args.log_level.upper())
     logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)  # pausing and resuming replicas
     namespaces = args.namespace or list(cfg.namespaces)

@@ -23,7 +23,7 @@ from typing import Any
 import kopf
 import urllib3
 
-from tcp_exporter_operator import builders
+from tcp_exporter_operator import builders, metrics
 from tcp_exporter_operator.builders import A_PORT, A_STATUS, PSA_ENFORCE, Facts, Plan
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.events import MANAGED_BY, Event
@@ -114,6 +114,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         on_resume=lambda: full_pass(memo),  # what changed while another replica was active
     )
     memo.queue = WorkQueue[Key, Item](newest)
+    memo.received = {}  # key -> when its oldest unhandled event arrived
     memo.deployments = Deployments(memo.kube, memo.namespaces, tracked, lambda t, b: dispatch(memo, t, b))
     memo.deployments.start()  # lists while kopf fills its indexes; the workers wait for both
     for i in range(WORKERS):
@@ -406,12 +407,13 @@ def unchanged(deployment: Mapping[str, Any]) -> tuple[int, int]:
 
 def reconcile(
     deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Any, Any]], fresh: bool = False
-) -> None:
+) -> str:
     """Plan and apply; on a conflict read the Deployment again; retry transient API errors a few times.
 
-    A watch event's body can be a little behind (kopf's first listing, or events queued behind our own
-    write): before patching a Deployment from one, read it afresh and plan again. A read costs less than
-    a write the API server rejects, and usually shows the patch is not needed.
+    Unless `fresh`, the Deployment is read afresh before a patch (a read costs less than a write the API server
+    rejects, and often shows the patch is not needed); the HPAs always are.
+
+    Returns the result the metrics count: "wrote", "in_sync" or "failed".
     """
     kube: Kube = memo.kube
     namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
@@ -421,7 +423,7 @@ def reconcile(
         try:
             if current is None or current["metadata"].get("deletionTimestamp"):
                 memo.rollouts.unreserve(deployment["metadata"].get("uid", ""))
-                return
+                return "in_sync"
             facts = facts_for(current, indexes, hpas)
             uid = current["metadata"].get("uid", "")
             plan = builders.plan(current, facts, memo.config)
@@ -452,14 +454,14 @@ def reconcile(
                 current["metadata"].get("resourceVersion"),
                 plan.writes,
             )
-            return
+            return "wrote" if plan.writes else "in_sync"
         except Conflict:
             current = kube.get_deployment(namespace, name)
             continue
         except Exception as exc:
             if isinstance(exc, ApiError) and not (_transient(exc) and delay is not None):
                 refused(kube, memo, current or deployment, exc)
-                return
+                return "failed"
             if not _transient(exc) or delay is None:
                 raise
             log.warning("reconciling %s/%s failed (%s); retrying in %s s", namespace, name, exc, delay)
@@ -469,6 +471,7 @@ def reconcile(
     log.warning(
         "gave up reconciling %s/%s for now: it kept changing; the next event or resync retries", namespace, name
     )
+    return "failed"
 
 
 def older(version: str | None, than: str) -> bool:
@@ -505,7 +508,9 @@ def indexes_ready(memo: kopf.Memo, **kwargs: Any) -> None:
 def dispatch(memo: kopf.Memo, type: str, body: Mapping[str, Any]) -> None:
     """An event of a tracked Deployment, from the watch thread: queue it (a deletion is only forgotten)."""
     meta = body["metadata"]
+    metrics.TRACKED.set(len(memo.deployments.known))
     if type == "DELETED":
+        memo.received.pop((meta["namespace"], meta["name"]), None)
         uid = meta.get("uid")
         memo.warned.pop(uid, None)
         memo.awaiting.pop(uid, None)
@@ -513,7 +518,10 @@ def dispatch(memo: kopf.Memo, type: str, body: Mapping[str, Any]) -> None:
         for namespace_, name_ in memo.rollouts.forget(uid):
             enqueue(memo, namespace_, name_)
         return
-    memo.queue.put((meta["namespace"], meta["name"]), (type, body))
+    key = (meta["namespace"], meta["name"])
+    memo.received.setdefault(key, time.monotonic())  # the oldest event not yet handled, for event_to_write
+    memo.queue.put(key, (type, body))
+    metrics.QUEUE_DEPTH.set(len(memo.queue))
 
 
 def enqueue(memo: kopf.Memo, namespace: str, name: str) -> None:
@@ -528,23 +536,33 @@ def _work(memo: kopf.Memo) -> None:
         entry = queue.get()
         if entry is None:
             continue
-        (namespace, name), (type, body) = entry
+        key, (type, body) = entry
+        metrics.QUEUE_DEPTH.set(len(queue))
         while not memo.peering.wait_active(60):
             pass  # another replica is active (kopf's peering rule): hold the entry until this one is
+        received = memo.received.pop(key, None)
+        result = None
         try:
             if type == RESYNC:
-                deployment = memo.kube.get_deployment(namespace, name)
+                deployment = memo.kube.get_deployment(*key)
                 if deployment is not None:
-                    reconcile(deployment, memo, memo.shared["indexes"], fresh=True)
+                    result = reconcile(deployment, memo, memo.shared["indexes"], fresh=True)
             elif body is not None:
-                deployment_event(body, memo)
+                result = deployment_event(body, memo)
         except Exception:
-            log.exception("reconciling %s/%s failed; the next event or resync retries", namespace, name)
+            result = "failed"
+            log.exception("reconciling %s/%s failed; the next event or resync retries", *key)
         finally:
-            queue.done((namespace, name))
+            queue.done(key)
+        if result is not None:
+            metrics.RECONCILES.labels(result).inc()
+        if result == "wrote" and received is not None:
+            metrics.EVENT_TO_WRITE.observe(time.monotonic() - received)
 
 
-def deployment_event(body: Mapping[str, Any], memo: kopf.Memo) -> None:
+def deployment_event(body: Mapping[str, Any], memo: kopf.Memo) -> str | None:
+    """A tracked Deployment's watch event: reconciled unless it predates our own write or nothing it could
+    change has changed since it was last found in sync. Returns the reconcile's result, or None if skipped."""
     indexes = memo.shared["indexes"]
     uid = body["metadata"].get("uid")
     for namespace_, name_ in memo.rollouts.progress(uid, body):
@@ -559,7 +577,7 @@ def deployment_event(body: Mapping[str, Any], memo: kopf.Memo) -> None:
                 body["metadata"].get("resourceVersion"),
                 written,
             )
-            return
+            return None
         del memo.awaiting[uid]
     if memo.synced.get(uid) == unchanged(body):
         # In sync, and nothing the plan reads of the Deployment has changed since: no need to plan again. Its
@@ -570,8 +588,10 @@ def deployment_event(body: Mapping[str, Any], memo: kopf.Memo) -> None:
             body["metadata"]["name"],
             body["metadata"].get("resourceVersion"),
         )
-        return
-    reconcile(body, memo, indexes)
+        return None
+    # The body is the watch's latest (the queue keeps only that): as fresh as a read would be. Should it be behind
+    # anyway, the patch's preconditions fail (422) on exactly what changed, and the conflict reads it afresh.
+    return reconcile(body, memo, indexes, fresh=True)
 
 
 @kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels={"app.kubernetes.io/managed-by": MANAGED_BY})

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from tcp_exporter_operator import metrics
 from tcp_exporter_operator.events import MANAGED_BY, Event
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,9 @@ class Kube:
                 log.info("the API server refused our credentials (401): loading them again")
                 self.api = client.ApiClient(self.loader())
 
-    def call(self, fn: Callable[[client.ApiClient], T]) -> T:
-        """Run one API call; a 401 reloads the credentials and retries once; errors become ApiError."""
+    def call(self, fn: Callable[[client.ApiClient], T], write: tuple[str, str] | None = None) -> T:
+        """Run one API call; a 401 reloads the credentials and retries once; errors become ApiError.
+        `write` is (kind, verb) of a write, counted in the operator's metrics by result."""
         for attempt in (1, 2):
             api = self.api
             try:
@@ -90,8 +92,16 @@ class Kube:
                     continue
                 if exc.status == 401 and self.refused_since is None:
                     self.refused_since = time.monotonic()
+                if write:
+                    metrics.WRITES.labels(*write, metrics.write_result(exc.status)).inc()
                 raise ApiError(int(exc.status or 0), str(exc.body or exc.reason)) from None
+            except Exception:
+                if write:
+                    metrics.WRITES.labels(*write, "error").inc()
+                raise
             self.refused_since = None
+            if write:
+                metrics.WRITES.labels(*write, "ok").inc()
             return result
         raise AssertionError("unreachable")
 
@@ -144,7 +154,8 @@ class Kube:
                         _preload_content=False,
                         _request_timeout=REQUEST_TIMEOUT,
                     )
-                )
+                ),
+                write=("Deployment", "patch"),
             )
         except ApiError as exc:
             # 422 is a failed `test` operation: what the patch replaces changed since it was read.
@@ -164,7 +175,8 @@ class Kube:
                 lambda api: client.CustomObjectsApi(api).create_namespaced_custom_object(
                     group, version, meta["namespace"], plural, dict(body), _preload_content=False,
                     _request_timeout=REQUEST_TIMEOUT,
-                )
+                ),
+                write=(body["kind"], "create"),
             )  # fmt: skip
         except ApiError as exc:
             if exc.status == 403 and "NamespaceTerminating" in exc.body:
@@ -200,7 +212,8 @@ class Kube:
             lambda api: client.CustomObjectsApi(api).patch_namespaced_custom_object(
                 group, version, meta["namespace"], plural, meta["name"], ops, _content_type=JSON_PATCH,
                 _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
-            )
+            ),
+            write=(body["kind"], "patch"),
         )  # fmt: skip
 
     def delete_child(self, kind: str, namespace: str, name: str) -> None:
@@ -209,7 +222,8 @@ class Kube:
             self.call(
                 lambda api: client.CustomObjectsApi(api).delete_namespaced_custom_object(
                     group, version, namespace, plural, name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-                )
+                ),
+                write=(kind, "delete"),
             )
         except ApiError as exc:
             if exc.status != 404:
@@ -259,7 +273,8 @@ class Kube:
             self.call(
                 lambda api: client.CoreV1Api(api).create_namespaced_event(
                     meta["namespace"], body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-                )
+                ),
+                write=("Event", "create"),
             )
         except ApiError as exc:
             log.warning("could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc)

@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 import urllib3
 from kubernetes import client
 
+from tcp_exporter_operator import metrics
 from tcp_exporter_operator.kube import ApiError, Kube
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,11 @@ class Deployments:
                         if len(self._listed_scopes) == len(self.scopes):
                             self.listed.set()
                 resource_version = self._watch(scope, resource_version)
+                if resource_version is None:
+                    metrics.WATCH_RESTARTS.labels("true").inc()
                 failures = 0
             except Exception as exc:  # a dropped connection, a refused watch, an API server restart: go on
+                metrics.WATCH_RESTARTS.labels("false").inc()
                 delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
                 failures += 1
                 level = logging.DEBUG if isinstance(exc, urllib3.exceptions.ProtocolError) else logging.WARNING

@@ -1,0 +1,72 @@
+"""The operator's own metrics, served on /metrics (`--metrics-address`), and its JSON log format.
+
+Names follow Prometheus' conventions and those of controller-runtime operators: counters end in `_total`,
+durations are histograms in seconds, and the process metrics are prometheus_client's standard `process_*`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RECONCILES = Counter(
+    "tcp_exporter_operator_reconciles_total",
+    "Reconciles of a tracked Deployment, by result: wrote (at least one write), in_sync (none needed), failed",
+    ["result"],
+)
+WRITES = Counter(
+    "tcp_exporter_operator_writes_total",
+    "API writes by kind (Deployment, ScaledObject, PodMonitor, Event) and result: ok, conflict (re-read and "
+    "planned again), refused (another 4xx: RBAC, a webhook, validation), error (5xx or no answer)",
+    ["kind", "verb", "result"],
+)
+EVENT_TO_WRITE = Histogram(
+    "tcp_exporter_operator_event_to_write_seconds",
+    "From a Deployment's watch event to the end of the reconcile that wrote for it",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_DEPTH = Gauge("tcp_exporter_operator_queue_depth", "Deployments waiting for a worker")
+TRACKED = Gauge("tcp_exporter_operator_tracked_deployments", "Deployments annotated, or still carrying an injection")
+WATCH_RESTARTS = Counter(
+    "tcp_exporter_operator_watch_restarts_total",
+    "Deployment watches that ended with an error and were started again, by whether a new listing was needed",
+    ["relist"],
+)
+
+
+def write_result(status: int | None) -> str:
+    """The `result` label of a write answered with this HTTP status (None: no answer)."""
+    if status is None or status >= 500 or status == 0:
+        return "error"
+    if status in (409, 422):
+        return "conflict"
+    if status >= 400:
+        return "refused"
+    return "ok"
+
+
+def serve(address: str) -> None:
+    """Serve /metrics on host:port (":9102" for every address); an empty address serves nothing."""
+    if not address:
+        return
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, as log collectors (Loki, Elasticsearch, Cloud Logging) read them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
