@@ -66,7 +66,7 @@ def audit_writes(path: str, since: int, namespace: str) -> Counter[tuple[str, st
             event = json.loads(line)
             ref = event.get("objectRef", {})
             if (
-                event["user"]["username"] == USER
+                event["user"].get("username") == USER
                 and ref.get("namespace") == namespace
                 and event["stage"] == "ResponseComplete"
             ):
@@ -270,7 +270,7 @@ def run_scale(
                 1
                 for line in Path(cluster.audit_log).read_bytes()[mark:].decode().splitlines()
                 if line
-                and (e := json.loads(line))["user"]["username"] == USER
+                and (e := json.loads(line))["user"].get("username") == USER
                 and e["stage"] == "ResponseComplete"
                 and e.get("objectRef", {}).get("resource") not in ("events",)
             )

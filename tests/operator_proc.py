@@ -54,7 +54,7 @@ class Audit:
             if not line.strip():
                 continue
             event = json.loads(line)
-            if event["user"]["username"] != user or event["stage"] != "ResponseComplete":
+            if event["user"].get("username") != user or event["stage"] != "ResponseComplete":
                 continue
             ref = event.get("objectRef", {})
             out.append((event["verb"], ref.get("resource", ""), ref.get("namespace", ""), ref.get("name", "")))

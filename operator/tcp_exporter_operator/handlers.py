@@ -17,18 +17,19 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import kopf
 import urllib3
+from kubernetes import client
 
 from tcp_exporter_operator import builders, metrics
 from tcp_exporter_operator.builders import A_PORT, A_STATUS, PSA_ENFORCE, Facts, Plan
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.events import MANAGED_BY, Event
 from tcp_exporter_operator.kube import ApiError, Conflict, Kube, hpa_summary, load_configuration
-from tcp_exporter_operator.watch import RESYNC, Deployments, Item, Key, Peering, WorkQueue, newest
+from tcp_exporter_operator.watch import RESYNC, Index, Informer, Item, Key, Lister, Peering, WorkQueue, newest
 
 log = logging.getLogger(__name__)
 KEDA_CRD = "scaledobjects.keda.sh"
@@ -86,7 +87,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 5
     settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8)
-    settings.execution.max_workers = 4  # kopf's own handlers: indexes and children, all quick
+    settings.execution.max_workers = 2  # kopf's own handlers: login and probes
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
     memo.kube = Kube()
@@ -103,9 +104,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.synced = {}  # uid -> unchanged(): the Deployment as last found in sync
     memo.rollouts = Rollouts(memo.config.max_concurrent_rollouts)
     memo.awaiting = {}
-    memo.so_generations = {}
-    memo.shared = {"indexes": None}  # kopf's live indexes, once all are filled (`indexes_ready`)
-    memo.ready = threading.Event()
     memo.peering = Peering(
         memo.kube,
         peering,
@@ -115,8 +113,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     memo.queue = WorkQueue[Key, Item](newest)
     memo.received = {}  # key -> when its oldest unhandled event arrived
-    memo.deployments = Deployments(memo.kube, memo.namespaces, tracked, lambda t, b: dispatch(memo, t, b))
-    memo.deployments.start()  # lists while kopf fills its indexes; the workers wait for both
+    memo.ready = threading.Event()  # every watch has listed once
+    start_informers(memo)
     for i in range(WORKERS):
         threading.Thread(target=_work, args=(memo,), name=f"reconcile-{i}", daemon=True).start()
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
@@ -144,73 +142,179 @@ def credentials_probe(memo: kopf.Memo, **_: Any) -> str:
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.resync.cancel()
-    memo.deployments.stop()
+    for informer in memo.informers.values():
+        informer.stop()
 
 
 # -- indexes: the cluster facts a plan needs, kept by watches instead of per-event reads ---------
 
 
-# No index of Deployments, and no kopf watch of them: until every object of an indexed resource has been
-# indexed once, kopf runs no handler, its bookkeeping for that grows with the square of the count (150 s of a
-# core for 5,000 Deployments), and it keeps a stream and a worker per watched object. Deployments are the
-# resource a cluster has thousands of: the operator watches them itself (`watch.Deployments`).
-
-
-def _child_summary(namespace: str | None, body: kopf.Body) -> dict[str | None, Any]:
+def child_summary(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
     """Only what a plan compares of a child object (ScaledObject, PodMonitor): a small copy, not the whole body."""
-    meta = body["metadata"]
-    return {
-        namespace: {
-            "metadata": {
-                "name": meta["name"],
-                "namespace": namespace,
-                "deletionTimestamp": meta.get("deletionTimestamp"),
-                "labels": dict(meta.get("labels") or {}),
-                "ownerReferences": [
-                    {"kind": r.get("kind"), "uid": r.get("uid")} for r in meta.get("ownerReferences") or []
-                ],
-            },
-            "spec": copy.deepcopy(dict(body.get("spec") or {})),
-        }
+    meta = obj["metadata"]
+    return meta.get("namespace"), {
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta.get("namespace"),
+            "generation": meta.get("generation"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": [
+                {"kind": r.get("kind"), "uid": r.get("uid"), "name": r.get("name")}
+                for r in meta.get("ownerReferences") or []
+            ],
+        },
+        "spec": copy.deepcopy(dict(obj.get("spec") or {})),
     }
 
 
-@kopf.index("keda.sh", "v1alpha1", "scaledobjects")
-def scaledobjects(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
-    return _child_summary(namespace, body)
+def hpa_entry(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
+    return obj["metadata"].get("namespace"), hpa_summary(obj)
 
 
-@kopf.index("monitoring.coreos.com", "v1", "podmonitors", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def podmonitors(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
-    return _child_summary(namespace, body)
+def psa_level(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
+    return obj["metadata"]["name"], (obj["metadata"].get("labels") or {}).get(PSA_ENFORCE)
 
 
-@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
-def hpas(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, Any]:
-    return {namespace: hpa_summary(body)}
-
-
-@kopf.index("", "v1", "namespaces")
-def psa_levels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, str | None]:
-    return {name: labels.get(PSA_ENFORCE)}
-
-
-@kopf.index("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-def crds(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
+def crd_entry(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
     """CRD name -> whether it has what the plan relies on (for KEDA's: fallback.behavior, KEDA 2.17+)."""
+    name = obj["metadata"]["name"]
     if name != KEDA_CRD:
-        return {name: True}
-    versions = [v for v in spec.get("versions") or [] if v.get("name") == "v1alpha1"]
+        return name, True
+    versions = [v for v in (obj.get("spec") or {}).get("versions") or [] if v.get("name") == "v1alpha1"]
     schema = versions[0].get("schema", {}).get("openAPIV3Schema", {}) if versions else {}
     fallback = schema.get("properties", {}).get("spec", {}).get("properties", {}).get("fallback", {})
-    return {
-        name: "behavior" in fallback.get("properties", {}) or bool(fallback.get("x-kubernetes-preserve-unknown-fields"))
+    return name, "behavior" in fallback.get("properties", {}) or bool(
+        fallback.get("x-kubernetes-preserve-unknown-fields")
+    )
+
+
+def _custom(group: str, version: str, plural: str, **fixed: Any) -> Lister:
+    def lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+        custom = client.CustomObjectsApi(api)
+        if scope is None:
+            return custom.list_cluster_custom_object(group, version, plural, _preload_content=False, **fixed, **kwargs)
+        return custom.list_namespaced_custom_object(
+            group, version, scope, plural, _preload_content=False, **fixed, **kwargs
+        )
+
+    return lister
+
+
+def _deployments(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+    apps = client.AppsV1Api(api)
+    if scope is None:
+        return apps.list_deployment_for_all_namespaces(_preload_content=False, **kwargs)
+    return apps.list_namespaced_deployment(scope, _preload_content=False, **kwargs)
+
+
+def _hpas(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+    autoscaling = client.AutoscalingV2Api(api)
+    if scope is None:
+        return autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces(_preload_content=False, **kwargs)
+    return autoscaling.list_namespaced_horizontal_pod_autoscaler(scope, _preload_content=False, **kwargs)
+
+
+def _namespaces(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+    return client.CoreV1Api(api).list_namespace(_preload_content=False, **kwargs)
+
+
+def _crd(name: str) -> Lister:
+    def lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+        return client.ApiextensionsV1Api(api).list_custom_resource_definition(
+            field_selector=f"metadata.name={name}", _preload_content=False, **kwargs
+        )
+
+    return lister
+
+
+def start_informers(memo: kopf.Memo) -> None:
+    """The watches the operator runs: Deployments (tracked ones queued, the rest dropped) and the indexes a plan
+    reads. The workers start once every one has listed (`memo.ready`)."""
+    scopes: tuple[str | None, ...] = memo.namespaces or (None,)
+    managed = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+    indexes = {
+        "scaledobjects": Index(child_summary),
+        "podmonitors": Index(child_summary),
+        "hpas": Index(hpa_entry),
+        "psa_levels": Index(psa_level),
+        "crds": Index(crd_entry),
     }
+    memo.indexes = indexes
+    informers = {
+        "deployments": Informer(
+            memo.kube, "deployments", _deployments, scopes, lambda t, o: deployment_seen(memo, t, o)
+        ),
+        "scaledobjects": Informer(
+            memo.kube,
+            "scaledobjects",
+            _custom("keda.sh", "v1alpha1", "scaledobjects"),
+            scopes,
+            lambda t, o: child_seen(memo, "scaledobjects", t, o),
+            on_relist=lambda: full_pass(memo),
+        ),
+        "podmonitors": Informer(
+            memo.kube,
+            "podmonitors",
+            _custom("monitoring.coreos.com", "v1", "podmonitors", label_selector=managed),
+            scopes,
+            lambda t, o: child_seen(memo, "podmonitors", t, o),
+            on_relist=lambda: full_pass(memo),
+        ),
+        "hpas": Informer(memo.kube, "hpas", _hpas, scopes, lambda t, o: indexes["hpas"].update(t, o)[1]),
+        "namespaces": Informer(
+            memo.kube, "namespaces", _namespaces, (None,), lambda t, o: indexes["psa_levels"].update(t, o)[1]
+        ),
+        **{
+            crd: Informer(memo.kube, crd, _crd(crd), (None,), lambda t, o: crd_seen(memo, t, o))
+            for crd in (KEDA_CRD, PODMONITOR_CRD)
+        },
+    }
+    memo.informers = informers
+    memo.deployments = informers["deployments"]
+    for informer in informers.values():
+        informer.start()
+
+    def ready() -> None:
+        for informer in informers.values():
+            informer.synced.wait()
+        log.info("every watch has listed: reconciling Deployments")
+        memo.ready.set()
+
+    threading.Thread(target=ready, name="ready", daemon=True).start()
+
+
+def child_seen(memo: kopf.Memo, index: str, type: str, obj: Mapping[str, Any]) -> bool:
+    """A ScaledObject or PodMonitor event: indexed; and one of ours deleted or edited by hand (a new generation;
+    KEDA's frequent status updates are not) is put back by reconciling its Deployment."""
+    idx: Index = memo.indexes[index]
+    previous, kept = idx.update(type, obj)
+    meta = obj.get("metadata") or {}
+    if previous is None or (type != "DELETED" and previous["metadata"].get("generation") == meta.get("generation")):
+        return kept
+    if previous["metadata"]["labels"].get("app.kubernetes.io/managed-by") != MANAGED_BY:
+        return kept
+    for ref in previous["metadata"]["ownerReferences"]:
+        if ref.get("kind") == "Deployment" and ref.get("name"):
+            enqueue(memo, previous["metadata"]["namespace"], ref["name"])
+    return kept
+
+
+def crd_seen(memo: kopf.Memo, type: str, obj: Mapping[str, Any]) -> bool:
+    """KEDA or the Prometheus Operator installed after the operator: watch their kinds now, and create the
+    ScaledObjects and PodMonitors that were waiting for them, no restart needed."""
+    idx: Index = memo.indexes["crds"]
+    previous, kept = idx.update(type, obj)
+    if kept:  # added, or changed (say, Established now): the kind's watch tries again at once if it waits
+        memo.informers["scaledobjects" if obj["metadata"]["name"] == KEDA_CRD else "podmonitors"].poke()
+    if previous is None and kept and memo.ready.is_set():
+        full_pass(memo)
+    return kept
 
 
 def facts_for(
     deployment: Mapping[str, Any],
-    indexes: Mapping[str, kopf.Index[Any, Any]],
+    indexes: Mapping[str, Index],
     hpas: list[dict[str, Any]] | None = None,
 ) -> Facts:
     """The cluster facts a plan of this Deployment needs, from the indexes; `hpas`, read afresh, replaces the
@@ -405,9 +509,7 @@ def unchanged(deployment: Mapping[str, Any]) -> tuple[int, int]:
     return int(meta.get("generation") or 0), hash(tuple(sorted((meta.get("annotations") or {}).items())))
 
 
-def reconcile(
-    deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Any, Any]], fresh: bool = False
-) -> str:
+def reconcile(deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, Index], fresh: bool = False) -> str:
     """Plan and apply; on a conflict read the Deployment again; retry transient API errors a few times.
 
     Unless `fresh`, the Deployment is read afresh before a patch (a read costs less than a write the API server
@@ -484,29 +586,21 @@ def older(version: str | None, than: str) -> bool:
         return False
 
 
-INDEXES = ("scaledobjects", "podmonitors", "hpas", "psa_levels", "crds")
-
-
-def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index[Any, Any]]:
-    """The indexes kopf hands every handler as keyword arguments named after them."""
-    return {name: kwargs[name] for name in INDEXES}
-
-
-@kopf.on.event("", "v1", "namespaces")
-def indexes_ready(memo: kopf.Memo, **kwargs: Any) -> None:
-    """kopf runs no handler before every index is filled: the first one run says the Deployment workers may start
-    (before that, every ScaledObject would look missing, and the plans would write what exists)."""
-    if memo.shared["indexes"] is None:
-        memo.shared["indexes"] = _indexes(kwargs)  # live views, kept current by kopf
-        memo.ready.set()
-        log.info("indexes filled: reconciling Deployments")
-
-
 # -- Deployments: the watch thread dispatches, workers reconcile -------------------------------
 
 
+def deployment_seen(memo: kopf.Memo, type: str, body: Mapping[str, Any]) -> bool:
+    """A Deployment's event, from the watch thread: a tracked one (or one that just stopped being tracked, to be
+    seen without what it carried) is queued, a deletion forgotten; the rest dropped. Whether it is tracked."""
+    meta = body["metadata"]
+    is_tracked = type != "DELETED" and tracked(meta.get("annotations") or {})
+    if is_tracked or meta.get("uid") in memo.deployments.known:
+        dispatch(memo, type, body)
+    return is_tracked
+
+
 def dispatch(memo: kopf.Memo, type: str, body: Mapping[str, Any]) -> None:
-    """An event of a tracked Deployment, from the watch thread: queue it (a deletion is only forgotten)."""
+    """Queue a Deployment's event (a deletion is only forgotten)."""
     meta = body["metadata"]
     metrics.TRACKED.set(len(memo.deployments.known))
     if type == "DELETED":
@@ -546,7 +640,7 @@ def _work(memo: kopf.Memo) -> None:
             if type == RESYNC:
                 deployment = memo.kube.get_deployment(*key)
                 if deployment is not None:
-                    result = reconcile(deployment, memo, memo.shared["indexes"], fresh=True)
+                    result = reconcile(deployment, memo, memo.indexes, fresh=True)
             elif body is not None:
                 result = deployment_event(body, memo)
         except Exception:
@@ -563,7 +657,7 @@ def _work(memo: kopf.Memo) -> None:
 def deployment_event(body: Mapping[str, Any], memo: kopf.Memo) -> str | None:
     """A tracked Deployment's watch event: reconciled unless it predates our own write or nothing it could
     change has changed since it was last found in sync. Returns the reconcile's result, or None if skipped."""
-    indexes = memo.shared["indexes"]
+    indexes = memo.indexes
     uid = body["metadata"].get("uid")
     for namespace_, name_ in memo.rollouts.progress(uid, body):
         enqueue(memo, namespace_, name_)  # a paced upgrade finished here: the next waiting one may roll now
@@ -594,42 +688,12 @@ def deployment_event(body: Mapping[str, Any], memo: kopf.Memo) -> str | None:
     return reconcile(body, memo, indexes, fresh=True)
 
 
-@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-@kopf.on.event("monitoring.coreos.com", "v1", "podmonitors", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def child_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A ScaledObject or PodMonitor of ours deleted or edited by hand is put back.
-
-    KEDA updates its status often; only a new generation (a spec edit) or a deletion is worth a look.
-    """
-    meta = body["metadata"]
-    generations: dict[str, int] = memo.so_generations
-    seen = generations.get(meta["uid"])
-    if type == "DELETED":
-        generations.pop(meta["uid"], None)
-    else:
-        generations[meta["uid"]] = meta.get("generation", 0)
-        if type != "MODIFIED" or seen == meta.get("generation", 0):
-            return
-    for ref in meta.get("ownerReferences") or []:
-        if ref.get("kind") == "Deployment":
-            enqueue(memo, meta["namespace"], ref["name"])
-
-
-def _child_crd(name: str, **_: Any) -> bool:
-    return name in (KEDA_CRD, PODMONITOR_CRD)
-
-
-@kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", when=_child_crd)
-def child_crd_installed(type: str, memo: kopf.Memo, **_: Any) -> None:
-    """KEDA or the Prometheus Operator installed after the operator: create the ScaledObjects and PodMonitors
-    that were waiting for them, no restart needed."""
-    if type == "ADDED":
-        full_pass(memo)
-
-
 def full_pass(memo: kopf.Memo) -> None:
-    """Reconcile every tracked Deployment, read afresh (queued: each waits for its own worker)."""
-    for namespace, name in memo.deployments.tracked_keys():
+    """Reconcile every tracked Deployment, read afresh (queued: each waits for its own worker). Also after a
+    child kind's watch had to list again (its CRD came back, or the watch was too far behind)."""
+    if not memo.ready.is_set():
+        return  # the first reconcile of everything is still to come
+    for namespace, name in memo.deployments.known_keys():
         enqueue(memo, namespace, name)
 
 

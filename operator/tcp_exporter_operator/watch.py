@@ -1,11 +1,12 @@
-"""The operator's own watch of Deployments: a cluster holds thousands of them, and almost none are its business.
+"""The operator's own watches: list-then-watch informers through the official client, and a work queue.
 
-kopf keeps a stream, a worker and bookkeeping for every object of a watched resource, annotated or not, and waits
-for all of them before it runs any handler. Deployments are the one resource a cluster has thousands of, so the
-operator lists and watches them itself, through the official client: a list in pages, then a watch from its
-resourceVersion (with bookmarks, so that a resumed watch rarely has to list again). What is not tracked is
-dropped as soon as its JSON is parsed; nothing of it is kept. kopf keeps the small resources (ScaledObjects,
-PodMonitors, HPAs, namespaces, CRDs) in its indexes.
+kopf keeps a stream, a worker and bookkeeping for every object of a watched resource, and waits until every
+object of every indexed resource has been indexed once before it runs any handler, in time that grows with the
+square of their number. A cluster has thousands of Deployments, and one ScaledObject per annotated Deployment,
+so the operator lists (in pages) and watches what it needs itself, from a resourceVersion, with bookmarks so
+that a resumed watch rarely has to list again. Of a Deployment that is not tracked nothing is kept once its
+JSON is parsed; of the small resources (ScaledObjects, PodMonitors, HPAs, namespaces, two CRDs) only the few
+fields a plan reads, in an `Index`.
 
 The tracked Deployments' events go to a work queue in the manner of client-go's: one entry per Deployment, the
 latest state replacing an older one still waiting, and never two workers on the same Deployment.
@@ -18,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import urllib3
@@ -33,6 +34,7 @@ V = TypeVar("V")
 PAGE = 500
 WATCH_SECONDS = 300  # the API server ends a watch after this; it is resumed from the last resourceVersion
 BACKOFF = (1, 2, 4, 8, 15)
+NOT_SERVED_RETRY = 10.0  # seconds between listings of a kind not served (its CRD missing), unless poked
 RESYNC = "RESYNC"  # a queue entry that says: read the Deployment afresh and reconcile it, even if it looks in sync
 
 
@@ -83,63 +85,80 @@ def newest(old: Item, new: Item) -> Item:
     return old if old[0] == RESYNC else new
 
 
-class Deployments:
-    """List-then-watch of Deployments in each watched namespace (or all), keeping only the tracked ones' keys.
+Lister = Callable[..., Any]  # (api client, scope, **list parameters) -> the raw response of a list or watch
 
-    `dispatch(type, body)` is called, from the watch thread, for each event of a tracked Deployment (and for one
-    that just stopped being tracked, so that it is seen without what it carried); DELETED included.
+
+class Informer:
+    """List-then-watch of one resource, in each scope (a namespace, or None for all / cluster-scoped kinds).
+
+    `handle(type, obj)` is called from the watch thread for every listed object and every event, and says
+    whether the object is worth remembering; of those, the ones missing from a later listing (deleted while no
+    watch ran) get a DELETED call. Nothing else of an object is kept here. A kind the API server does not serve
+    (its CRD is not installed) counts as listed, and empty; it is retried every little while, or at once on
+    `poke` (its CRD appeared).
     """
 
     def __init__(
         self,
         kube: Kube,
-        namespaces: tuple[str, ...],
-        tracked: Callable[[Mapping[str, str]], bool],
-        dispatch: Callable[[str, Mapping[str, Any]], None],
+        name: str,
+        lister: Lister,
+        scopes: tuple[str | None, ...],
+        handle: Callable[[str, Mapping[str, Any]], bool],
+        on_relist: Callable[[], None] = lambda: None,
     ) -> None:
-        self.kube = kube
-        self.scopes: tuple[str | None, ...] = namespaces or (None,)
-        self.tracked = tracked
-        self.dispatch = dispatch
+        self.kube, self.name, self.lister, self.scopes, self.handle = kube, name, lister, scopes or (None,), handle
+        # Called after a listing that is not the first: what changed while no watch ran is known only as the
+        # state it left (a deletion of an object never seen is not an event), so the caller may look again.
+        self.on_relist = on_relist
         self.lock = threading.Lock()
-        self.known: dict[str, Key] = {}  # uid -> (namespace, name) of every tracked Deployment
-        self.listed = threading.Event()  # every scope listed once
+        self.known: dict[str, Key] = {}  # uid -> (namespace, name) of what `handle` kept
+        self.synced = threading.Event()  # every scope listed once
         self._listed_scopes: set[str | None] = set()
         self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self._poke = threading.Event()
 
     def start(self) -> None:
         for scope in self.scopes:
-            thread = threading.Thread(target=self._run, args=(scope,), name=f"watch-{scope or 'all'}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
+            name = f"watch-{self.name}-{scope or 'all'}"
+            threading.Thread(target=self._run, args=(scope,), name=name, daemon=True).start()
 
     def stop(self) -> None:
         self.stopping.set()
+        self._poke.set()
 
-    def tracked_keys(self) -> list[Key]:
+    def poke(self) -> None:
+        self._poke.set()
+
+    def known_keys(self) -> list[Key]:
         with self.lock:
             return list(self.known.values())
 
-    # -- one scope ---------------------------------------------------------------------------------
+    def _listed(self, scope: str | None) -> None:
+        with self.lock:
+            self._listed_scopes.add(scope)
+            if len(self._listed_scopes) == len(self.scopes):
+                self.synced.set()
 
-    def _apps(self, api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
-        apps = client.AppsV1Api(api)
-        if scope is None:
-            return apps.list_deployment_for_all_namespaces(_preload_content=False, **kwargs)
-        return apps.list_namespaced_deployment(scope, _preload_content=False, **kwargs)
+    def _wait(self, seconds: float) -> None:
+        self._poke.wait(seconds)
+        self._poke.clear()
 
     def _run(self, scope: str | None) -> None:
         resource_version: str | None = None
         failures = 0
+        first = True
         while not self.stopping.is_set():
             try:
                 if resource_version is None:
                     resource_version = self._list(scope)
-                    with self.lock:
-                        self._listed_scopes.add(scope)
-                        if len(self._listed_scopes) == len(self.scopes):
-                            self.listed.set()
+                    self._listed(scope)
+                    if not first:
+                        self.on_relist()
+                    first = False
+                    if resource_version is None:  # not served: nothing to watch yet
+                        self._wait(NOT_SERVED_RETRY)
+                        continue
                 resource_version = self._watch(scope, resource_version)
                 if resource_version is None:
                     metrics.WATCH_RESTARTS.labels("true").inc()
@@ -149,37 +168,40 @@ class Deployments:
                 delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
                 failures += 1
                 level = logging.DEBUG if isinstance(exc, urllib3.exceptions.ProtocolError) else logging.WARNING
-                log.log(level, "watching Deployments in %s: %s; again in %s s", scope or "all namespaces", exc, delay)
-                self.stopping.wait(delay)
+                log.log(level, "watching %s in %s: %s; again in %s s", self.name, scope or "all", exc, delay)
+                self._wait(delay)
 
-    def _list(self, scope: str | None) -> str:
-        """One listing in pages; tracked Deployments are dispatched, the rest dropped. Returns its resourceVersion.
-        A Deployment known before but not listed now was deleted while no watch ran."""
+    def _list(self, scope: str | None) -> str | None:
+        """One listing in pages, each object handed to `handle`. Returns its resourceVersion; None if the kind is
+        not served (then whatever was known of it is gone)."""
         token = None
         seen: set[str] = set()
-        resource_version = ""
+        resource_version: str | None = ""
         while True:
 
             def page(api: client.ApiClient, token: str | None = token) -> Any:
-                return self._apps(api, scope, limit=PAGE, _continue=token, _request_timeout=60)
+                return self.lister(api, scope, limit=PAGE, _continue=token, _request_timeout=60)
 
-            body = json.loads(self.kube.call(page).data)
+            try:
+                body = json.loads(self.kube.call(page).data)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                resource_version = None
+                break
             for item in body.get("items") or []:
-                uid = item["metadata"].get("uid", "")
                 if self._event("ADDED", item):
-                    seen.add(uid)
+                    seen.add(item["metadata"].get("uid", ""))
             meta = body.get("metadata") or {}
             resource_version = meta.get("resourceVersion") or resource_version
             token = meta.get("continue")
             if not token:
                 break
         with self.lock:
-            gone = [
-                (uid, key) for uid, key in self.known.items() if uid not in seen and (scope is None or key[0] == scope)
-            ]
+            gone = [(uid, key) for uid, key in self.known.items() if uid not in seen and scope in (None, key[0])]
         for uid, (namespace, name) in gone:
             self._event("DELETED", {"metadata": {"uid": uid, "namespace": namespace, "name": name}})
-        log.info("listed Deployments in %s: %d tracked", scope or "all namespaces", len(seen))
+        log.info("listed %s in %s: %d kept", self.name, scope or "all", len(seen))
         return resource_version
 
     def _watch(self, scope: str | None, resource_version: str) -> str | None:
@@ -187,7 +209,7 @@ class Deployments:
         when the version is too old (410 Gone) and a new listing is needed."""
 
         def watch(api: client.ApiClient) -> Any:
-            return self._apps(
+            return self.lister(
                 api,
                 scope,
                 watch=True,
@@ -200,7 +222,7 @@ class Deployments:
         try:
             response = self.kube.call(watch)
         except ApiError as exc:
-            if exc.status == 410:
+            if exc.status in (404, 410):
                 return None
             raise
         try:
@@ -211,7 +233,7 @@ class Deployments:
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
-                        log.info("watching Deployments in %s: resourceVersion too old, listing again", scope or "all")
+                        log.info("watching %s in %s: resourceVersion too old, listing again", self.name, scope or "all")
                         return None
                     raise ApiError(int(obj.get("code") or 0), str(obj.get("message")))
                 resource_version = (obj.get("metadata") or {}).get("resourceVersion") or resource_version
@@ -222,19 +244,56 @@ class Deployments:
         return resource_version
 
     def _event(self, kind: str, obj: Mapping[str, Any]) -> bool:
-        """Dispatch an event if it concerns a tracked Deployment; whether it does (and still is tracked)."""
         meta = obj.get("metadata") or {}
         uid = meta.get("uid", "")
-        is_tracked = kind != "DELETED" and self.tracked(meta.get("annotations") or {})
         with self.lock:
             was_known = uid in self.known
-            if is_tracked:
-                self.known[uid] = (meta["namespace"], meta["name"])
+        kept = self.handle(kind, obj) if kind != "DELETED" or was_known else False
+        with self.lock:
+            if kept and kind != "DELETED":
+                self.known[uid] = (meta.get("namespace", ""), meta.get("name", ""))
             else:
                 self.known.pop(uid, None)
-        if is_tracked or was_known:
-            self.dispatch(kind, obj)
-        return is_tracked
+        return kept
+
+
+class Index:
+    """key -> values, kept from an informer's events: what kopf's indexes were, for the operator's small
+    resources. `summarize(obj)` gives (key, value), or None for an object not to index."""
+
+    def __init__(self, summarize: Callable[[Mapping[str, Any]], tuple[Hashable, Any] | None]) -> None:
+        self.summarize = summarize
+        self.lock = threading.Lock()
+        self.data: dict[Hashable, dict[str, Any]] = {}
+        self.keys: dict[str, Hashable] = {}  # uid -> key
+
+    def update(self, kind: str, obj: Mapping[str, Any]) -> tuple[Any, bool]:
+        """Apply an event; returns (the value indexed before under this uid or None, whether it is indexed now)."""
+        uid = (obj.get("metadata") or {}).get("uid", "")
+        found = None if kind == "DELETED" else self.summarize(obj)
+        with self.lock:
+            old_key = self.keys.pop(uid, None)
+            previous = self.data.get(old_key, {}).pop(uid, None) if old_key is not None else None
+            if old_key is not None and not self.data.get(old_key):
+                self.data.pop(old_key, None)
+            if found is not None:
+                key, value = found
+                self.keys[uid] = key
+                self.data.setdefault(key, {})[uid] = value
+        return previous, found is not None
+
+    def get(self, key: Hashable, default: Iterable[Any] = ()) -> list[Any]:
+        with self.lock:
+            values = self.data.get(key)
+            return list(values.values()) if values else list(default)
+
+    def __getitem__(self, key: Hashable) -> list[Any]:
+        with self.lock:
+            return list(self.data[key].values())
+
+    def __contains__(self, key: object) -> bool:
+        with self.lock:
+            return key in self.data
 
 
 def _lines(response: Any) -> Iterator[bytes]:
