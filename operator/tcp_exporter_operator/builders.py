@@ -49,6 +49,7 @@ A_AUTH_MODES = PREFIX + "auth-modes"
 A_PROMETHEUS_NAMESPACE = PREFIX + "prometheus-namespace"
 A_CUSTOM_HEADERS = PREFIX + "custom-headers"
 A_UNSAFE_SSL = PREFIX + "unsafe-ssl"
+A_SCALE_IN = PREFIX + "scale-in-by-connections"
 
 # The annotations that shape the injected sidecar (not the ScaledObject): a change of one of them is the user's.
 SIDECAR_INPUTS = (
@@ -139,6 +140,7 @@ class Spec:
     deployment: str = ""  # the Deployment's name: the sidecar labels its series with it, the query selects on it
     pod_monitor_labels: dict[str, str] = field(default_factory=dict)
     keda: KedaOptions = field(default_factory=KedaOptions)
+    scale_in_by_connections: bool = False  # set pods' deletion cost from their connections (scalein.py)
 
 
 @dataclass
@@ -382,6 +384,9 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
     toggle = annotations.get(A_SCALEDOBJECT, "true").strip().lower()
     if toggle not in ("true", "false"):
         raise InvalidSpec(f'{A_SCALEDOBJECT}: {toggle!r} must be "true" or "false"')
+    scale_in = annotations.get(A_SCALE_IN, cfg.scale_in_by_connections).strip().lower()
+    if scale_in not in ("true", "false"):
+        raise InvalidSpec(f'{A_SCALE_IN}: {scale_in!r} must be "true" or "false"')
     prometheus = annotations.get(A_PROMETHEUS, cfg.prometheus).strip()
     if not re.match(r"^https?://[^\s/]+", prometheus):
         raise InvalidSpec(f"{A_PROMETHEUS}: {prometheus!r} is not an http(s):// address")
@@ -418,6 +423,7 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
         max_replicas=max_replicas,
         prometheus=prometheus.rstrip("/"),
         scaled_object=toggle == "true",
+        scale_in_by_connections=scale_in == "true",
         resources=resources,
     )
 

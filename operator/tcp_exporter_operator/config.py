@@ -49,6 +49,11 @@ class Config:
     prometheus_namespace: str = ""
     custom_headers: str = ""
     unsafe_ssl: str = ""
+    # Connection-aware scale-in (scalein.py): the default of the tcp-exporter/scale-in-by-connections annotation,
+    # seconds between the Prometheus queries, and pod writes per second at most, over all Deployments.
+    scale_in_by_connections: str = "false"
+    deletion_cost_period: int = 10
+    deletion_cost_rate: int = 20
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.discovery if d not in DISCOVERY_PATHS]

@@ -29,6 +29,7 @@ from tcp_exporter_operator.builders import A_PORT, A_STATUS, PSA_ENFORCE, Facts,
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.events import MANAGED_BY, Event
 from tcp_exporter_operator.kube import ApiError, Conflict, Kube, hpa_summary, load_configuration
+from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
 from tcp_exporter_operator.watch import RESYNC, Index, Informer, Item, Key, Lister, Peering, WorkQueue, newest
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.queue = WorkQueue[Key, Item](newest)
     memo.received = {}  # key -> when its oldest unhandled event arrived
     memo.ready = threading.Event()  # every watch has listed once
+    memo.scale_targets = {}  # (namespace, name) -> scalein.Target of each Deployment opted in
     start_informers(memo)
+    DeletionCosts(
+        memo.kube,
+        memo.scale_targets,
+        memo.config.deletion_cost_period,
+        memo.config.deletion_cost_rate,
+        parse_headers(memo.config.custom_headers),
+        may_write=lambda: memo.ready.is_set() and memo.peering.wait_active(0),
+    ).start()
     for i in range(WORKERS):
         threading.Thread(target=_work, args=(memo,), name=f"reconcile-{i}", daemon=True).start()
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever(memo))
@@ -596,7 +606,24 @@ def deployment_seen(memo: kopf.Memo, type: str, body: Mapping[str, Any]) -> bool
     is_tracked = type != "DELETED" and tracked(meta.get("annotations") or {})
     if is_tracked or meta.get("uid") in memo.deployments.known:
         dispatch(memo, type, body)
+        scale_target(memo, body if is_tracked else None, (meta["namespace"], meta["name"]))
     return is_tracked
+
+
+def scale_target(memo: kopf.Memo, body: Mapping[str, Any] | None, key: Key) -> None:
+    """Keep what connection-aware scale-in needs of an opted-in Deployment (its replicas change with the HPA)."""
+    targets: dict[Key, Target] = memo.scale_targets
+    try:
+        if body is None or A_PORT not in (body["metadata"].get("annotations") or {}):
+            raise LookupError
+        spec = builders.parse_spec(body, memo.config)
+        if not spec.scale_in_by_connections:
+            raise LookupError
+    except (LookupError, builders.InvalidSpec):
+        targets.pop(key, None)
+        return
+    replicas = int((body.get("spec") or {}).get("replicas", 1))
+    targets[key] = Target(spec.threshold, spec.min_replicas, replicas, spec.prometheus)
 
 
 def dispatch(memo: kopf.Memo, type: str, body: Mapping[str, Any]) -> None:

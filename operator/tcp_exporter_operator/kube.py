@@ -35,6 +35,7 @@ CHILDREN = {
     "PodMonitor": ("monitoring.coreos.com", "v1", "podmonitors"),
 }
 REQUEST_TIMEOUT = 15.0
+MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"  # said explicitly: the client would guess merge-patch for some APIs
 POOL_SIZE = 16  # above kopf's worker count, so no request waits for a connection
 
@@ -163,6 +164,26 @@ class Kube:
                 raise Conflict(f"deployment {namespace}/{name} changed") from exc
             raise
         return str(new["metadata"]["resourceVersion"]), int(new["metadata"].get("generation") or 0)
+
+    # -- pods: only their deletion cost -------------------------------------------------------------
+
+    def set_deletion_cost(self, namespace: str, name: str, cost: int) -> bool:
+        """Set a pod's controller.kubernetes.io/pod-deletion-cost (a merge patch of that one annotation: the
+        admission policy in manifests/rbac lets the operator change nothing else of a pod). False if it is gone."""
+        body = {"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": str(cost)}}}
+        try:
+            self.call(
+                lambda api: client.CoreV1Api(api).patch_namespaced_pod(
+                    name, namespace, body, _content_type=MERGE_PATCH, _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                ),
+                write=("Pod", "patch"),
+            )  # fmt: skip
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     # -- children: ScaledObjects and PodMonitors ---------------------------------------------------
 

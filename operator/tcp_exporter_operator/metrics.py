@@ -36,6 +36,11 @@ WATCH_RESTARTS = Counter(
     "Deployment watches that ended with an error and were started again, by whether a new listing was needed",
     ["relist"],
 )
+DELETION_COST_QUERIES = Counter(
+    "tcp_exporter_operator_deletion_cost_queries_total",
+    "Prometheus queries for the pods' connections (connection-aware scale-in), by result",
+    ["result"],
+)
 
 
 def write_result(status: int | None) -> str:

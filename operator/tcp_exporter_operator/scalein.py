@@ -1,0 +1,188 @@
+"""Connection-aware scale-in: each opted-in pod's `controller.kubernetes.io/pod-deletion-cost` follows its
+ESTABLISHED connections, so that when the ReplicaSet controller removes pods, the least-connected go first.
+
+Where the counts come from: Prometheus, in one query per period for every opted-in pod of the cluster (per
+Prometheus address), from the very series KEDA scales on. The operator then needs no route to the pods, no
+watch of pods (the most numerous objects of a cluster) and no scrape of its own; the price is Prometheus' scrape
+interval of lag, which the write policy below allows for.
+
+When it writes (Kubernetes' documentation warns against updating the annotation from a metric continuously):
+- a pod never written: once;
+- a scale-in is imminent (KEDA's formula, max(min-replicas, ceil(total / threshold)), is below the Deployment's
+  replicas): every pod whose count differs from what was written, so the ranking is exact when the HPA acts;
+- otherwise only when a pod's count has moved materially from what was written (hysteresis: more than
+  `MIN_STEP` connections and more than `REL_STEP` of the written value);
+While a scale-in is imminent the period is `URGENCY` times shorter, so that the costs trail the counts by
+little more than Prometheus' scrape interval. Never more than `PER_DEPLOYMENT` pods per Deployment per period,
+nor more than the configured rate overall (a token bucket); what does not fit waits for the next period, the
+largest changes first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tcp_exporter_operator import metrics
+from tcp_exporter_operator.kube import ApiError, Kube
+
+log = logging.getLogger(__name__)
+COST = "controller.kubernetes.io/pod-deletion-cost"
+QUERY = (
+    "sum by (namespace, pod, tcp_exporter_deployment) (max by (namespace, pod, port, tcp_exporter_deployment) "
+    '(tcp_exporter_established_connections{tcp_exporter_deployment!=""}))'
+)
+MIN_STEP = 2  # connections: a smaller change is never material
+REL_STEP = 0.2  # of the written value: nor is a smaller relative one
+PER_DEPLOYMENT = 50  # pods written per Deployment per period at most
+QUERY_TIMEOUT = 10.0
+URGENCY = 5  # while a scale-in is imminent somewhere, the period is this many times shorter (1 s at least)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the policy needs of an opted-in Deployment, from its latest watch event."""
+
+    threshold: int
+    min_replicas: int
+    replicas: int
+    prometheus: str
+
+
+def imminent(counts: Mapping[str, int], target: Target) -> bool:
+    """Whether KEDA's formula asks for fewer replicas than the Deployment has: a scale-in may come any moment."""
+    wanted = max(target.min_replicas, math.ceil(sum(counts.values()) / target.threshold))
+    return wanted < target.replicas
+
+
+def material(count: int, written: int) -> bool:
+    return abs(count - written) > max(MIN_STEP, REL_STEP * written)
+
+
+def decide(counts: Mapping[str, int], written: Mapping[str, int], exact: bool) -> list[tuple[str, int]]:
+    """(pod, cost) to write, most needed first: pods never written, then by how far their count has moved."""
+    out = []
+    for pod, count in counts.items():
+        old = written.get(pod)
+        if old is None or (old != count if exact else material(count, old)):
+            out.append((pod, count, math.inf if old is None else abs(count - old)))
+    out.sort(key=lambda entry: -entry[2])
+    return [(pod, count) for pod, count, _ in out]
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `rate` (one second's worth) saved up."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = max(rate, 0.1)
+        self.clock = clock
+        self.tokens = self.rate
+        self.at = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def query(url: str, headers: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The query's instant vector from Prometheus' HTTP API."""
+    request = urllib.request.Request(
+        f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": QUERY}), headers=dict(headers)
+    )
+    with urllib.request.urlopen(request, timeout=QUERY_TIMEOUT) as response:
+        body = json.load(response)
+    if body.get("status") != "success":
+        raise ValueError(f"Prometheus answered {body.get('status')}: {body.get('error')}")
+    return list(body["data"]["result"])
+
+
+def parse_headers(raw: str) -> dict[str, str]:
+    """KEDA's customHeaders form, key=value,key=value."""
+    return dict(part.split("=", 1) for part in raw.split(",") if "=" in part)
+
+
+class DeletionCosts:
+    """The periodic loop: one query per Prometheus, then the writes the policy and the limits allow."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        targets: dict[tuple[str, str], Target],
+        period: float,
+        rate: float,
+        headers: Mapping[str, str],
+        may_write: Callable[[], bool],
+    ) -> None:
+        self.kube, self.targets, self.period, self.headers, self.may_write = kube, targets, period, headers, may_write
+        self.bucket = TokenBucket(rate)
+        self.written: dict[tuple[str, str], dict[str, int]] = {}  # (namespace, deployment) -> pod -> cost
+        self.urgent = False  # a scale-in is imminent somewhere: look again sooner
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="deletion-costs", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(max(1.0, self.period / URGENCY) if self.urgent else self.period)
+            if not self.may_write():
+                continue
+            try:
+                self.round()
+            except Exception:
+                log.exception("setting pod deletion costs failed; the next period tries again")
+
+    def round(self) -> int:
+        """One period: query, decide, write. Returns the number of pods written."""
+        targets = dict(self.targets)  # the watch thread updates it meanwhile
+        counts: dict[tuple[str, str], dict[str, int]] = {}
+        for url in {t.prometheus for t in targets.values()}:
+            try:
+                series = query(url, self.headers)
+                metrics.DELETION_COST_QUERIES.labels("ok").inc()
+            except (OSError, ValueError, KeyError) as exc:
+                metrics.DELETION_COST_QUERIES.labels("error").inc()
+                log.warning("querying %s for the pods' connections: %s", url, exc)
+                continue
+            for sample in series:
+                labels = sample.get("metric") or {}
+                key = (labels.get("namespace", ""), labels.get("tcp_exporter_deployment", ""))
+                if key in targets and targets[key].prometheus == url and labels.get("pod"):
+                    counts.setdefault(key, {})[labels["pod"]] = int(float(sample["value"][1]))
+        for key in list(self.written):
+            if key not in targets:
+                del self.written[key]  # opted out, or gone: nothing more is written for it
+        writes = 0
+        self.urgent = False
+        for key, pods in counts.items():
+            written = self.written.setdefault(key, {})
+            for gone in set(written) - set(pods):
+                del written[gone]
+            exact = imminent(pods, targets[key])
+            self.urgent = self.urgent or exact
+            for pod, cost in decide(pods, written, exact)[:PER_DEPLOYMENT]:
+                if not self.bucket.take():
+                    return writes  # the overall limit: the rest next period
+                try:
+                    found = self.kube.set_deletion_cost(key[0], pod, cost)
+                except ApiError as exc:  # refused (RBAC, the admission policy): counted; the others still go
+                    log.warning("setting the deletion cost of pod %s/%s: %s", key[0], pod, exc)
+                    continue
+                if found:
+                    written[pod] = cost
+                    writes += 1
+                else:
+                    written.pop(pod, None)
+        return writes
