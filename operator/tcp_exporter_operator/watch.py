@@ -153,12 +153,12 @@ class Informer:
                 if resource_version is None:
                     resource_version = self._list(scope)
                     self._listed(scope)
-                    if not first:
-                        self.on_relist()
-                    first = False
                     if resource_version is None:  # not served: nothing to watch yet
                         self._wait(NOT_SERVED_RETRY)
                         continue
+                    if not first:
+                        self.on_relist()
+                    first = False
                 resource_version = self._watch(scope, resource_version)
                 if resource_version is None:
                     metrics.WATCH_RESTARTS.labels("true").inc()
@@ -201,7 +201,10 @@ class Informer:
             gone = [(uid, key) for uid, key in self.known.items() if uid not in seen and scope in (None, key[0])]
         for uid, (namespace, name) in gone:
             self._event("DELETED", {"metadata": {"uid": uid, "namespace": namespace, "name": name}})
-        log.info("listed %s in %s: %d kept", self.name, scope or "all", len(seen))
+        if resource_version is None:
+            log.debug("%s: not served (its CRD is not installed); trying again later", self.name)
+        else:
+            log.info("listed %s in %s: %d kept", self.name, scope or "all", len(seen))
         return resource_version
 
     def _watch(self, scope: str | None, resource_version: str) -> str | None:
