@@ -11,13 +11,15 @@ LOCALKUBE := PYTHONPATH=tests $(PY) -m localkube
 APT_PACKAGES := iptables nftables conntrack iproute2 openssl util-linux
 STAMP := $(VENV)/.installed
 
-.PHONY: help deps venv tools lint test test-unit demo bench cluster-up cluster-down clean lock
+.PHONY: help deps venv tools lint test test-unit demo bench cluster-up cluster-down clean lock release set-version
 
 help:
 	@echo "make demo         run the whole thing on a local control plane"
 	@echo "make test         all tests (installs what they need)"
 	@echo "make lint         ruff, mypy, hadolint"
 	@echo "make bench        benchmarks under bench/ (tables + JSON in bench/results/)"
+	@echo "make release      dist/install.yaml and the packaged Helm chart, of this version"
+	@echo "make set-version VERSION=x.y.z   the one version, written everywhere it is stated"
 	@echo "make cluster-up   start the local control plane (.local/kubeconfig)"
 	@echo "make cluster-down stop it and remove its state"
 
@@ -45,6 +47,8 @@ lint: venv
 	@echo "==> mypy"; $(VENV)/bin/mypy
 	@echo "==> hadolint"; $(VENV)/bin/hadolint Dockerfile.operator Dockerfile.sidecar
 	@echo "==> go vet (control-plane tooling)"; cd tests/localkube && CGO_ENABLED=0 go vet -trimpath . && test -z "$$(gofmt -l .)"
+	@echo "==> actionlint (the release workflow, which cannot run here)"; \
+	  $$(PYTHONPATH=tests $(PY) -c "import helmtools; print(helmtools.actionlint())") .github/workflows/*.yaml
 
 # Test tooling built from Go modules, cached under $(TCP_EXPORTER_CACHE): the control plane, Prometheus
 # with Kubernetes discovery (Debian's package has none), and KEDA.
@@ -55,6 +59,8 @@ tools: deps venv
 	@PYTHONPATH=tests $(PY) -c "import promstack; promstack.binaries()"
 	@echo "==> building (or reusing) KEDA's operator and metrics adapter"
 	@PYTHONPATH=tests $(PY) -c "import kedastack; kedastack.binaries()"
+	@echo "==> building (or reusing) Helm and actionlint"
+	@PYTHONPATH=tests $(PY) -c "import helmtools; helmtools.binaries()"
 
 test: tools
 	@echo "==> pytest"
@@ -76,6 +82,25 @@ bench: tools
 	@$(PY) -m bench.sidecar
 	@$(PY) -m bench.operator
 	@$(PY) -m bench.signal
+
+VERSION_NOW = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidecar/tcp_exporter/__init__.py)
+
+# One file with everything `kubectl apply -k manifests/` applies (images of this version), and the chart.
+release: venv
+	@echo "==> dist/install.yaml and the chart, version $(VERSION_NOW)"
+	@mkdir -p dist
+	@kubectl kustomize manifests > dist/install.yaml
+	@$$(PYTHONPATH=tests $(PY) -c "import helmtools; print(helmtools.helm())") package charts/tcp-exporter -d dist >/dev/null
+	@ls -l dist
+
+# The version lives in sidecar/tcp_exporter/__init__.py; this writes it where else it is stated.
+set-version:
+	@test -n "$(VERSION)" || { echo "usage: make set-version VERSION=x.y.z"; exit 2; }
+	@sed -i 's/^__version__ = ".*"/__version__ = "$(VERSION)"/' sidecar/tcp_exporter/__init__.py
+	@sed -i 's/newTag: ".*"/newTag: "$(VERSION)"/' manifests/kustomization.yaml
+	@sed -i 's|app.kubernetes.io/version: ".*"|app.kubernetes.io/version: "$(VERSION)"|' manifests/manager/deployment.yaml
+	@sed -i 's/^version: .*/version: $(VERSION)/; s/^appVersion: .*/appVersion: "$(VERSION)"/' charts/tcp-exporter/Chart.yaml
+	@echo "version $(VERSION); add its CHANGELOG.md section, then run make test"
 
 clean: cluster-down
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache

@@ -69,13 +69,14 @@ class Operator:
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
         wrap: list[str] | None = None,
+        service_account: tuple[str, str] = (NAMESPACE, SERVICE_ACCOUNT),
     ) -> None:
         """`env` adds to (or, KUBECONFIG included, replaces) the process environment; `wrap` is a command the
         operator runs under (for example a private mount namespace)."""
         self.args = args or []
         self.wrap = wrap or []
         self.cluster = cluster
-        token = kubectl("-n", NAMESPACE, "create", "token", SERVICE_ACCOUNT, "--duration=24h").strip()
+        token = kubectl("-n", service_account[0], "create", "token", service_account[1], "--duration=24h").strip()
         config = json.loads(Path(cluster.kubeconfig).read_text())
         config["users"][0]["user"] = {"token": token}
         self.dir = Path(tempfile.mkdtemp(prefix="tcpx-operator-"))

@@ -36,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the namespace's Pod Security Admission enforce level",
     )
+    remove = sub.add_parser(
+        "uninstall",
+        help="remove what the operator injected (sidecars, their annotations, ScaledObjects, PodMonitors); "
+        "run it once the operator itself is deleted",
+    )
+    remove.add_argument("--dry-run", action="store_true", help="print what would be removed, change nothing")
+    remove.add_argument(
+        "--namespace", "-n", action="append", default=[], help="only in this namespace (repeatable); default: all"
+    )
     return parser
 
 
@@ -132,6 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "render":
         return render(args.filename, args.psa_level, cfg)
+    if args.command == "uninstall":
+        from tcp_exporter_operator.kube import ApiError, Kube
+        from tcp_exporter_operator.uninstall import uninstall
+
+        try:
+            uninstall(Kube(), tuple(args.namespace), args.dry_run)
+        except ApiError as exc:
+            print(f"tcp-exporter-operator: uninstall: {exc}", file=sys.stderr)
+            return 1
+        return 0
     import kopf
 
     from tcp_exporter_operator import (

@@ -1,0 +1,129 @@
+"""The Helm chart (charts/tcp-exporter), with a real `helm` built from its Go module: lint, its defaults against
+what `kubectl apply -k manifests/` installs, and the operator running under what the chart installed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helmtools import helm
+from operator_proc import REPO, Kube, Operator, deployment, injected
+from tcp_exporter_operator.config import Config
+
+CHART = REPO / "charts" / "tcp-exporter"
+
+
+def render(*args: str, namespace: str = "tcp-exporter") -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [helm(), "template", "tcpx", str(CHART), "--namespace", namespace, "--kube-version", "1.37.0", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def kustomized(kubectl: Callable[..., str], path: Path = REPO / "manifests") -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(kubectl("kustomize", str(path))) if d]
+
+
+def test_helm_lint_passes_for_the_defaults_and_with_every_option_on() -> None:
+    for extra in ([], ["--set", "peering.enabled=true,monitoring.podMonitor.enabled=true"]):
+        every = ["--set", "monitoring.prometheusRule.enabled=true,monitoring.dashboard.enabled=true"] if extra else []
+        result = subprocess.run(
+            [helm(), "lint", "--strict", str(CHART), *extra, *every], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_chart_sets_every_operator_variable_and_nothing_unknown() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    names = {re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower() for key in values["config"]}
+    assert names == {f.name for f in fields(Config)} - {"sidecar_image"}  # that one is the sidecar image value
+    (configmap,) = [d for d in render() if d["kind"] == "ConfigMap"]
+    tag = Config().sidecar_image.split(":")[-1]
+    assert configmap["data"]["TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE"] == f"ghcr.io/tcp-exporter/tcp-exporter:{tag}"
+    Config.from_env(configmap["data"])  # every value is one the operator accepts
+
+
+def test_the_charts_defaults_make_the_same_kinds_and_rbac_as_the_kustomize_install(kubectl: Callable[..., str]) -> None:
+    chart, kustomize = render(), kustomized(kubectl)
+    kinds = sorted(d["kind"] for d in kustomize if d["kind"] != "Namespace")  # helm install --create-namespace
+    assert sorted(d["kind"] for d in chart) == kinds
+    (chart_role,) = [d for d in chart if d["kind"] == "ClusterRole"]
+    (kustomize_role,) = [d for d in kustomize if d["kind"] == "ClusterRole"]
+    assert chart_role["rules"] == kustomize_role["rules"]
+    (chart_vap,) = [d for d in chart if d["kind"] == "ValidatingAdmissionPolicy"]
+    (kustomize_vap,) = [d for d in kustomize if d["kind"] == "ValidatingAdmissionPolicy"]
+    assert chart_vap["spec"] == kustomize_vap["spec"]  # the same account in the same namespace
+    (chart_cm,) = [d for d in chart if d["kind"] == "ConfigMap"]
+    (kustomize_cm,) = [d for d in kustomize if d["kind"] == "ConfigMap"]
+    assert kustomize_cm["data"].items() <= chart_cm["data"].items()
+    (chart_op,) = [d for d in chart if d["kind"] == "Deployment"]
+    (kustomize_op,) = [d for d in kustomize if d["kind"] == "Deployment"]
+    for key in ("securityContext", "serviceAccountName"):
+        assert chart_op["spec"]["template"]["spec"][key] == kustomize_op["spec"]["template"]["spec"][key]
+    chart_c = chart_op["spec"]["template"]["spec"]["containers"][0]
+    kustomize_c = kustomize_op["spec"]["template"]["spec"]["containers"][0]
+    for key in ("ports", "livenessProbe", "resources", "securityContext"):
+        assert chart_c[key] == kustomize_c[key], key
+    assert chart_c["image"] == kustomize_c["image"]
+
+
+def test_the_optional_parts_match_their_kustomize_components(kubectl: Callable[..., str], tmp_path: Path) -> None:
+    import shutil
+
+    manifests = tmp_path / "manifests"
+    shutil.copytree(REPO / "manifests", manifests)
+    with open(manifests / "kustomization.yaml", "a") as f:
+        f.write("components:\n  - peering\n  - monitoring\n")
+    kustomize = kustomized(kubectl, manifests)
+    chart = render(
+        "--set",
+        "peering.enabled=true,monitoring.podMonitor.enabled=true,monitoring.prometheusRule.enabled=true,"
+        "monitoring.dashboard.enabled=true",
+    )
+    assert sorted(d["kind"] for d in chart) == sorted(d["kind"] for d in kustomize if d["kind"] != "Namespace")
+    (chart_rule,) = [d for d in chart if d["kind"] == "PrometheusRule"]
+    (kustomize_rule,) = [d for d in kustomize if d["kind"] == "PrometheusRule"]
+    assert chart_rule["spec"] == kustomize_rule["spec"]
+
+    def peering(docs: list[dict[str, Any]]) -> Any:
+        (role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-peering")]
+        return role["rules"]
+
+    assert peering(chart) == peering(kustomize)
+    (operator,) = [d for d in chart if d["kind"] == "Deployment"]
+    assert operator["spec"]["replicas"] == 2
+    assert "--peering=tcp-exporter" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.cluster
+def test_the_operator_runs_under_what_the_chart_installs(
+    cluster: Any, kubectl: Callable[..., str], operator: Operator, kube: Kube, tmp_path: Path
+) -> None:
+    """Installed under another name and namespace than the kustomize install, so that only the chart's
+    ServiceAccount, RBAC and admission policy are in play."""
+    namespace = "tcpx-chart"
+    kubectl("create", "namespace", namespace)
+    docs = render("--set", "nameOverride=tcpx-chart", namespace=namespace)
+    path = tmp_path / "chart.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    kubectl("apply", "-f", str(path))
+    operator.stop()
+    op = Operator(cluster, kubectl, service_account=(namespace, "tcpx-chart"))
+    try:
+        kube.create(deployment("chart-web-api", {"tcp-exporter/port": "8080"}))
+        so = injected(kube, "chart-web-api")
+        assert so["metadata"]["ownerReferences"][0]["name"] == "chart-web-api"
+    finally:
+        op.close()
+        kubectl("delete", "-f", str(path), "--wait=false")
+        kubectl("delete", "namespace", namespace, "--wait=false")
+        operator.start()

@@ -1,0 +1,39 @@
+"""One version: sidecar/tcp_exporter/__init__.py. Everything that states it elsewhere must agree."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+from tcp_exporter import __version__
+from tcp_exporter_operator.config import Config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_package_takes_its_version_from_the_one_source() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
+
+
+def test_the_manifests_install_images_of_this_version() -> None:
+    kustomization = yaml.safe_load((REPO / "manifests" / "kustomization.yaml").read_text())
+    assert {image["name"]: image["newTag"] for image in kustomization["images"]} == {
+        "tcp-exporter-operator": __version__,
+        "tcp-exporter": __version__,
+    }
+    deployment = yaml.safe_load((REPO / "manifests" / "manager" / "deployment.yaml").read_text())
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/version"] == __version__
+    assert Config().sidecar_image.endswith(f":{__version__}")
+
+
+def test_the_changelog_has_an_entry_for_this_version() -> None:
+    assert f"## [{__version__}]" in (REPO / "CHANGELOG.md").read_text()
+
+
+def test_the_chart_is_of_this_version() -> None:
+    chart = yaml.safe_load((REPO / "charts" / "tcp-exporter" / "Chart.yaml").read_text())
+    assert chart["version"] == __version__ and chart["appVersion"] == __version__
