@@ -451,3 +451,78 @@ def test_with_peering_two_replicas_run_and_only_the_higher_priority_one_writes(
         for replica in replicas:
             replica.close()
         operator.start()
+
+
+def ready_pods(kube: Kube, name: str) -> int:
+    """Write Running and Ready on the Deployment's pods, as a kubelet would once they run; return how many."""
+    pods = kube.core.list_namespaced_pod(kube.ns, label_selector=f"app={name}").items
+    for pod in pods:
+        if pod.metadata.deletion_timestamp is None and not (pod.status and pod.status.phase == "Running"):
+            condition = {"type": "Ready", "status": "True"}
+            kube.core.patch_namespaced_pod_status(
+                pod.metadata.name, kube.ns, {"status": {"phase": "Running", "conditions": [condition]}}
+            )
+    return len(pods)
+
+
+def test_a_new_sidecar_image_rolls_one_deployment_at_a_time_and_the_users_change_is_not_held(
+    operator: Operator, kube: Kube, cluster: Any, kubectl: Callable[..., str]
+) -> None:
+    names = ["up-a", "up-b", "up-c"]
+    for name in names:
+        kube.create_injected(operator, deployment(name, {"tcp-exporter/port": "8080"}))
+
+    def images() -> dict[str, str]:
+        return {n: kube.containers(n)["tcp-exporter"].image for n in names}
+
+    operator.stop()
+    upgraded = Operator(
+        cluster,
+        kubectl,
+        env={
+            "TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE": "example.test/tcp-exporter:next",
+            "TCP_EXPORTER_OPERATOR_MAX_CONCURRENT_ROLLOUTS": "1",
+        },
+        # Only this test's Deployments: other tests leave some whose rollouts never complete (no kubelet), and
+        # each would hold the one slot until its progress deadline, 600 s.
+        args=[f"--namespace={kube.ns}"],
+    )
+
+    def cpu_limit(name: str) -> str:
+        return str(kube.containers(name)["tcp-exporter"].resources.limits["cpu"])
+
+    def rolled_out(name: str) -> bool:
+        ready_pods(kube, name)
+        status = kube.get(name).status
+        return bool(status.updated_replicas == status.available_replicas == status.replicas == 1)
+
+    def queued(waiting: list[str]) -> bool:
+        return all(f"upgrade of {kube.ns}/{n} waits" in upgraded.log() for n in waiting)
+
+    def next_rolling(done: list[str]) -> list[str] | None:
+        return [n for n, image in images().items() if image.endswith(":next") and n not in done] or None
+
+    try:
+        done: list[str] = []
+        while len(done) < len(names):
+            new = wait_for(lambda d=done: next_rolling(d), 60, "the next Deployment to roll")
+            assert len(new) == 1, f"more than one upgrade rollout at once: {new}"
+            rolling, waiting = new[0], [n for n in names if n not in done and n != new[0]]
+            if waiting:
+                wait_for(lambda w=waiting: queued(w), 30, "the others to queue")
+                assert all(images()[n].endswith(":test") for n in waiting)
+            if not done:
+                # While the slot is taken, the user's own change goes through at once (with the new image).
+                kube.annotate(waiting[0], cpu_limit="300m")
+                wait_for(lambda n=waiting[0]: cpu_limit(n) == "300m", 30, "the user's change")
+                done.append(waiting[0])
+            wait_for(lambda r=rolling: rolled_out(r), 60, f"{rolling}'s rollout to complete")
+            done.append(rolling)
+        assert all(image.endswith(":next") for image in images().values())
+        reasons = [e.reason for n in names for e in kube.events(n, "Normal")]
+        assert reasons.count("Upgraded") >= 2
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nthe upgraded operator's log:\n{upgraded.log()[-6000:]}") from None
+    finally:
+        upgraded.close()
+        operator.start()

@@ -58,3 +58,18 @@ def test_peering_rule_pauses_for_a_live_peer_of_higher_or_equal_priority_only() 
     assert active({"me": peer(20, 0), "other": peer(10, 5)}, "me", 20, NOW)
     assert active({"me": peer(10, 0), "other": peer(20, 61)}, "me", 10, NOW)  # dead: its lifetime is over
     assert active({"me": peer(10, 0), "other": {"priority": 20, "lastseen": "2026-11-29T11:59:00"}}, "me", 10, NOW)
+
+
+def test_a_freed_rollout_slot_goes_to_the_next_deployment_still_waiting_not_to_one_rolled_by_its_user() -> None:
+    from tcp_exporter_operator.handlers import Rollouts
+
+    rollouts = Rollouts(1)
+    assert rollouts.reserve("a")
+    rollouts.started("a", 2)
+    assert not rollouts.reserve("b") and not rollouts.reserve("c")
+    rollouts.wait("b", "ns", "b")
+    rollouts.wait("c", "ns", "c")
+    rollouts.not_waiting("b")  # the user's own change rolled b, new sidecar included
+    done = {"metadata": {"generation": 2}, "spec": {"replicas": 1}}
+    done["status"] = {"observedGeneration": 2, "updatedReplicas": 1, "replicas": 1, "availableReplicas": 1}
+    assert rollouts.progress("a", done) == [("ns", "c")]

@@ -477,6 +477,10 @@ class Rollouts:
                 log.info("upgrade of %s/%s waits: %d rollouts under way", namespace, name, len(self.active))
             self.waiting[uid] = (namespace, name)
 
+    def not_waiting(self, uid: str) -> None:
+        with self.lock:
+            self.waiting.pop(uid, None)
+
     def forget(self, uid: str) -> list[tuple[str, str]]:
         """A deleted Deployment: its slot, if it held one, goes to the next waiting one (returned)."""
         with self.lock:
@@ -543,6 +547,10 @@ def reconcile(deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[s
                 facts.rollout_slot = False
                 plan = builders.plan(current, facts, memo.config)  # the same, but the paced patch
                 memo.rollouts.wait(uid, namespace, name)
+            elif not plan.upgrade:
+                # Nothing of the operator's own to roll out (any more: the user's change may have carried it):
+                # a freed slot must not go to this one.
+                memo.rollouts.not_waiting(uid)
             if plan.deployment_patch is not None and hpas is None:
                 # Before the rollout a patch starts, the facts it rests on read afresh: the Deployment (unless
                 # just read) and the HPAs that would forbid it.
