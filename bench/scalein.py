@@ -89,8 +89,11 @@ def run(trials: int, settle: float, scrape: str, steady_seconds: float) -> dict[
                     return wait_for(lambda: (p := kubelet.sync(NAME)) and len(p) == PODS and p, 60, "6 pods")
 
                 pods = six()
+                mark = audit.mark()
                 for pod in pods:
                     set_count(kubelet, pod, rng.randint(30, 60))
+                # Each pod's first write is not steady state: it comes once, when the pod is new.
+                wait_for(lambda: pod_writes(audit, mark) >= PODS, 60, "each pod's first write", 0.5)
                 log(f"steady state for {steady_seconds:.0f} s: counts drift, no scale-in possible")
                 mark = audit.mark()
                 ends = time.monotonic() + steady_seconds

@@ -311,6 +311,131 @@ def reliability(n: int, seconds: float, scrapers: int = 50) -> list[dict[str, An
     return out
 
 
+def threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def idle_clients(clients: int) -> dict[str, Any]:
+    """`clients` peers each holding a connection to the metrics port with half a request sent; then scrapes."""
+    import socket
+
+    from netns import connect
+
+    with pair() as p:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", p.pod, EXPORTER, f"--watch-port={WATCHED}", "--method=sockdiag",
+             "--listen-address=0.0.0.0:9100", "--log-level=error"],
+            preexec_fn=die_with_parent(),
+        )  # fmt: skip
+        try:
+            wait_for(lambda: in_netns(p.pod, lambda: scrape(9100)) != "", 30, "the exporter")
+            rss_before = rss_mb(proc.pid)
+            held: list[socket.socket] = []
+            for _ in range(clients // 500):
+                batch = connect(p.peer, p.pod_v4, 9100, 500)
+                for s in batch:
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # half a request, never finished
+                held += batch
+            time.sleep(1)  # the exporter reads what they sent
+            latencies = []
+            for _ in range(20):
+                started = time.perf_counter()
+                body = in_netns(p.pod, lambda: scrape(9100))
+                latencies.append((time.perf_counter() - started) * 1000)
+                assert "tcp_exporter_established_connections" in body
+            row = {
+                "idle_clients": clients,
+                "rss_mb_before": rss_before,
+                "rss_mb": rss_mb(proc.pid),
+                "threads": threads(proc.pid),
+                "scrape_median_ms": statistics.median(latencies),
+                "scrape_max_ms": max(latencies),
+            }
+            for s in held:
+                s.close()
+            return row
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def tracking_cost(round_trips: int = 20000, connections: int = 3000, reps: int = 3) -> list[dict[str, Any]]:
+    """What switching connection tracking on costs a pod's traffic: TCP round trips on one connection, and
+    connection setup and teardown, from a peer namespace, with tracking off (a fresh namespace) and on (the
+    conntrack method's own table). Alternated, best of `reps`."""
+    import socket
+
+    from netns import connect
+    from tcp_exporter.nftables import Tracking
+
+    def echo_server(server: socket.socket, stop: threading.Event) -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=lambda c=conn: _echo(c), daemon=True).start()
+
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(64):
+                conn.sendall(data)
+
+    def round_trip_us(p: Pair) -> float:
+        (client,) = connect(p.peer, p.pod_v4, 7000, 1)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        for _ in range(round_trips):
+            client.sendall(b"x")
+            client.recv(1)
+        took = time.perf_counter() - started
+        client.close()
+        return took / round_trips * 1e6
+
+    def setup_us(p: Pair) -> float:
+        started = time.perf_counter()
+        for _ in range(connections // 100):
+            for s in connect(p.peer, p.pod_v4, 7000, 100):
+                s.close()
+        return (time.perf_counter() - started) / connections * 1e6
+
+    rows = []
+    with pair() as p:
+        from netns import listener
+
+        server = listener(p.pod, 7000)
+        server.listen(1024)
+        stop = threading.Event()
+        threading.Thread(target=echo_server, args=(server, stop), daemon=True).start()
+        results: dict[bool, dict[str, list[float]]] = {False: {"rt": [], "setup": []}, True: {"rt": [], "setup": []}}
+        try:
+            for _ in range(reps):
+                for on in (False, True):
+                    tracking = in_netns(p.pod, Tracking) if on else None
+                    try:
+                        results[on]["rt"].append(round_trip_us(p))
+                        results[on]["setup"].append(setup_us(p))
+                    finally:
+                        if tracking is not None:
+                            in_netns(p.pod, tracking.close)
+        finally:
+            stop.set()
+            server.close()
+    for on in (False, True):
+        rows.append(
+            {
+                "tracking": on,
+                "round_trip_us": min(results[on]["rt"]),
+                "connection_us": min(results[on]["setup"]),
+            }
+        )
+    return rows
+
+
 def fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -332,6 +457,24 @@ def print_tables(results: dict[str, Any]) -> None:
                 f"{fmt(row['ratio_to_ss'], 2)} | {fmt(row['cpu_ms'])} | {fmt(row['rss_mb'])} | "
                 f"{fmt(row.get('idle_cpu_ms_per_5s'))} | {fmt(row['value'])} | {fmt(row['exact'])} |"
             )
+    if results.get("idle"):
+        print("\n## Sidecar: idle clients holding the metrics port (half a request each)\n")
+        print("| idle clients | RSS MB before | RSS MB with them | threads | scrape median ms | scrape max ms |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        row = results["idle"]
+        print(
+            f"| {row['idle_clients']:,} | {fmt(row['rss_mb_before'])} | {fmt(row['rss_mb'])} | {row['threads']} "
+            f"| {fmt(row['scrape_median_ms'])} | {fmt(row['scrape_max_ms'])} |"
+        )
+    if results.get("tracking"):
+        print("\n## What switching connection tracking on costs the pod's traffic (best of 3)\n")
+        print("| tracking | TCP round trip µs | connection open+close µs |")
+        print("| --- | ---: | ---: |")
+        for row in results["tracking"]:
+            print(
+                f"| {'on (conntrack method)' if row['tracking'] else 'off (fresh namespace)'} "
+                f"| {fmt(row['round_trip_us'])} | {fmt(row['connection_us'])} |"
+            )
     if results.get("reliability"):
         print("\n## Sidecar: concurrent scrapers during connection churn\n")
         print("| method | scrapers | seconds | scrapes | failed | p50 ms | p99 ms | connections churned |")
@@ -348,6 +491,8 @@ def main() -> int:
     parser.add_argument("--scales", default="1000,10000,100000")
     parser.add_argument("--reliability-seconds", type=float, default=30.0)
     parser.add_argument("--reliability-connections", type=int, default=10000)
+    parser.add_argument("--idle-clients", type=int, default=3000, help="0: skip that row")
+    parser.add_argument("--tracking-cost", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", default=str(RESULTS / "sidecar.json"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -358,6 +503,10 @@ def main() -> int:
         results["scales"].append(run_scale(n))
     if args.reliability_seconds > 0:
         results["reliability"] = reliability(args.reliability_connections, args.reliability_seconds)
+    if args.idle_clients > 0:
+        results["idle"] = idle_clients(args.idle_clients)
+    if args.tracking_cost:
+        results["tracking"] = tracking_cost()
     print_tables(results)
     write_results(args.json, results)
     return 0

@@ -426,3 +426,22 @@ def test_a_status_written_before_inputs_were_recorded_counts_as_an_upgrade() -> 
     status["hash"] = "0" * 16  # and its sidecar differs from today's
     dep["metadata"]["annotations"][builders.A_STATUS] = json.dumps(status)
     assert plan(dep, Facts(rollout_slot=False), CFG).upgrade_deferred
+
+
+@pytest.mark.parametrize(
+    ("edit", "meshed"),
+    [
+        (lambda t: t["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2"}), True),
+        (lambda t: t["metadata"].setdefault("annotations", {}).update({"linkerd.io/inject": "enabled"}), True),
+        (lambda t: t["metadata"].setdefault("labels", {}).update({"sidecar.istio.io/inject": "true"}), True),
+        (lambda t: t["metadata"].setdefault("labels", {}).update({"sidecar.istio.io/inject": "false"}), False),
+        (lambda t: None, False),
+    ],
+    ids=["istio-container", "linkerd-annotation", "istio-label", "istio-off", "no-mesh"],
+)
+def test_a_mesh_proxy_in_the_pod_template_is_a_warning_and_the_injection_still_happens(edit: Any, meshed: bool) -> None:
+    dep = stored()
+    edit(dep["spec"]["template"])
+    result = plan(dep, Facts(), CFG)
+    assert result.deployment_patch is not None
+    assert ("MeshInbound" in [e.reason for e in result.events if e.type == "Warning"]) == meshed

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_for
-from tcp_exporter import contract, netlink
+from tcp_exporter import contract, netlink, sockets
 from tcp_exporter.cli import parse_args
 from tcp_exporter.exporter import Coalescer, parse_listen_address
-from tcp_exporter.methods import AcceptedSampler, Counts, sockdiag
+from tcp_exporter.methods import AcceptedSampler, Counts
 from tcp_exporter.methods import conntrack as ct
 
 DATA = Path(__file__).parent / "data"
@@ -28,7 +28,7 @@ def test_sockdiag_cookies_reads_every_recorded_socket() -> None:
     found: list[int] = []
     done = False
     for buf in recorded("sockdiag-v6.hex"):
-        got, done = sockdiag.cookies(buf)
+        got, done = sockets.cookies(buf)
         found += got
     assert done
     # 3 IPv4-mapped and 2 IPv6 connections to the dual-stack listener on 8080, each its own cookie.
@@ -43,16 +43,16 @@ def test_sockdiag_cookies_handles_messages_of_mixed_length() -> None:
     longer = bytearray(message) + netlink.nla(99, b"\x01\x02\x03\x04")
     struct.pack_into("=I", longer, 0, len(longer))
     done = netlink.nlmsg(netlink.NLMSG_DONE, netlink.NLM_F_MULTI, 1, b"\0\0\0\0")
-    found, finished = sockdiag.cookies(bytes(message) + bytes(longer) + bytes(message) + done)
+    found, finished = sockets.cookies(bytes(message) + bytes(longer) + bytes(message) + done)
     assert finished
     assert len(found) == 3
-    assert found[0] == found[1] == found[2] == sockdiag.cookies(bytes(message))[0][0]
+    assert found[0] == found[1] == found[2] == sockets.cookies(bytes(message))[0][0]
 
 
 def test_sockdiag_parse_tuples_gives_ipv4_mapped_addresses_in_conntracks_4_byte_form() -> None:
     keys: list[bytes] = []
     for buf in recorded("sockdiag-v6.hex"):
-        keys += sockdiag.parse_tuples(buf, socket.AF_INET6)[0]
+        keys += sockets.parse_tuples(buf, socket.AF_INET6)[0]
     assert sorted(len(k) for k in keys) == [12, 12, 12, 36, 36]
     v4 = [k for k in keys if len(k) == 12]
     assert all(k[:4] == socket.inet_aton("127.0.0.1") and k[8:10] == (8080).to_bytes(2, "big") for k in v4)
@@ -61,16 +61,16 @@ def test_sockdiag_parse_tuples_gives_ipv4_mapped_addresses_in_conntracks_4_byte_
 def test_sockdiag_cookies_raises_the_kernels_error() -> None:
     payload = struct.pack("=i", -13) + netlink.NLMSG_HDR.pack(16, 20, 0, 0, 0)
     with pytest.raises(netlink.NetlinkError) as err:
-        sockdiag.cookies(netlink.nlmsg(netlink.NLMSG_ERROR, 0, 1, payload))
+        sockets.cookies(netlink.nlmsg(netlink.NLMSG_ERROR, 0, 1, payload))
     assert err.value.errno == 13
 
 
 def test_bytecode_accepts_on_match_and_rejects_past_the_end() -> None:
     # One port: S_EQ (yes -> JMP, no -> reject), port, JMP to the end (accept).
-    assert sockdiag.bytecode((8080,)) == struct.pack("=BBH", 11, 8, 16) + struct.pack("=BBH", 0, 0, 8080) + (
+    assert sockets.bytecode((8080,)) == struct.pack("=BBH", 11, 8, 16) + struct.pack("=BBH", 0, 0, 8080) + (
         struct.pack("=BBH", 1, 4, 4)
     )
-    program = sockdiag.bytecode((80, 443, 8080))
+    program = sockets.bytecode((80, 443, 8080))
     assert len(program) == 36
     # Every `yes` walks to the next op and the walk ends exactly at the end (the kernel's audit).
     offset = 0

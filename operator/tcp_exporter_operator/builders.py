@@ -67,7 +67,7 @@ CONTAINER = "tcp-exporter"
 METRICS_PORT_NAME = "tcp-metrics"
 PROMETHEUS_SCRAPE = "prometheus.io/scrape"
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
-INJECTABLE_METHODS = ("sockdiag", "conntrack", "psutil")
+INJECTABLE_METHODS = tuple(m for m in sidecar.METHODS if m != "auto")  # the sidecar's one list
 # KEDA's fallback.behavior values (KEDA 2.17+), and "none" for no fallback block at all.
 FALLBACK_BEHAVIORS = ("currentReplicasIfHigher", "currentReplicas", "currentReplicasIfLower", "static", "none")
 AUTH_MODES = ("basic", "bearer", "tls", "custom")
@@ -439,6 +439,44 @@ def allowed_method(spec: Spec, psa_level: str | None) -> tuple[Spec, Event | Non
         )
         return dataclasses.replace(spec, method="sockdiag"), note
     return spec, None
+
+
+# Signs that a service mesh's proxy receives the pod's inbound connections (it redirects them to itself with an
+# iptables REDIRECT in the pod's namespace): its container in the template, or its injection switch.
+MESH_CONTAINERS = {"istio-proxy": "Istio", "linkerd-proxy": "Linkerd"}
+MESH_SWITCHES = {
+    "sidecar.istio.io/inject": ("true", "Istio"),
+    "linkerd.io/inject": ("enabled", "Linkerd"),
+}
+
+
+def mesh(deployment: Mapping[str, Any]) -> str | None:
+    """The mesh whose proxy takes the pod's inbound connections, if the pod template shows one."""
+    for container in _containers(deployment) + list(_template(deployment).get("spec", {}).get("initContainers") or []):
+        if container.get("name") in MESH_CONTAINERS:
+            return MESH_CONTAINERS[container["name"]]
+    template_meta = _template(deployment).get("metadata", {})
+    for source in (template_meta.get("annotations") or {}, template_meta.get("labels") or {}):
+        for key, (on, name) in MESH_SWITCHES.items():
+            if str(source.get(key, "")).lower() == on:
+                return name
+    return None
+
+
+def mesh_note(deployment: Mapping[str, Any], spec: Spec) -> Event | None:
+    """Behind a mesh's inbound redirect the clients' connections end at the proxy; the watched port sees the
+    proxy's own connections to the app. Said once, as a Warning: the user decides whether that count will do."""
+    name = mesh(deployment)
+    if name is None:
+        return None
+    return Event(
+        "Warning",
+        "MeshInbound",
+        f"{name}'s proxy receives this pod's inbound connections and opens its own to the app: the sidecar counts "
+        "the proxy's connections to the watched port, not the clients'. A TCP proxy opens one per client (the "
+        "count holds); an HTTP proxy pools them (the count is lower than the clients). Counting the clients "
+        "behind the redirect is not supported yet; scale on the mesh's own metrics if the pool is small",
+    )
 
 
 # -- the desired objects -------------------------------------------------------------------------
@@ -814,6 +852,9 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     spec, note = allowed_method(spec, facts.psa_level)
     if note is not None:
         result.events.append(note)
+    meshed = mesh_note(deployment, spec)
+    if meshed is not None:
+        result.events.append(meshed)
 
     desired = inject(deployment, spec)
     result.desired = desired

@@ -57,7 +57,6 @@ NFTA_CT_DREG = 1
 NFTA_CT_KEY = 2
 NFT_REG_1 = 1
 NFT_CT_STATE = 0
-NLM_F_APPEND = 0x800
 
 
 def _nfgen(family: int, res_id: int = 0) -> bytes:
@@ -154,7 +153,7 @@ class Tracking:
             ),
             _msg(
                 NFT_MSG_NEWRULE,
-                create | NLM_F_APPEND,
+                create | netlink.NLM_F_APPEND,
                 sock.next_seq(),
                 _string(NFTA_RULE_TABLE, name),
                 _string(NFTA_RULE_CHAIN, CHAIN),

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tcp_exporter import contract
+
 log = logging.getLogger(__name__)
 
 
@@ -95,7 +97,7 @@ def _registry() -> dict[str, Opener]:
     return {"conntrack": conntrack.open_method, "sockdiag": sockdiag.open_method, "psutil": psutil_method.open_method}
 
 
-NAMES = ("conntrack", "sockdiag", "psutil")
+NAMES = tuple(name for name in contract.METHODS if name != "auto")  # the one list: contract.METHODS
 AUTO_ORDER = NAMES
 
 

@@ -37,7 +37,7 @@ import time
 
 from tcp_exporter import netlink, nftables
 from tcp_exporter.methods import Counts, Options, Unavailable
-from tcp_exporter.methods.sockdiag import SocketTable
+from tcp_exporter.sockets import SocketTable
 
 log = logging.getLogger(__name__)
 
