@@ -621,13 +621,16 @@ def deployment_seen(memo: kopf.Memo, type: str, body: Mapping[str, Any]) -> bool
 def scale_target(memo: kopf.Memo, body: Mapping[str, Any] | None, key: Key) -> None:
     """Keep what connection-aware scale-in needs of an opted-in Deployment (its replicas change with the HPA)."""
     targets: dict[Key, Target] = memo.scale_targets
+    annotations = (body or {}).get("metadata", {}).get("annotations") or {}
+    opted = builders.A_SCALE_IN in annotations or memo.config.scale_in_by_connections.lower() == "true"
+    if body is None or A_PORT not in annotations or not opted:  # not opted in: no need to parse the rest
+        targets.pop(key, None)
+        return
     try:
-        if body is None or A_PORT not in (body["metadata"].get("annotations") or {}):
-            raise LookupError
         spec = builders.parse_spec(body, memo.config)
-        if not spec.scale_in_by_connections:
-            raise LookupError
-    except (LookupError, builders.InvalidSpec):
+    except builders.InvalidSpec:
+        spec = None
+    if spec is None or not spec.scale_in_by_connections:
         targets.pop(key, None)
         return
     replicas = int((body.get("spec") or {}).get("replicas", 1))

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -80,9 +81,15 @@ class Kube:
                 log.info("the API server refused our credentials (401): loading them again")
                 self.api = client.ApiClient(self.loader())
 
-    def call(self, fn: Callable[[client.ApiClient], T], write: tuple[str, str] | None = None) -> T:
+    def call(
+        self, fn: Callable[[client.ApiClient], T], write: tuple[str, str] | None = None, stream: bool = False
+    ) -> T:
         """Run one API call; a 401 reloads the credentials and retries once; errors become ApiError.
-        `write` is (kind, verb) of a write, counted in the operator's metrics by result."""
+        `write` is (kind, verb) of a write, counted in the operator's metrics by result.
+
+        An answer is read whole before this returns (unless `stream`, for a watch): read with
+        `_preload_content=False`, an answer nobody reads keeps its connection out of the pool, and the next call
+        opens a new one, TLS handshake included (that was most of the operator's CPU, and the API server's)."""
         for attempt in (1, 2):
             api = self.api
             try:
@@ -103,6 +110,8 @@ class Kube:
             self.refused_since = None
             if write:
                 metrics.WRITES.labels(*write, "ok").inc()
+            if not stream and isinstance(result, urllib3.response.BaseHTTPResponse):
+                result.data  # noqa: B018 - read whole (and cached): the connection goes back to the pool
             return result
         raise AssertionError("unreachable")
 

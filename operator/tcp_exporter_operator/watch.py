@@ -223,7 +223,7 @@ class Informer:
             )
 
         try:
-            response = self.kube.call(watch)
+            response = self.kube.call(watch, stream=True)
         except ApiError as exc:
             if exc.status in (404, 410):
                 return None
@@ -379,7 +379,7 @@ class Peering:
                         _request_timeout=(5, WATCH_SECONDS + 30),
                     )
 
-                response = self.kube.call(watch)
+                response = self.kube.call(watch, stream=True)
                 try:
                     for line in _lines(response):
                         event = json.loads(line)
