@@ -12,7 +12,8 @@ resync (an operator restart re-lists everything), and its peak RSS.
 population of unannotated Deployments (replicas 0, spread over many namespaces; one cluster that grows), a bare
 client (8 threads, kept-alive) first does the operator's writes for 1,000 annotated Deployments (read, the
 planner's JSON patch, the ScaledObject create, 2 Events); then the operator starts and 1,000 more annotated
-Deployments are created 8 s later: the time to converge them, against the bare client's; then a restart with
+Deployments are created 8 s later: the time to converge them from the first create, against the bare client's
+creation and writes of as many (the operator works while they are being created); then a restart with
 one annotation changed meanwhile: the time to that write, and the writes once in sync; and the RSS.
 """
 
@@ -169,8 +170,9 @@ def delete_many(apps: Any, bodies: list[tuple[str, dict[str, Any]]]) -> None:
         )
 
 
-def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> float:
-    """The operator's writes for `count` annotated Deployments, done by a bare official client: the baseline."""
+def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> tuple[float, float]:
+    """The operator's writes for `count` annotated Deployments, done by a bare official client: the baseline.
+    Returns the seconds the creation of the Deployments took, and those of the writes after it."""
     from tcp_exporter_operator import builders
     from tcp_exporter_operator.config import Config
     from tcp_exporter_operator.kube import Kube
@@ -181,7 +183,9 @@ def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> float:
         body = deployment(f"{tag}-{i:04d}")
         body["spec"]["replicas"] = 0
         bodies.append((namespaces[i % len(namespaces)], body))
+    creating = time.monotonic()
     create_many(apps, bodies)
+    created = time.monotonic() - creating
     kube = Kube(lambda: api.configuration)
     cfg = Config()
 
@@ -202,7 +206,7 @@ def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> float:
     took = time.monotonic() - started
     # Gone again before the operator starts: it is to track the 1,000 of its own run, not these too.
     delete_many(apps, bodies)
-    return took
+    return created, took
 
 
 def run_scale(
@@ -224,8 +228,8 @@ def run_scale(
             bodies.append((namespaces[i % spread], body))
         create_many(apps, bodies)
         present = target
-        baseline = bare_client(api, namespaces, annotated, f"base{target}")
-        log(f"  bare client: {annotated} Deployments in {baseline:.1f} s")
+        creation, baseline = bare_client(api, namespaces, annotated, f"base{target}")
+        log(f"  bare client: created {annotated} Deployments in {creation:.1f} s, then wrote in {baseline:.1f} s")
 
         op = Operator(cluster, run_kubectl)
         started = time.monotonic()
@@ -246,9 +250,12 @@ def run_scale(
 
             wait_for(converged, 1200, f"{annotated} Deployments to converge", interval=1)
             took = time.monotonic() - created_at
+            # The operator works while they are being created: its time counts from the first create, so the
+            # baseline it is held to is the bare client's creation and writes, one after the other.
+            total = creation + baseline
             peak = peak_rss_mb(op.proc.pid) if op.proc else float("nan")
             after = rss_now_mb(op.proc.pid) if op.proc else float("nan")
-            log(f"  operator: converged in {took:.1f} s ({took / baseline:.2f}x), peak RSS {peak:.0f} MB")
+            log(f"  operator: converged {took:.1f} s after the first create ({took / total:.2f}x), RSS {peak:.0f} MB")
 
             op.stop()
             ns0, first = namespaces[0], f"{tag}-0000"
@@ -284,9 +291,11 @@ def run_scale(
                 "population": target,
                 "annotated": annotated,
                 "namespaces": spread,
+                "create_seconds": creation,
                 "bare_client_seconds": baseline,
                 "operator_seconds": took,
-                "ratio": took / baseline,
+                "ratio": took / (creation + baseline),
+                "ratio_to_writes_only": took / baseline,
                 "restart_first_write_seconds": first_write,
                 "restart_writes": writes,
                 "operator_peak_rss_mb": peak,
@@ -300,14 +309,16 @@ def run_scale(
 def print_scale(rows: list[dict[str, Any]]) -> None:
     print("\n## Operator among unannotated Deployments (1,000 annotated created 8 s after start)\n")
     print(
-        "| other Deployments | namespaces | bare client s | operator s | ratio | restart: first write s "
-        "| writes once in sync | peak RSS MB | RSS after convergence MB |"
+        "| other Deployments | namespaces | create s | bare client writes s | operator s | ratio to create + writes "
+        "| ratio to writes only | restart: first write s | writes once in sync | peak RSS MB "
+        "| RSS after convergence MB |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['population']:,} | {r['namespaces']} | {r['bare_client_seconds']:.1f} | {r['operator_seconds']:.1f} "
-            f"| {r['ratio']:.2f} | {r['restart_first_write_seconds']:.1f} | {r['restart_writes'] - 1} "
+            f"| {r['population']:,} | {r['namespaces']} | {r['create_seconds']:.1f} | {r['bare_client_seconds']:.1f} "
+            f"| {r['operator_seconds']:.1f} | {r['ratio']:.2f} | {r['ratio_to_writes_only']:.2f} "
+            f"| {r['restart_first_write_seconds']:.1f} | {r['restart_writes'] - 1} "
             f"| {r['operator_peak_rss_mb']:.0f} | {r['operator_rss_after_convergence_mb']:.0f} |"
         )
 
