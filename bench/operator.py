@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from kubernetes import client, config
 from localkube import cluster as localkube
 from operator_proc import REPO, USER, Operator
 
-from bench.common import RESULTS, log, write_results
+from bench.common import RESULTS, kubectl_for, log, write_results
 
 
 def deployment(name: str) -> dict[str, Any]:
@@ -353,13 +352,7 @@ def main() -> int:
     cluster = localkube.temporary()
     rows = []
     try:
-        kubectl = localkube.kubectl()
-
-        def run_kubectl(*a: str) -> str:
-            return subprocess.run(
-                [kubectl, "--kubeconfig", cluster.kubeconfig, *a], check=True, capture_output=True, text=True
-            ).stdout
-
+        run_kubectl = kubectl_for(cluster.kubeconfig)
         run_kubectl("apply", "-k", str(REPO / "manifests"))
         api = config.new_client_from_config(config_file=cluster.kubeconfig)
         api.configuration.connection_pool_maxsize = 16

@@ -32,7 +32,7 @@ from operator_proc import REPO, Audit, Kube, Operator, deployment, injected
 from podsim import Kubelet, RunningPod
 from promstack import Prometheus, documented_jobs
 
-from bench.common import RESULTS, log, write_results
+from bench.common import RESULTS, kubectl_for, log, write_results
 
 NAME = "ws-gateway.eu-1"
 PODS, KEEP = 6, 3
@@ -54,15 +54,7 @@ def run(trials: int, settle: float, scrape: str, steady_seconds: float) -> dict[
     cluster = localkube.temporary()
     rng = random.Random(7)
     try:
-        kubectl = localkube.kubectl()
-
-        def run_kubectl(*a: str) -> str:
-            import subprocess
-
-            return subprocess.run(
-                [kubectl, "--kubeconfig", cluster.kubeconfig, *a], check=True, capture_output=True, text=True
-            ).stdout
-
+        run_kubectl = kubectl_for(cluster.kubeconfig)
         run_kubectl("apply", "-k", str(REPO / "manifests"))
         api = config.new_client_from_config(config_file=cluster.kubeconfig)
         namespace = "bench-scalein"
