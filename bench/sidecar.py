@@ -331,7 +331,14 @@ def idle_clients(clients: int) -> dict[str, Any]:
             preexec_fn=die_with_parent(),
         )  # fmt: skip
         try:
-            wait_for(lambda: in_netns(p.pod, lambda: scrape(9100)) != "", 30, "the exporter")
+
+            def up() -> bool:
+                try:
+                    return in_netns(p.pod, lambda: scrape(9100)) != ""
+                except OSError:
+                    return False
+
+            wait_for(up, 30, "the exporter")
             rss_before = rss_mb(proc.pid)
             held: list[socket.socket] = []
             for _ in range(clients // 500):
