@@ -82,6 +82,7 @@ bench: tools
 	@$(PY) -m bench.sidecar
 	@$(PY) -m bench.operator
 	@$(PY) -m bench.signal
+	@$(PY) -m bench.scalein
 
 VERSION_NOW = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidecar/tcp_exporter/__init__.py)
 
