@@ -99,8 +99,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         settings.peering.clusterwide = True  # one ClusterKopfPeering, whatever namespaces are watched
         memo.kube.ensure_peering(settings.peering.name)
         peering = settings.peering.name
-    # kopf gives each object a shallow copy of this memo: state shared by all of them lives in mutable
-    # containers made here, never in attributes set later from a handler.
+    # The state the watch threads, the workers and kopf's probes share: made here, before any of them runs.
     memo.warned = {}
     memo.synced = {}  # uid -> unchanged(): the Deployment as last found in sync
     memo.rollouts = Rollouts(memo.config.max_concurrent_rollouts)
