@@ -445,3 +445,6 @@ def test_a_mesh_proxy_in_the_pod_template_is_a_warning_and_the_injection_still_h
     result = plan(dep, Facts(), CFG)
     assert result.deployment_patch is not None
     assert ("MeshInbound" in [e.reason for e in result.events if e.type == "Warning"]) == meshed
+    # conntrack counts the clients behind the redirect: nothing to warn about.
+    dep["metadata"]["annotations"]["tcp-exporter/method"] = "conntrack"
+    assert "MeshInbound" not in [e.reason for e in plan(dep, Facts(), CFG).events]

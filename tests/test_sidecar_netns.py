@@ -248,6 +248,51 @@ def test_auto_uses_conntrack_where_the_namespace_already_tracks_and_adds_nothing
     assert len(accept(server, 5)) == len(clients)
 
 
+class PoolingProxy:
+    """A mesh's inbound proxy in miniature: clients' connections, redirected to it, end here; it holds a pool of
+    `pool` connections of its own to the app's port on loopback (as an HTTP proxy pools them)."""
+
+    def __init__(self, p: Pair, port: int, app_port: int, pool: int) -> None:
+        self.server = listener(p.pod, port)
+        self.upstream = connect(p.pod, "127.0.0.1", app_port, pool)
+        self.clients: list[socket.socket] = []
+
+    def accept(self, count: int) -> None:
+        self.clients += accept(self.server, count)
+
+    def close(self) -> None:
+        for s in [*self.clients, *self.upstream, self.server]:
+            s.close()
+
+
+@pytest.mark.parametrize(("method", "expected"), [("conntrack", "clients"), ("sockdiag", "pool"), ("psutil", "pool")])
+def test_behind_an_inbound_redirect_conntrack_counts_the_clients_and_the_socket_table_the_proxys_pool(
+    ns: Pair, method: str, expected: str
+) -> None:
+    app = listener(ns.pod, WATCHED)
+    redirect = ["iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", str(WATCHED)]
+    subprocess.run(ns.exec(ns.pod, *redirect, "-j", "REDIRECT", "--to-ports", "15006"), check=True)
+    proxy = PoolingProxy(ns, 15006, WATCHED, pool=2)
+    app_side = accept(app, 2)
+    try:
+        with Exporter(
+            ns.pod, [f"--watch-port={WATCHED}", f"--method={method}", "--listen-address=127.0.0.1:9100"]
+        ) as exporter:
+            exporter.wait_ready()
+            clients = connect(ns.peer, ns.pod_v4, WATCHED, 12)  # to the app's port, as the clients see it
+            proxy.accept(12)
+            want = {"clients": 12, "pool": 2}[expected]
+            wait_for(lambda: exporter.established(WATCHED) == want, 10, f"the count to be the {expected}'s {want}")
+            for s in clients[:5]:
+                s.close()
+            want = {"clients": 7, "pool": 2}[expected]
+            wait_for(lambda: exporter.established(WATCHED) == want, 10, f"the count to follow the {expected}")
+    finally:
+        proxy.close()
+        for s in [*app_side, app]:
+            s.close()
+
+
 @pytest.mark.parametrize(
     ("withheld", "fallback"),
     [({"prefix": WITHOUT_NET_ADMIN}, "sockdiag"), ({"seccomp_no_netlink": True}, "psutil")],

@@ -465,17 +465,17 @@ def mesh(deployment: Mapping[str, Any]) -> str | None:
 
 def mesh_note(deployment: Mapping[str, Any], spec: Spec) -> Event | None:
     """Behind a mesh's inbound redirect the clients' connections end at the proxy; the watched port sees the
-    proxy's own connections to the app. Said once, as a Warning: the user decides whether that count will do."""
+    proxy's own connections to the app. Only conntrack counts the clients there (by original destination)."""
     name = mesh(deployment)
-    if name is None:
+    if name is None or spec.method == "conntrack":
         return None
     return Event(
         "Warning",
         "MeshInbound",
-        f"{name}'s proxy receives this pod's inbound connections and opens its own to the app: the sidecar counts "
-        "the proxy's connections to the watched port, not the clients'. A TCP proxy opens one per client (the "
-        "count holds); an HTTP proxy pools them (the count is lower than the clients). Counting the clients "
-        "behind the redirect is not supported yet; scale on the mesh's own metrics if the pool is small",
+        f"{name}'s proxy receives this pod's inbound connections and opens its own to the app: the {spec.method} "
+        "method counts the proxy's connections to the watched port, not the clients' (one per client with a TCP "
+        f"proxy, fewer with an HTTP proxy that pools them). Set {A_METHOD}: conntrack to count the clients by "
+        "their original destination (it needs CAP_NET_ADMIN)",
     )
 
 

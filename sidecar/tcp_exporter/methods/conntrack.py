@@ -43,12 +43,14 @@ log = logging.getLogger(__name__)
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
 NFNLGRP_CONNTRACK_NEW = 1
 NFNLGRP_CONNTRACK_UPDATE = 2
 NFNLGRP_CONNTRACK_DESTROY = 3
 
 CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
 CTA_PROTOINFO = 4
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -64,6 +66,7 @@ RTM_NEWADDR = 20
 RTM_GETADDR = 22
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 EVENT_RCVBUF = 8 << 20
+LOOPBACK6 = socket.inet_pton(socket.AF_INET6, "::1")
 DRAIN_BUDGET = 0.05  # seconds a count spends on queued events at most
 
 
@@ -101,6 +104,23 @@ def parse_event(buf: bytes | memoryview, start: int, end: int) -> tuple[bytes, b
     if proto != socket.IPPROTO_TCP:
         return None
     return src, dst, sport, dport, state
+
+
+def reply_source_port(buf: bytes | memoryview, start: int, end: int) -> int | None:
+    """The source port of a conntrack entry's reply tuple: where the answers come from. Behind an inbound
+    REDIRECT (a mesh's proxy) it is the proxy's port, not the original destination port."""
+    for attr, a, b in netlink.iter_attrs(buf, start, end):
+        if attr == CTA_TUPLE_REPLY:
+            for inner, c, d in netlink.iter_attrs(buf, a, b):
+                if inner == CTA_TUPLE_PROTO:
+                    for p_attr, e, f in netlink.iter_attrs(buf, c, d):
+                        if p_attr == CTA_PROTO_SRC_PORT:
+                            return int.from_bytes(buf[e:f], "big")
+    return None
+
+
+def loopback(address: bytes) -> bool:
+    return address[:1] == b"\x7f" or address == LOOPBACK6
 
 
 def local_addresses() -> set[bytes]:
@@ -147,6 +167,11 @@ class Conntrack:
         self.handshakes: set[bytes] = set()
         self.accepted = dict.fromkeys(ports, 0)
         self.local: set[bytes] = set()
+        # An inbound REDIRECT in this namespace (a mesh's proxy): then the clients' connections end at the proxy,
+        # the socket table shows only the proxy's own connections to the app, and the count comes from conntrack
+        # alone, by original destination, without the pod's own (the proxy's) connections to the watched port.
+        self.redirect = False
+        self.redirect_seen = False  # a redirected event arrived: switch (resync from conntrack) when drained
         self.resyncs = 0  # full resyncs from the socket table, the first at start included
         self.losses = 0  # times the kernel dropped events (ENOBUFS), each made good by a resync
         self.lost = False  # events were dropped: resync when the queue is next empty
@@ -179,6 +204,8 @@ class Conntrack:
 
     def _key(self, src: bytes, dst: bytes, sport: int, dport: int) -> tuple[int, bytes] | None:
         """(watched port, key) for a flow to or from a watched local port; None for anything else."""
+        if self.redirect and (loopback(src) or src in self.local):
+            return None  # behind a redirect, the pod's own connections to the port are the proxy's
         if dport in self.port_set and dst in self.local:
             return dport, dst + src + dport.to_bytes(2, "big") + sport.to_bytes(2, "big")
         # A connection picked up mid-stream from a reply packet has its tuple reversed.
@@ -196,6 +223,10 @@ class Conntrack:
             if event is None:
                 continue
             src, dst, sport, dport, state = event
+            if not self.redirect and dport in self.port_set:
+                answering = reply_source_port(buf, payload + 4, end)
+                if answering is not None and answering != dport:
+                    self.redirect_seen = True
             found = self._key(src, dst, sport, dport)
             if found is None:
                 continue
@@ -242,6 +273,11 @@ class Conntrack:
             self.lost = True
             return True
         self._handle(buf)
+        if self.redirect_seen and not self.redirect:
+            log.info("connections to the watched port are redirected (a mesh's proxy): counting them by their "
+                     "original destination, from conntrack alone")  # fmt: skip
+            self.redirect = True
+            self._resync(initial=False)
         return True
 
     def _drain(self, budget: float) -> None:
@@ -254,10 +290,55 @@ class Conntrack:
         while self._drain_once() and time.monotonic() < deadline:
             pass
 
+    def _dump(self) -> tuple[dict[int, set[bytes]], bool]:
+        """Every ESTABLISHED conntrack entry to a watched port, by port, and whether any of them is redirected."""
+        sets: dict[int, set[bytes]] = {port: set() for port in self.ports}
+        redirected = False
+        sock = netlink.Socket(netlink.NETLINK_NETFILTER)
+        try:
+            msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+            request = netlink.nlmsg(
+                msg_type,
+                netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
+                sock.next_seq(),
+                struct.pack("=BBH", socket.AF_UNSPEC, 0, 0),
+            )
+            for buf in sock.dump(request):
+                messages, done = netlink.walk(buf, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW)
+                for payload, end in messages:
+                    event = parse_event(buf, payload + 4, end)
+                    if event is None or event[4] != ESTABLISHED:
+                        continue
+                    src, dst, sport, dport, _state = event
+                    if dport in self.port_set:
+                        answering = reply_source_port(buf, payload + 4, end)
+                        redirected = redirected or (answering is not None and answering != dport)
+                    found = self._key(src, dst, sport, dport)
+                    if found is not None:
+                        sets[found[0]].add(found[1])
+                if done:
+                    break
+        finally:
+            sock.close()
+        return sets, redirected
+
     def _resync(self, initial: bool) -> None:
-        """Rebuild the connection sets from the socket table. Called with the lock held."""
+        """Rebuild the connection sets from the socket table (behind a redirect: from conntrack). Called with the
+        lock held."""
         assert self.table is not None
         self.local = local_addresses()
+        if initial:
+            self.redirect = self._dump()[1]
+        if self.redirect:
+            current, _ = self._dump()
+            for port in self.ports:
+                now, known = current[port], self.established[port]
+                self.accepted[port] += 0 if initial else len(now) - sum(map(known.__contains__, now))
+                self.unwatched[port] = set()  # conntrack has seen them all: it was on before the proxy
+                self.established[port] = now
+            self.handshakes.clear()
+            self.resyncs += 1
+            return
         current = self.table.connection_sets()
         for port in self.ports:
             now = current[port]
