@@ -185,14 +185,28 @@ class Lan:
     host_v4: str | None = None
 
 
+def _free_lan_subnet() -> int:
+    """N of a 198.19.N.0/24 this host has no address or route in: another process (a bench next to the tests)
+    numbers its LANs too, and two host veths on one subnet would take each other's traffic."""
+    global _counter
+    with _lock:
+        taken = "".join(
+            subprocess.run(["ip", "-4", *what], capture_output=True, text=True).stdout
+            for what in (["-o", "addr", "show"], ["route", "show"])
+        )
+        for _ in range(250):
+            _counter += 1
+            n = (os.getpid() + _counter) % 250
+            if f"198.19.{n}." not in taken:
+                return n
+    raise RuntimeError("no free 198.19.N.0/24 left for a test LAN")
+
+
 @contextlib.contextmanager
 def lan(pods: int, host: bool = False) -> Iterator[Lan]:
     """A bridge in a fresh namespace and `pods` fresh namespaces attached to it; with `host`, a veth from this
     namespace to the bridge too, so that a process here reaches the pods (it goes when the bridge's does)."""
-    global _counter
-    with _lock:
-        _counter += 1
-        n = _counter % 250
+    n = _free_lan_subnet()
     tag = uuid.uuid4().hex[:6]
     hub = f"tcpx-lan-{tag}"
     names = [f"tcpx-p{i}-{tag}" for i in range(pods)]
