@@ -465,32 +465,36 @@ def print_tables(results: dict[str, Any]) -> None:
                 f"{fmt(row.get('idle_cpu_ms_per_5s'))} | {fmt(row['value'])} | {fmt(row['exact'])} |"
             )
     if results.get("idle"):
-        print("\n## Sidecar: idle clients holding the metrics port (half a request each)\n")
-        print("| idle clients | RSS MB before | RSS MB with them | threads | scrape median ms | scrape max ms |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         row = results["idle"]
-        print(
-            f"| {row['idle_clients']:,} | {fmt(row['rss_mb_before'])} | {fmt(row['rss_mb'])} | {row['threads']} "
-            f"| {fmt(row['scrape_median_ms'])} | {fmt(row['scrape_max_ms'])} |"
-        )
+        table(
+            "Sidecar: idle clients holding the metrics port (half a request each)",
+            ["idle clients", "RSS MB before", "RSS MB with them", "threads", "scrape median ms", "scrape max ms"],
+            [[f"{row['idle_clients']:,}", fmt(row["rss_mb_before"]), fmt(row["rss_mb"]), str(row["threads"]),
+              fmt(row["scrape_median_ms"]), fmt(row["scrape_max_ms"])]],
+        )  # fmt: skip
     if results.get("tracking"):
-        print("\n## What switching connection tracking on costs the pod's traffic (best of 3)\n")
-        print("| tracking | TCP round trip µs | connection open+close µs |")
-        print("| --- | ---: | ---: |")
-        for row in results["tracking"]:
-            print(
-                f"| {'on (conntrack method)' if row['tracking'] else 'off (fresh namespace)'} "
-                f"| {fmt(row['round_trip_us'])} | {fmt(row['connection_us'])} |"
-            )
+        table(
+            "What switching connection tracking on costs the pod's traffic (best of 3)",
+            ["tracking", "TCP round trip µs", "connection open+close µs"],
+            [[("on (conntrack method)" if r["tracking"] else "off (fresh namespace)"), fmt(r["round_trip_us"]),
+              fmt(r["connection_us"])] for r in results["tracking"]],
+        )  # fmt: skip
     if results.get("reliability"):
-        print("\n## Sidecar: concurrent scrapers during connection churn\n")
-        print("| method | scrapers | seconds | scrapes | failed | p50 ms | p99 ms | connections churned |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for row in results["reliability"]:
-            print(
-                f"| {row['method']} | {row['scrapers']} | {fmt(row['seconds'], 0)} | {row['scrapes']:,} | "
-                f"{row['failures']} | {fmt(row['p50_ms'])} | {fmt(row['p99_ms'])} | {row['churned_connections']:,} |"
-            )
+        table(
+            "Sidecar: concurrent scrapers during connection churn",
+            ["method", "scrapers", "seconds", "scrapes", "failed", "p50 ms", "p99 ms", "connections churned"],
+            [[r["method"], str(r["scrapers"]), fmt(r["seconds"], 0), f"{r['scrapes']:,}", str(r["failures"]),
+              fmt(r["p50_ms"]), fmt(r["p99_ms"]), f"{r['churned_connections']:,}"] for r in results["reliability"]],
+        )  # fmt: skip
+
+
+def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table under a heading; the first column left-aligned, the others right."""
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("| --- | " + " | ".join("---:" for _ in columns[1:]) + " |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 def main() -> int:

@@ -312,8 +312,8 @@ class Peering:
     """Whether this replica is the active one, by kopf's rule, for the work kopf does not schedule itself.
 
     kopf pauses its own watches while a live peer of higher (or equal) priority exists; the operator's
-    Deployment workers follow the same rule, from a watch of the same ClusterKopfPeering object (so that they
-    learn of a peer when kopf does), re-judged every few seconds as peers expire.
+    Deployment workers follow the same rule, from an informer on the same ClusterKopfPeering object (so that
+    they learn of a peer when kopf does), re-judged every few seconds as peers expire.
     """
 
     INTERVAL = 5.0
@@ -321,19 +321,31 @@ class Peering:
     def __init__(
         self, kube: Kube, name: str | None, identity: str, priority: int, on_resume: Callable[[], None] = lambda: None
     ) -> None:
-        self.kube, self.name, self.identity, self.priority = kube, name, identity, priority
+        self.name, self.identity, self.priority = name, identity, priority
         self.on_resume = on_resume  # called when this replica becomes active again after a pause
         self._active = threading.Event()
         self._peers: Mapping[str, Any] | None = None  # the object's status; None until read (or when missing)
         self._was: bool | None = None
         if name is None:
             self._active.set()
-        else:
-            threading.Thread(target=self._watch, name="peering-watch", daemon=True).start()
-            threading.Thread(target=self._tick, name="peering-tick", daemon=True).start()
+            return
+
+        def lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+            return client.CustomObjectsApi(api).list_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", field_selector=f"metadata.name={name}",
+                _preload_content=False, **kwargs,
+            )  # fmt: skip
+
+        Informer(kube, "peering", lister, (None,), self._seen).start()
+        threading.Thread(target=self._tick, name="peering-tick", daemon=True).start()
 
     def wait_active(self, timeout: float) -> bool:
         return self._active.wait(timeout)
+
+    def _seen(self, kind: str, obj: Mapping[str, Any]) -> bool:
+        self._peers = None if kind == "DELETED" else (obj.get("status") or {})
+        self._judge()
+        return True
 
     def _judge(self) -> None:
         peers = self._peers
@@ -349,52 +361,6 @@ class Peering:
         while True:
             time.sleep(self.INTERVAL)
             self._judge()
-
-    def _watch(self) -> None:
-        selector = f"metadata.name={self.name}"
-        while True:
-            try:
-
-                def listing(api: client.ApiClient) -> Any:
-                    return client.CustomObjectsApi(api).list_cluster_custom_object(
-                        "kopf.dev", "v1", "clusterkopfpeerings", field_selector=selector, _preload_content=False
-                    )
-
-                body = json.loads(self.kube.call(listing).data)
-                items = body.get("items") or []
-                self._peers = (items[0].get("status") or {}) if items else None
-                self._judge()
-                version = (body.get("metadata") or {}).get("resourceVersion")
-
-                def watch(api: client.ApiClient, version: str | None = version) -> Any:
-                    return client.CustomObjectsApi(api).list_cluster_custom_object(
-                        "kopf.dev",
-                        "v1",
-                        "clusterkopfpeerings",
-                        field_selector=selector,
-                        watch=True,
-                        resource_version=version,
-                        timeout_seconds=WATCH_SECONDS,
-                        _preload_content=False,
-                        _request_timeout=(5, WATCH_SECONDS + 30),
-                    )
-
-                response = self.kube.call(watch, stream=True)
-                try:
-                    for line in _lines(response):
-                        event = json.loads(line)
-                        if event.get("type") in ("ADDED", "MODIFIED"):
-                            self._peers = event["object"].get("status") or {}
-                        elif event.get("type") == "DELETED":
-                            self._peers = None
-                        else:
-                            continue
-                        self._judge()
-                finally:
-                    response.release_conn()
-            except Exception as exc:
-                log.warning("watching the peering object %s: %s", self.name, exc)
-                time.sleep(1)
 
 
 def active(peers: Mapping[str, Any], identity: str, priority: int, now: datetime.datetime | None = None) -> bool:

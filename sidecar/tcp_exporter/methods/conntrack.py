@@ -290,15 +290,15 @@ class Conntrack:
         while self._drain_once() and time.monotonic() < deadline:
             pass
 
-    def _dump(self) -> tuple[dict[int, set[bytes]], bool]:
-        """Every ESTABLISHED conntrack entry to a watched port, by port, and whether any of them is redirected."""
-        sets: dict[int, set[bytes]] = {port: set() for port in self.ports}
+    def _dump(self) -> tuple[list[tuple[bytes, bytes, int, int]], bool]:
+        """The (src, dst, sport, dport) of every ESTABLISHED conntrack entry, and whether any to a watched port is
+        redirected. Keyed by the caller, once it knows whether the namespace redirects."""
+        flows: list[tuple[bytes, bytes, int, int]] = []
         redirected = False
         sock = netlink.Socket(netlink.NETLINK_NETFILTER)
         try:
-            msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
             request = netlink.nlmsg(
-                msg_type,
+                (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
                 netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
                 sock.next_seq(),
                 struct.pack("=BBH", socket.AF_UNSPEC, 0, 0),
@@ -310,27 +310,30 @@ class Conntrack:
                     if event is None or event[4] != ESTABLISHED:
                         continue
                     src, dst, sport, dport, _state = event
-                    if dport in self.port_set:
+                    if not redirected and dport in self.port_set:
                         answering = reply_source_port(buf, payload + 4, end)
-                        redirected = redirected or (answering is not None and answering != dport)
-                    found = self._key(src, dst, sport, dport)
-                    if found is not None:
-                        sets[found[0]].add(found[1])
+                        redirected = answering is not None and answering != dport
+                    flows.append((src, dst, sport, dport))
                 if done:
                     break
         finally:
             sock.close()
-        return sets, redirected
+        return flows, redirected
 
     def _resync(self, initial: bool) -> None:
         """Rebuild the connection sets from the socket table (behind a redirect: from conntrack). Called with the
         lock held."""
         assert self.table is not None
         self.local = local_addresses()
-        if initial:
-            self.redirect = self._dump()[1]
+        if initial or self.redirect:
+            flows, redirected = self._dump()  # one dump: at start it also tells whether the namespace redirects
+            self.redirect = self.redirect or redirected
         if self.redirect:
-            current, _ = self._dump()
+            current: dict[int, set[bytes]] = {port: set() for port in self.ports}
+            for flow in flows:
+                found = self._key(*flow)
+                if found is not None:
+                    current[found[0]].add(found[1])
             for port in self.ports:
                 now, known = current[port], self.established[port]
                 self.accepted[port] += 0 if initial else len(now) - sum(map(known.__contains__, now))
