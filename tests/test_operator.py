@@ -10,7 +10,7 @@ import pytest
 from helpers import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from localkube.cluster import CRDS, install_crds
+from localkube.cluster import CRDS, install_crds, wait_established
 from operator_proc import KEDA, REPO, Audit, Kube, Operator, deployment, injected, operator_writes
 
 pytestmark = pytest.mark.cluster
@@ -350,7 +350,7 @@ def test_what_render_prints_applied_as_gitops_would_is_in_sync_adopted_and_costs
 
 
 def test_the_podmonitor_is_created_when_its_crd_appears_relabelled_restored_and_deleted_with_the_annotation(
-    operator: Operator, kube: Kube, kubectl: Callable[..., str]
+    operator: Operator, kube: Kube, kubectl: Callable[..., str], cluster: Any
 ) -> None:
     def pod_monitor() -> Any:
         try:
@@ -367,7 +367,7 @@ def test_the_podmonitor_is_created_when_its_crd_appears_relabelled_restored_and_
     assert pod_monitor() is None
     kubectl("apply", "-f", str(CRDS / "podmonitor.yaml"))
     try:
-        kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com", "--timeout=30s")
+        wait_established(cluster, "podmonitors.monitoring.coreos.com", 30)
         found = wait_for(pod_monitor, 60, "the PodMonitor, once its CRD exists")
         assert found["spec"]["selector"]["matchLabels"] == {"app": "pm-api"}
         assert found["spec"]["podMetricsEndpoints"] == [{"port": "tcp-metrics", "path": "/metrics"}]
@@ -434,7 +434,7 @@ def test_with_peering_two_replicas_run_and_only_the_higher_priority_one_writes(
 ) -> None:
     for name in ("crd.yaml", "role.yaml"):
         kubectl("apply", "-f", str(REPO / "manifests" / "peering" / name))
-    kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=30s")
+    wait_established(cluster, "clusterkopfpeerings.kopf.dev", 30)
     operator.stop()
     replicas = [Operator(cluster, kubectl, args=["--peering=tcp-exporter", f"--priority={p}"]) for p in (10, 20)]
     try:

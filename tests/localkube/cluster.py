@@ -378,16 +378,24 @@ def install_crds(cluster: Cluster) -> None:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
 
     run("apply", "--server-side", "-f", str(kedastack.crd_dir()))
-    # Established only once the API server serves the new resource; wait for it to be there first.
-    _wait(
-        lambda: (
-            _get(cluster, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/scaledobjects.keda.sh") is not None
-        ),
-        30,
-        "KEDA's ScaledObject CRD",
-        cluster,
-    )
-    run("wait", "--for=condition=Established", "--timeout=60s", "crd/scaledobjects.keda.sh")
+    wait_established(cluster, "scaledobjects.keda.sh", 60)
+
+
+def crd_established(cluster: Cluster, name: str) -> bool:
+    """Whether the CRD exists and its Established condition is True.
+
+    Polled rather than `kubectl wait --for=condition=Established`: a CRD created a moment ago has no
+    status.conditions yet, and kubectl wait then fails at once instead of waiting.
+    """
+    body = _get(cluster, f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+    if body is None:
+        return False
+    conditions = json.loads(body).get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+
+def wait_established(cluster: Cluster, name: str, timeout: float) -> None:
+    _wait(lambda: crd_established(cluster, name), timeout, f"the CRD {name} to be established", cluster)
 
 
 def local_cluster() -> Cluster | None:
