@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,7 +115,7 @@ def test_the_admission_policy_lets_the_operator_change_only_a_pods_deletion_cost
     token = kubectl("-n", NAMESPACE, "create", "token", SERVICE_ACCOUNT, "--duration=1h").strip()
     configuration = client.Configuration()
     configuration.host = cluster.server
-    configuration.verify_ssl = False
+    configuration.ssl_ca_cert = str(Path(cluster.state_dir) / "pki" / "ca.crt")
     configuration.api_key = {"authorization": f"Bearer {token}"}
     core = client.CoreV1Api(client.ApiClient(configuration))
 
