@@ -28,7 +28,7 @@ from tcp_exporter_operator import builders, metrics
 from tcp_exporter_operator.builders import A_PORT, A_STATUS, PSA_ENFORCE, Facts, Plan
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.events import MANAGED_BY, Event
-from tcp_exporter_operator.kube import ApiError, Conflict, Kube, hpa_summary, load_configuration
+from tcp_exporter_operator.kube import ApiError, Conflict, EventPoster, Kube, hpa_summary, load_configuration
 from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
 from tcp_exporter_operator.watch import RESYNC, Index, Informer, Item, Key, Lister, Peering, WorkQueue, newest
 
@@ -92,6 +92,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if not hasattr(memo, "config"):
         memo.config = Config.from_env()
     memo.kube = Kube()
+    memo.events = EventPoster(memo.kube)
     if not hasattr(memo, "namespaces"):
         memo.namespaces = memo.config.namespaces
     peering = None
@@ -414,15 +415,13 @@ def apply(kube: Kube, deployment: Mapping[str, Any], plan: Plan, memo: kopf.Memo
     warned: dict[str, set[tuple[str, str]]] = memo.warned
     uid = meta.get("uid", "")
     warnings = {(e.reason, e.message) for e in events if e.type == "Warning"}
-    for event in events:
-        # A Warning is posted once while it holds, not on every watch event of the Deployment.
-        if event.type == "Warning" and (event.reason, event.message) in warned.get(uid, set()):
-            continue
-        kube.post_event(deployment, event)
+    # A Warning is posted once while it holds, not on every watch event of the Deployment.
+    already = warned.get(uid, set())
+    memo.events.post(deployment, [e for e in events if not (e.type == "Warning" and (e.reason, e.message) in already)])
     warned[uid] = warnings
 
 
-def refused(kube: Kube, memo: kopf.Memo, deployment: Mapping[str, Any], exc: ApiError) -> None:
+def refused(memo: kopf.Memo, deployment: Mapping[str, Any], exc: ApiError) -> None:
     """A write the API server refused (RBAC, a webhook, validation): one Warning on the Deployment, posted once
     while it holds, and no Normal Event for what was not done. The next event or resync tries again."""
     meta = deployment["metadata"]
@@ -433,7 +432,7 @@ def refused(kube: Kube, memo: kopf.Memo, deployment: Mapping[str, Any], exc: Api
     warned: dict[str, set[tuple[str, str]]] = memo.warned
     if (event.reason, event.message) not in warned.setdefault(meta.get("uid", ""), set()):
         warned[meta.get("uid", "")].add((event.reason, event.message))
-        kube.post_event(deployment, event)
+        memo.events.post(deployment, [event])
     log.warning("reconciling %s/%s: %s", meta["namespace"], meta["name"], event.message)
 
 
@@ -579,7 +578,7 @@ def reconcile(deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[s
             continue
         except Exception as exc:
             if isinstance(exc, ApiError) and not (_transient(exc) and delay is not None):
-                refused(kube, memo, current or deployment, exc)
+                refused(memo, current or deployment, exc)
                 return "failed"
             if not _transient(exc) or delay is None:
                 raise

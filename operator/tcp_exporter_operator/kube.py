@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import queue
 import socket
 import threading
 import time
@@ -308,6 +309,43 @@ class Kube:
             )
         except ApiError as exc:
             log.warning("could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc)
+
+
+class EventPoster:
+    """Events posted off the reconcile path, as kopf posts its own: a worker hands a Deployment's Events over and
+    goes on to the next Deployment instead of waiting for two more round trips. One Deployment's Events are posted
+    in order, by one thread. At most `pending` Deployments' Events wait; beyond that a worker waits for room (the
+    API server is then the bottleneck anyway). Daemon threads: Events still waiting at exit are dropped, as
+    kopf's are."""
+
+    def __init__(self, kube: Kube, threads: int = 4, pending: int = 1024) -> None:
+        self.kube = kube
+        self._queue: queue.Queue[tuple[Mapping[str, Any], list[Event]]] = queue.Queue(pending)
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"events-{i}", daemon=True).start()
+
+    def post(self, deployment: Mapping[str, Any], events: list[Event]) -> None:
+        if events:
+            self._queue.put((deployment, events))
+
+    def join(self) -> None:
+        """Until every Event handed over so far has been posted (or failed): for tests and orderly shutdowns."""
+        self._queue.join()
+
+    def _run(self) -> None:
+        while True:
+            deployment, events = self._queue.get()
+            try:
+                for event in events:
+                    try:
+                        self.kube.post_event(deployment, event)
+                    except Exception as exc:  # an Event is worth a log line, never a worker
+                        meta = deployment["metadata"]
+                        log.warning(
+                            "could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc
+                        )
+            finally:
+                self._queue.task_done()
 
 
 def hpa_summary(hpa: Mapping[str, Any]) -> dict[str, Any]:
