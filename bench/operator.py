@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,14 +32,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import wait_for
-from kubernetes import client, config
+from kubernetes import client, config, watch
 from localkube import cluster as localkube
 from operator_proc import REPO, USER, Operator
 
 from bench.common import RESULTS, kubectl_for, log, write_results
 
 
-def deployment(name: str) -> dict[str, Any]:
+def deployment(name: str, run: str = "") -> dict[str, Any]:
+    """An annotated Deployment; `run` labels its pods' template, so that its ReplicaSets can be found by label."""
     labels = {"app": name}
     return {
         "metadata": {"name": name, "annotations": {"tcp-exporter/port": "8080"}},
@@ -46,7 +48,7 @@ def deployment(name: str) -> dict[str, Any]:
             "replicas": 1,
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": {**labels, **({"bench-run": run} if run else {})}},
                 "spec": {
                     "containers": [{"name": "app", "image": "example.test/app:1", "ports": [{"containerPort": 8080}]}]
                 },
@@ -169,6 +171,63 @@ def delete_many(apps: Any, bodies: list[tuple[str, dict[str, Any]]]) -> None:
         )
 
 
+def collected(api: Any, tag: str) -> None:
+    """Wait until the garbage collector has deleted what the Deployments of a run (deleted) owned: their
+    ReplicaSets and ScaledObjects. Otherwise those deletions load the API server during the next measurement."""
+    apps, custom = client.AppsV1Api(api), client.CustomObjectsApi(api)
+
+    def gone() -> bool:
+        raw = apps.list_replica_set_for_all_namespaces(label_selector=f"bench-run={tag}", _preload_content=False)
+        if json.loads(raw.data)["items"]:
+            return False
+        raw = custom.list_cluster_custom_object("keda.sh", "v1alpha1", "scaledobjects", _preload_content=False)
+        return not any(so["metadata"]["name"].startswith(tag + "-") for so in json.loads(raw.data)["items"])
+
+    wait_for(gone, 600, f"the garbage collector to delete what the {tag} Deployments owned", interval=1)
+
+
+class Arrivals:
+    """When the last of `count` ScaledObjects named `prefix`-* was created, seen by a watch from a given
+    resourceVersion: exact to the event, and without listing every ScaledObject each second, which would load the
+    API server the operator shares."""
+
+    def __init__(self, api: Any, prefix: str, count: int) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.prefix, self.count = prefix, count
+        listed = self.custom.list_cluster_custom_object("keda.sh", "v1alpha1", "scaledobjects", limit=1)
+        self.version = listed["metadata"]["resourceVersion"]
+        self.seen: set[tuple[str, str]] = set()
+        self.at: float | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            stream = watch.Watch().stream(
+                self.custom.list_cluster_custom_object,
+                "keda.sh",
+                "v1alpha1",
+                "scaledobjects",
+                resource_version=self.version,
+                timeout_seconds=300,
+            )
+            for event in stream:
+                meta = event["object"]["metadata"]
+                self.version = meta["resourceVersion"]
+                if event["type"] == "ADDED" and meta["name"].startswith(self.prefix + "-"):
+                    self.seen.add((meta["namespace"], meta["name"]))
+                    if len(self.seen) >= self.count:
+                        self.at = time.monotonic()
+                        self.done.set()
+                        return
+
+    def wait(self, timeout: float) -> float:
+        if not self.done.wait(timeout):
+            raise AssertionError(f"timed out after {timeout} s: {len(self.seen)} of {self.count} ScaledObjects")
+        assert self.at is not None
+        return self.at
+
+
 def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> tuple[float, float]:
     """The operator's writes for `count` annotated Deployments, done by a bare official client: the baseline.
     Returns the seconds the creation of the Deployments took, and those of the writes after it."""
@@ -179,7 +238,7 @@ def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> tuple[
     apps = client.AppsV1Api(api)
     bodies = []
     for i in range(count):
-        body = deployment(f"{tag}-{i:04d}")
+        body = deployment(f"{tag}-{i:04d}", tag)
         body["spec"]["replicas"] = 0
         bodies.append((namespaces[i % len(namespaces)], body))
     creating = time.monotonic()
@@ -205,6 +264,7 @@ def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> tuple[
     took = time.monotonic() - started
     # Gone again before the operator starts: it is to track the 1,000 of its own run, not these too.
     delete_many(apps, bodies)
+    collected(api, tag)
     return created, took
 
 
@@ -230,25 +290,21 @@ def run_scale(
         creation, baseline = bare_client(api, namespaces, annotated, f"base{target}")
         log(f"  bare client: created {annotated} Deployments in {creation:.1f} s, then wrote in {baseline:.1f} s")
 
-        op = Operator(cluster, run_kubectl)
+        # At the log level users run it with: debug lines for every skipped event would cost it CPU.
+        op = Operator(cluster, run_kubectl, args=["--log-level=info"])
         started = time.monotonic()
+        tag = f"ann{target}"
         try:
             time.sleep(8)  # the operator has started; users keep working
-            tag = f"ann{target}"
             bodies = []
             for i in range(annotated):
-                body = deployment(f"{tag}-{i:04d}")
+                body = deployment(f"{tag}-{i:04d}", tag)
                 body["spec"]["replicas"] = 0
                 bodies.append((namespaces[i % spread], body))
+            arrivals = Arrivals(api, tag, annotated)
             created_at = time.monotonic()
             create_many(apps, bodies)
-
-            def converged(tag: str = tag) -> bool:
-                items = custom.list_cluster_custom_object("keda.sh", "v1alpha1", "scaledobjects")["items"]
-                return sum(1 for so in items if so["metadata"]["name"].startswith(tag + "-")) >= annotated
-
-            wait_for(converged, 1200, f"{annotated} Deployments to converge", interval=1)
-            took = time.monotonic() - created_at
+            took = arrivals.wait(1200) - created_at
             # The operator works while they are being created: its time counts from the first create, so the
             # baseline it is held to is the bare client's creation and writes, one after the other.
             total = creation + baseline
@@ -285,6 +341,7 @@ def run_scale(
             op.close()
         # The next population's operator is to track its own 1,000, not these too.
         delete_many(apps, bodies)
+        collected(api, tag)
         rows.append(
             {
                 "population": target,
