@@ -11,10 +11,11 @@ resync (an operator restart re-lists everything), and its peak RSS.
 --scale: the operator among many Deployments that are not its business, as in a real cluster. For each
 population of unannotated Deployments (replicas 0, spread over many namespaces; one cluster that grows), a bare
 client (8 threads, kept-alive) first does the operator's writes for 1,000 annotated Deployments (read, the
-planner's JSON patch, the ScaledObject create, 2 Events); then the operator starts and 1,000 more annotated
+planner's JSON patch, the ScaledObject create, 2 Events), once after creating them all and once pipelined (each
+Deployment's writes as soon as its create returns); then the operator starts and 1,000 more annotated
 Deployments are created 8 s later: the time to converge them from the first create, against the bare client's
-creation and writes of as many (the operator works while they are being created); then a restart with
-one annotation changed meanwhile: the time to that write, and the writes once in sync; and the RSS.
+times (the operator works while they are being created); then a restart with one annotation changed
+meanwhile: the time to that write, and any other write once in sync; and the RSS.
 """
 
 from __future__ import annotations
