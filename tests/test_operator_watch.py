@@ -1,10 +1,11 @@
-"""Unit tests of the operator's own Deployment watch plumbing: the work queue and the peering rule."""
+"""Unit tests of the operator's own watch plumbing: the work queue, the peering rule, rollout slots, the Event queue."""
 
 from __future__ import annotations
 
 import datetime
 import threading
 
+from helpers import wait_for
 from tcp_exporter_operator.watch import RESYNC, WorkQueue, active, newest
 
 
@@ -73,3 +74,27 @@ def test_a_freed_rollout_slot_goes_to_the_next_deployment_still_waiting_not_to_o
     done = {"metadata": {"generation": 2}, "spec": {"replicas": 1}}
     done["status"] = {"observedGeneration": 2, "updatedReplicas": 1, "replicas": 1, "availableReplicas": 1}
     assert rollouts.progress("a", done) == [("ns", "c")]
+
+
+def test_the_event_poster_keeps_a_deployments_events_in_order_and_outlives_a_failed_post() -> None:
+    from tcp_exporter_operator.events import Event
+    from tcp_exporter_operator.kube import EventPoster
+
+    posted: list[tuple[str, str]] = []
+
+    class Recorder:  # stands in for Kube.post_event only: the posting itself is tested on the real API server
+        def post_event(self, deployment: dict, event: Event) -> None:
+            if event.reason == "Refused":
+                raise OSError("connection reset")
+            posted.append((deployment["metadata"]["name"], event.reason))
+
+    # Two threads, two Deployments whose first Event fails: were a failure to end a thread or the rest of a
+    # Deployment's Events, some would never be posted.
+    poster = EventPoster(Recorder(), threads=2, pending=2)  # type: ignore[arg-type]
+    reasons = [f"R{i}" for i in range(20)]
+    for name in ("web-api", "checkout.v2"):
+        body = {"metadata": {"name": name, "namespace": "shop"}}
+        poster.post(body, [Event("Normal", "Refused", "x"), *(Event("Normal", r, "x") for r in reasons)])
+    wait_for(lambda: len(posted) == 2 * len(reasons), 10, "every Event but the failed ones")
+    for name in ("web-api", "checkout.v2"):
+        assert [r for n, r in posted if n == name] == reasons
