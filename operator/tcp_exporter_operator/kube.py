@@ -328,24 +328,17 @@ class EventPoster:
         if events:
             self._queue.put((deployment, events))
 
-    def join(self) -> None:
-        """Until every Event handed over so far has been posted (or failed): for tests and orderly shutdowns."""
-        self._queue.join()
-
     def _run(self) -> None:
         while True:
             deployment, events = self._queue.get()
-            try:
-                for event in events:
-                    try:
-                        self.kube.post_event(deployment, event)
-                    except Exception as exc:  # an Event is worth a log line, never a worker
-                        meta = deployment["metadata"]
-                        log.warning(
-                            "could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc
-                        )
-            finally:
-                self._queue.task_done()
+            for event in events:
+                try:
+                    self.kube.post_event(deployment, event)
+                except Exception as exc:  # an Event is worth a log line, never a worker
+                    meta = deployment["metadata"]
+                    log.warning(
+                        "could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc
+                    )
 
 
 def hpa_summary(hpa: Mapping[str, Any]) -> dict[str, Any]:
