@@ -258,7 +258,8 @@ def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> dict[s
         plan = builders.plan(current, builders.Facts(), cfg)
         assert plan.deployment_patch is not None and plan.scaled_object is not None
         kube.patch_deployment(namespace, body["metadata"]["name"], plan.deployment_patch)
-        kube.create_child(plan.scaled_object)
+        created, _ = kube.create_child(plan.scaled_object)
+        assert created is not None
         for event in plan.events[:2]:
             kube.post_event(current, event)
 

@@ -6,7 +6,7 @@ import datetime
 import threading
 
 from helpers import wait_for
-from tcp_exporter_operator.watch import RESYNC, WorkQueue, active, newest
+from tcp_exporter_operator.watch import RESYNC, Index, WorkQueue, active, newest
 
 
 def test_work_queue_keeps_one_entry_per_key_with_the_latest_state_in_arrival_order() -> None:
@@ -98,3 +98,62 @@ def test_the_event_poster_keeps_a_deployments_events_in_order_and_outlives_a_fai
     wait_for(lambda: len(posted) == 2 * len(reasons), 10, "every Event but the failed ones")
     for name in ("web-api", "checkout.v2"):
         assert [r for n, r in posted if n == name] == reasons
+
+
+def _so(uid: str, version: int, threshold: str = "100") -> dict:
+    return {
+        "metadata": {"uid": uid, "namespace": "shop", "name": "web-api", "resourceVersion": str(version)},
+        "spec": {"threshold": threshold},
+    }
+
+
+def _index(ttl: float = 10.0) -> Index:
+    return Index(lambda o: (o["metadata"]["namespace"], o["spec"]["threshold"]), ttl=ttl)
+
+
+def test_an_index_shows_the_operators_own_write_until_the_informer_delivers_it_or_a_later_state() -> None:
+    index = _index()
+    index.wrote(_so("u1", 10))
+    assert index.get("shop") == ["100"] and "shop" in index  # before its own event: no second create
+    index.update("ADDED", _so("u1", 10))
+    assert index.get("shop") == ["100"] and not index.written
+    index.wrote(_so("u1", 12, "77"))  # a replace
+    index.update("MODIFIED", _so("u1", 11))  # an older event still in flight does not hide it
+    assert index.get("shop") == ["77"]
+    index.update("MODIFIED", _so("u1", 13, "5"))  # a later state, say a hand edit, wins
+    assert index.get("shop") == ["5"] and not index.written
+
+
+def test_an_index_never_shows_a_write_its_informer_has_already_passed_or_seen_deleted() -> None:
+    index = _index()
+    index.update("ADDED", _so("u1", 10))
+    index.update("DELETED", _so("u1", 11))
+    index.wrote(_so("u1", 10))  # the create's answer came after the watch's ADDED and DELETED: no ghost
+    assert index.get("shop") == [] and "shop" not in index
+    index.update("ADDED", _so("u2", 20, "5"))
+    index.wrote(_so("u2", 20))  # the informer is there already
+    assert index.get("shop") == ["5"] and not index.written
+    index.wrote(_so("u3", 30))
+    index.update("DELETED", _so("u3", 30))  # deleted before its ADDED ever came (a relist)
+    assert index.get("shop") == ["5"]
+
+
+def test_an_index_forgets_the_operators_write_after_its_ttl() -> None:
+    index = _index(ttl=0.05)
+    index.wrote(_so("u1", 10))
+    assert index.get("shop") == ["100"]
+    wait_for(lambda: index.get("shop") == [], 5, "the write to expire")
+    assert not index.written and not index.written_keys
+
+
+def test_an_index_hides_what_the_operator_deleted_until_the_informer_delivers_the_deletion() -> None:
+    index = _index()
+    index.update("ADDED", _so("u1", 10))
+    index.removed("u1")
+    assert index.get("shop") == [] and "shop" not in index  # no second delete meanwhile
+    index.update("MODIFIED", _so("u1", 11))  # a finalizer holds it: still as good as gone
+    assert index.get("shop") == []
+    index.update("DELETED", _so("u1", 12))
+    assert index.get("shop") == [] and not index.written
+    index.removed("u9")  # never indexed: nothing to hide
+    assert not index.written

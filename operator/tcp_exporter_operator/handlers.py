@@ -166,6 +166,7 @@ def child_summary(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
         "metadata": {
             "name": meta["name"],
             "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
             "generation": meta.get("generation"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
             "labels": dict(meta.get("labels") or {}),
@@ -384,23 +385,29 @@ def apply(kube: Kube, deployment: Mapping[str, Any], plan: Plan, memo: kopf.Memo
         if plan.upgrade:
             memo.rollouts.started(meta.get("uid", ""), generation)
     events = list(plan.events)
-    for kind, child, action in (
-        ("ScaledObject", plan.scaled_object, plan.scaled_object_action),
-        ("PodMonitor", plan.pod_monitor, plan.pod_monitor_action),
+    for kind, index, child, action in (
+        ("ScaledObject", "scaledobjects", plan.scaled_object, plan.scaled_object_action),
+        ("PodMonitor", "podmonitors", plan.pod_monitor, plan.pod_monitor_action),
     ):
         if action is None or child is None:
             continue
+        # What is created or replaced is shown in its index until its own event comes: the Deployment's next
+        # event, often first, is then planned from it instead of creating it again.
+        children: Index = memo.indexes[index]
         if action == "delete":
             kube.delete_child(kind, child["metadata"]["namespace"], child["metadata"]["name"])
+            children.removed(child["metadata"].get("uid", ""))
         elif action == "update":
-            kube.replace_child(child)
+            children.wrote(kube.replace_child(child))
         else:
-            existing = kube.create_child(child)
+            created, existing = kube.create_child(child)
+            if created is not None:
+                children.wrote(created)
             if existing is None:
                 continue
             if builders.is_ours(existing, deployment):
                 # Ours, but the index had not seen it yet when this plan was made: bring it to what is wanted.
-                kube.replace_child(child)
+                children.wrote(kube.replace_child(child))
                 continue
             name = child["metadata"]["name"]
             events = [e for e in events if not (e.type == "Normal" and e.reason.startswith(kind))]

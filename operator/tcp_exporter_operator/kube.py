@@ -197,30 +197,34 @@ class Kube:
 
     # -- children: ScaledObjects and PodMonitors ---------------------------------------------------
 
-    def create_child(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Create a ScaledObject or PodMonitor; if one of that name exists, return it (ours or not) instead."""
+    def create_child(self, body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Create a ScaledObject or PodMonitor: (what was created, None); if one of that name exists, (None, it),
+        ours or not; (None, None) if there is nothing to create it in now."""
         group, version, plural = CHILDREN[body["kind"]]
         meta = body["metadata"]
         try:
-            self.call(
-                lambda api: client.CustomObjectsApi(api).create_namespaced_custom_object(
-                    group, version, meta["namespace"], plural, dict(body), _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
+            created = self.call(
+                lambda api: self._json(
+                    client.CustomObjectsApi(api).create_namespaced_custom_object(
+                        group, version, meta["namespace"], plural, dict(body), _preload_content=False,
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
                 ),
                 write=(body["kind"], "create"),
             )  # fmt: skip
+            return created, None
         except ApiError as exc:
             if exc.status == 403 and "NamespaceTerminating" in exc.body:
                 log.debug("not creating %s %s: its namespace is being deleted", body["kind"], meta["name"])
-                return None
+                return None, None
             if exc.status == 404:
                 # The kind is not served (its CRD is being removed, or not yet there): the CRD's own event
                 # re-plans every tracked Deployment; nothing to tell the user that the plan will not say.
                 log.info("not creating %s %s: the API server does not serve that kind now", body["kind"], meta["name"])
-                return None
+                return None, None
             if exc.status != 409:
                 raise
-            return self.call(
+            return None, self.call(
                 lambda api: self._json(
                     client.CustomObjectsApi(api).get_namespaced_custom_object(
                         group, version, meta["namespace"], plural, meta["name"], _preload_content=False,
@@ -230,19 +234,21 @@ class Kube:
             )  # fmt: skip
         return None
 
-    def replace_child(self, body: Mapping[str, Any]) -> None:
+    def replace_child(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Our child's spec and labels replaced whole: an option the user removed goes too (a merge patch keeps
-        what it does not mention)."""
+        what it does not mention). Returns it as written."""
         group, version, plural = CHILDREN[body["kind"]]
         meta = body["metadata"]
         ops = [
             {"op": "add", "path": "/metadata/labels", "value": meta["labels"]},
             {"op": "replace", "path": "/spec", "value": body["spec"]},
         ]
-        self.call(
-            lambda api: client.CustomObjectsApi(api).patch_namespaced_custom_object(
-                group, version, meta["namespace"], plural, meta["name"], ops, _content_type=JSON_PATCH,
-                _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+        return self.call(
+            lambda api: self._json(
+                client.CustomObjectsApi(api).patch_namespaced_custom_object(
+                    group, version, meta["namespace"], plural, meta["name"], ops, _content_type=JSON_PATCH,
+                    _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+                )
             ),
             write=(body["kind"], "patch"),
         )  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -260,19 +261,46 @@ class Informer:
         return kept
 
 
+def _version(meta: Mapping[str, Any]) -> int:
+    """An object's resourceVersion as the ordered integer (an etcd revision) every etcd-backed API server gives;
+    -1 where it is not one."""
+    try:
+        return int(meta.get("resourceVersion") or "")
+    except ValueError:
+        return -1
+
+
+_GONE = object()  # in Index.written: deleted by the operator, its deletion not yet seen
+
+
 class Index:
     """key -> values, kept from an informer's events: what kopf's indexes were, for the operator's small
-    resources. `summarize(obj)` gives (key, value), or None for an object not to index."""
+    resources. `summarize(obj)` gives (key, value), or None for an object not to index.
 
-    def __init__(self, summarize: Callable[[Mapping[str, Any]], tuple[Hashable, Any] | None]) -> None:
+    Read-your-writes: `wrote(obj)` shows what the operator itself just created or replaced until the informer
+    delivers that object at the written resourceVersion or later (or its deletion), and `removed(uid)` hides what
+    it just deleted until the informer delivers the deletion; `ttl` seconds at most. A worker that created a
+    ScaledObject can meet its Deployment's next event before the ScaledObject's own event has reached the index;
+    planned from the index alone, it would create it again (a 409, a read and a needless patch), or delete again
+    what it just deleted. client-go's controllers keep "expectations" for the same reason."""
+
+    def __init__(
+        self, summarize: Callable[[Mapping[str, Any]], tuple[Hashable, Any] | None], ttl: float = 10.0
+    ) -> None:
         self.summarize = summarize
+        self.ttl = ttl
         self.lock = threading.Lock()
         self.data: dict[Hashable, dict[str, Any]] = {}
         self.keys: dict[str, Hashable] = {}  # uid -> key
+        self.versions: dict[str, int] = {}  # uid -> the resourceVersion the informer last gave
+        self.written: dict[Hashable, dict[str, tuple[Any, int, float]]] = {}  # key -> uid -> (value, version, until)
+        self.written_keys: dict[str, Hashable] = {}  # uid -> key, of what is in `written`
+        self.deleted: dict[str, float] = {}  # uid -> until when a write that comes after its deletion is ignored
 
     def update(self, kind: str, obj: Mapping[str, Any]) -> tuple[Any, bool]:
         """Apply an event; returns (the value indexed before under this uid or None, whether it is indexed now)."""
-        uid = (obj.get("metadata") or {}).get("uid", "")
+        meta = obj.get("metadata") or {}
+        uid = meta.get("uid", "")
         found = None if kind == "DELETED" else self.summarize(obj)
         with self.lock:
             old_key = self.keys.pop(uid, None)
@@ -283,20 +311,90 @@ class Index:
                 key, value = found
                 self.keys[uid] = key
                 self.data.setdefault(key, {})[uid] = value
+            if kind == "DELETED":
+                self.versions.pop(uid, None)
+                self._prune_deleted()
+                self.deleted[uid] = time.monotonic() + self.ttl
+            else:
+                self.versions[uid] = _version(meta)
+            key = self.written_keys.get(uid)
+            if key is not None and (kind == "DELETED" or self.written[key][uid][1] <= self.versions[uid]):
+                self._forget_written(key, uid)
         return previous, found is not None
+
+    def _prune_deleted(self) -> None:
+        if len(self.deleted) > 256:
+            now = time.monotonic()
+            self.deleted = {uid: until for uid, until in self.deleted.items() if until > now}
+
+    def _forget_written(self, key: Hashable, uid: str) -> None:
+        del self.written[key][uid]
+        del self.written_keys[uid]
+        if not self.written[key]:
+            del self.written[key]
+
+    def wrote(self, obj: Mapping[str, Any]) -> None:
+        """The operator's own write of `obj` (the API server's answer): shown until the informer catches up."""
+        meta = obj.get("metadata") or {}
+        uid, version = meta.get("uid", ""), _version(meta)
+        found = self.summarize(obj)
+        now = time.monotonic()
+        with self.lock:
+            if found is None or version < 0 or self.versions.get(uid, -1) >= version:
+                return  # the informer is there already, or past it
+            if self.deleted.get(uid, 0.0) > now:
+                return  # deleted before this answer came back: nothing to show
+            old_key = self.written_keys.get(uid)
+            if old_key is not None:
+                self._forget_written(old_key, uid)
+            key, value = found
+            self.written.setdefault(key, {})[uid] = (value, version, now + self.ttl)
+            self.written_keys[uid] = key
+
+    def removed(self, uid: str) -> None:
+        """The operator's own deletion of the object with this uid: hidden until the informer delivers the
+        deletion, `ttl` seconds at most (one a finalizer holds shows its deletionTimestamp meanwhile)."""
+        with self.lock:
+            key = self.keys.get(uid)
+            if key is None:
+                return
+            old_key = self.written_keys.get(uid)
+            if old_key is not None:
+                self._forget_written(old_key, uid)
+            self.written.setdefault(key, {})[uid] = (_GONE, sys.maxsize, time.monotonic() + self.ttl)
+            self.written_keys[uid] = key
+
+    def _values(self, key: Hashable) -> dict[str, Any] | None:
+        values = self.data.get(key)
+        written = self.written.get(key)
+        if not written:
+            return values
+        now = time.monotonic()
+        merged = dict(values or {})
+        for uid, (value, _, until) in list(written.items()):
+            if until <= now:
+                self._forget_written(key, uid)
+            elif value is _GONE:
+                merged.pop(uid, None)
+            else:
+                merged[uid] = value
+        return merged or None
 
     def get(self, key: Hashable, default: Iterable[Any] = ()) -> list[Any]:
         with self.lock:
-            values = self.data.get(key)
+            values = self._values(key)
             return list(values.values()) if values else list(default)
 
     def __getitem__(self, key: Hashable) -> list[Any]:
         with self.lock:
-            return list(self.data[key].values())
+            values = self._values(key)
+            if values is None:
+                raise KeyError(key)
+            return list(values.values())
 
     def __contains__(self, key: object) -> bool:
         with self.lock:
-            return key in self.data
+            return self._values(key) is not None
 
 
 def _lines(response: Any) -> Iterator[bytes]:
