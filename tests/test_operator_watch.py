@@ -157,3 +157,10 @@ def test_an_index_hides_what_the_operator_deleted_until_the_informer_delivers_th
     assert index.get("shop") == [] and not index.written
     index.removed("u9")  # never indexed: nothing to hide
     assert not index.written
+    index.wrote(_so("u2", 20))
+    index.removed("u2")  # created and deleted before the informer saw either
+    assert index.get("shop") == []
+    index.update("ADDED", _so("u2", 20))  # the informer catching up meanwhile shows nothing either
+    assert index.get("shop") == []
+    index.update("DELETED", _so("u2", 21))
+    assert index.get("shop") == [] and not index.written

@@ -355,7 +355,7 @@ class Index:
         """The operator's own deletion of the object with this uid: hidden until the informer delivers the
         deletion, `ttl` seconds at most (one a finalizer holds shows its deletionTimestamp meanwhile)."""
         with self.lock:
-            key = self.keys.get(uid)
+            key = self.keys.get(uid, self.written_keys.get(uid))  # indexed, or only written so far
             if key is None:
                 return
             old_key = self.written_keys.get(uid)
