@@ -30,7 +30,18 @@ from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.events import MANAGED_BY, Event
 from tcp_exporter_operator.kube import ApiError, Conflict, EventPoster, Kube, hpa_summary, load_configuration
 from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
-from tcp_exporter_operator.watch import RESYNC, Index, Informer, Item, Key, Lister, Peering, WorkQueue, newest
+from tcp_exporter_operator.watch import (
+    RESYNC,
+    Index,
+    Informer,
+    Item,
+    Key,
+    Lister,
+    Peering,
+    WorkQueue,
+    newest,
+    revision,
+)
 
 log = logging.getLogger(__name__)
 KEDA_CRD = "scaledobjects.keda.sh"
@@ -603,10 +614,8 @@ def older(version: str | None, than: str) -> bool:
     """Whether a watch event predates our write. resourceVersions are etcd revisions, ordered integers, in
     every etcd-backed API server; kopf may coalesce events, so waiting for our exact version could wait forever.
     Anything not comparable counts as not older."""
-    try:
-        return int(version or "") < int(than)
-    except ValueError:
-        return False
+    ours, theirs = revision(than), revision(version)
+    return ours >= 0 and 0 <= theirs < ours
 
 
 # -- Deployments: the watch thread dispatches, workers reconcile -------------------------------

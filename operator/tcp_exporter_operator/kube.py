@@ -282,6 +282,7 @@ class Kube:
     # -- Events ----------------------------------------------------------------------------------
 
     def post_event(self, deployment: Mapping[str, Any], event: Event) -> None:
+        """One Event on a Deployment; raises as any call does (the operator posts through EventPoster, which logs)."""
         meta = deployment["metadata"]
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body: Any = {
@@ -306,15 +307,12 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
-        try:
-            self.call(
-                lambda api: client.CoreV1Api(api).create_namespaced_event(
-                    meta["namespace"], body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-                ),
-                write=("Event", "create"),
-            )
-        except ApiError as exc:
-            log.warning("could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc)
+        self.call(
+            lambda api: client.CoreV1Api(api).create_namespaced_event(
+                meta["namespace"], body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+            write=("Event", "create"),
+        )
 
 
 class EventPoster:
@@ -340,7 +338,7 @@ class EventPoster:
             for event in events:
                 try:
                     self.kube.post_event(deployment, event)
-                except Exception as exc:  # an Event is worth a log line, never a worker
+                except Exception as exc:  # refused or unanswered: an Event is worth a log line, never a worker
                     meta = deployment["metadata"]
                     log.warning(
                         "could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc

@@ -261,11 +261,11 @@ class Informer:
         return kept
 
 
-def _version(meta: Mapping[str, Any]) -> int:
-    """An object's resourceVersion as the ordered integer (an etcd revision) every etcd-backed API server gives;
-    -1 where it is not one."""
+def revision(version: str | None) -> int:
+    """A resourceVersion as the ordered integer (an etcd revision) every etcd-backed API server gives; -1 where
+    it is not one (then nothing is to be ordered by it)."""
     try:
-        return int(meta.get("resourceVersion") or "")
+        return int(version or "")
     except ValueError:
         return -1
 
@@ -316,7 +316,7 @@ class Index:
                 self._prune_deleted()
                 self.deleted[uid] = time.monotonic() + self.ttl
             else:
-                self.versions[uid] = _version(meta)
+                self.versions[uid] = revision(meta.get("resourceVersion"))
             key = self.written_keys.get(uid)
             if key is not None and (kind == "DELETED" or self.written[key][uid][1] <= self.versions[uid]):
                 self._forget_written(key, uid)
@@ -336,7 +336,7 @@ class Index:
     def wrote(self, obj: Mapping[str, Any]) -> None:
         """The operator's own write of `obj` (the API server's answer): shown until the informer catches up."""
         meta = obj.get("metadata") or {}
-        uid, version = meta.get("uid", ""), _version(meta)
+        uid, version = meta.get("uid", ""), revision(meta.get("resourceVersion"))
         found = self.summarize(obj)
         now = time.monotonic()
         with self.lock:
