@@ -112,6 +112,22 @@ def test_after_injection_the_plan_is_empty() -> None:
     assert again.writes == 0 and again.events == []
 
 
+def test_planning_leaves_the_deployment_it_reads_as_it_was() -> None:
+    """The plan shares the Deployment's unchanged parts with what it builds (no deep copy): the watch's object,
+    which the worker and the next event may still read, must come out untouched."""
+    fresh = stored()
+    fresh["spec"]["template"]["metadata"]["annotations"] = {"team": "a"}
+    injected = applied(fresh, plan(fresh, Facts(), CFG))
+    injected["metadata"]["annotations"]["tcp-exporter/port"] = "9090"  # an update: the sidecar is replaced
+    for dep in (fresh, injected):
+        before = copy.deepcopy(dep)
+        result = plan(dep, Facts(), CFG)
+        assert result.deployment_patch and result.desired is not None
+        result.desired["spec"]["template"]["spec"]["containers"].append({"name": "x"})
+        result.desired["spec"]["template"]["metadata"]["annotations"]["y"] = "z"
+        assert dep == before
+
+
 def test_equal_quantities_in_another_form_cause_no_patch() -> None:
     dep = applied(stored(), plan(stored(), Facts(), CFG))
     (sidecar,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "tcp-exporter"]

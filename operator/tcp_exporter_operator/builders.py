@@ -562,20 +562,25 @@ def prometheus_annotations_wanted(deployment: Mapping[str, Any], spec: Spec) -> 
 
 def inject(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
     """The Deployment with the sidecar, its discovery annotations and the status annotation."""
-    new = copy.deepcopy(dict(deployment))
+    # Copies of just the maps on the paths written below (the rest is shared with `deployment`, read-only): a
+    # deep copy of the whole Deployment, managedFields and all, was most of a plan's time.
+    new = dict(deployment)
+    new["metadata"] = dict(new.get("metadata") or {})
+    new["spec"] = dict(new.get("spec") or {})
+    template = new["spec"]["template"] = dict(new["spec"].get("template") or {})
+    template_meta = template["metadata"] = dict(template.get("metadata") or {})
+    template["spec"] = dict(template.get("spec") or {})
     pod_annotations = prometheus_annotations_wanted(deployment, spec)
     previous = set((recorded_status(deployment) or {}).get("podAnnotations", []))
-    template = new.setdefault("spec", {}).setdefault("template", {})
-    template_meta = template.setdefault("metadata", {})
     annotations = {k: v for k, v in (template_meta.get("annotations") or {}).items() if k not in previous}
     annotations.update(pod_annotations)
     if annotations:
         template_meta["annotations"] = annotations
     else:
         template_meta.pop("annotations", None)
-    containers = [c for c in template.setdefault("spec", {}).get("containers") or [] if c.get("name") != CONTAINER]
+    containers = [c for c in template["spec"].get("containers") or [] if c.get("name") != CONTAINER]
     template["spec"]["containers"] = [*containers, sidecar_container(spec)]
-    meta = new.setdefault("metadata", {})
+    meta = new["metadata"]
     meta["annotations"] = {
         **(meta.get("annotations") or {}),
         A_STATUS: json.dumps(status(spec, pod_annotations), sort_keys=True),
