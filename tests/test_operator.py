@@ -150,24 +150,26 @@ def test_a_container_named_tcp_exporter_that_is_not_ours_is_left_alone(
     assert kube.containers("own")["tcp-exporter"].image == "someone/else:1"
 
 
-def test_a_users_hpa_on_the_deployment_is_respected(operator: Operator, kube: Kube, audit: Audit) -> None:
-    kube.autoscaling.create_namespaced_horizontal_pod_autoscaler(
-        kube.ns,
-        {
-            "metadata": {"name": "theirs"},
-            "spec": {
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "hpa"},
-                "minReplicas": 1,
-                "maxReplicas": 3,
-                "metrics": [
-                    {
-                        "type": "Resource",
-                        "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
-                    }
-                ],
-            },
+def cpu_hpa(name: str, target: str) -> dict[str, Any]:
+    """A user's HPA on a Deployment, as one is usually written."""
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+            "minReplicas": 1,
+            "maxReplicas": 3,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
+                }
+            ],
         },
-    )
+    }
+
+
+def test_a_users_hpa_on_the_deployment_is_respected(operator: Operator, kube: Kube, audit: Audit) -> None:
+    kube.autoscaling.create_namespaced_horizontal_pod_autoscaler(kube.ns, cpu_hpa("theirs", "hpa"))
     mark = audit.mark()
     kube.create(deployment("hpa", {"tcp-exporter/port": "8080"}))
     warning = wait_for(lambda: kube.events("hpa", "Warning"), 30, "a Warning Event")
@@ -179,6 +181,19 @@ def test_a_users_hpa_on_the_deployment_is_respected(operator: Operator, kube: Ku
     kube.annotate("hpa", scaledobject="false")
     wait_for(lambda: "tcp-exporter" in kube.containers("hpa"), 30, "the sidecar")
     assert kube.scaled_object("hpa") is None
+
+
+def test_the_hpa_read_before_a_patch_holds_every_hpa_written_before_the_deployments_version(
+    kube: Kube, api: Any
+) -> None:
+    """The operator reads a namespace's HPAs as of the Deployment's own resourceVersion (served from the API
+    server's cache, not a read of etcd's latest): an HPA applied just before the Deployment is in that answer."""
+    from tcp_exporter_operator.kube import Kube as OperatorKube
+
+    kube.autoscaling.create_namespaced_horizontal_pod_autoscaler(kube.ns, cpu_hpa("applied-first", "web-api"))
+    created = client.AppsV1Api(api).create_namespaced_deployment(kube.ns, deployment("web-api", {}))
+    hpas = OperatorKube(lambda: api.configuration).list_hpas(kube.ns, created.metadata.resource_version)
+    assert [(h["name"], h["target"]["name"], h["keda"]) for h in hpas] == [("applied-first", "web-api", False)]
 
 
 def test_conntrack_gets_net_admin_only_where_pod_security_allows_it(operator: Operator, kube: Kube, api: Any) -> None:

@@ -569,10 +569,13 @@ def reconcile(deployment: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[s
                 memo.rollouts.not_waiting(uid)
             if plan.deployment_patch is not None and hpas is None:
                 # Before the rollout a patch starts, the facts it rests on read afresh: the Deployment (unless
-                # just read) and the HPAs that would forbid it.
+                # just read) and the HPAs that would forbid it, all those written before this Deployment's version
+                # (an HPA applied with the Deployment may not be indexed yet: its own watch can lag).
                 if not fresh:
                     current, fresh = kube.get_deployment(namespace, name), True
-                hpas = kube.list_hpas(namespace)
+                if current is None:
+                    continue
+                hpas = kube.list_hpas(namespace, current["metadata"].get("resourceVersion"))
                 continue
             try:
                 apply(kube, current, plan, memo)

@@ -141,12 +141,20 @@ class Kube:
                 return None
             raise
 
-    def list_hpas(self, namespace: str) -> list[dict[str, Any]]:
-        """The namespace's HorizontalPodAutoscalers, read now (see `hpa_summary`)."""
+    def list_hpas(self, namespace: str, not_older_than: str | None) -> list[dict[str, Any]]:
+        """The namespace's HorizontalPodAutoscalers as of resourceVersion `not_older_than` or later (see
+        `hpa_summary`): every HPA written before that version is in the answer.
+
+        Served from the API server's watch cache once it has caught up to that version, which it usually has: a
+        Deployment's own version is a moment old when it is planned. A read of the latest state instead (no
+        resourceVersion) waits until the cache has caught up to etcd's newest revision, which keeps moving on a
+        busy cluster: that wait was a third of the operator's time per Deployment at 1,000 created at once.
+        Without a version (never in practice), the latest state."""
+        exact = {"resource_version": not_older_than, "resource_version_match": "NotOlderThan"} if not_older_than else {}
         body = self.call(
             lambda api: self._json(
                 client.AutoscalingV2Api(api).list_namespaced_horizontal_pod_autoscaler(
-                    namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                    namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **exact
                 )
             )
         )
