@@ -164,3 +164,41 @@ def test_an_index_hides_what_the_operator_deleted_until_the_informer_delivers_th
     assert index.get("shop") == []
     index.update("DELETED", _so("u2", 21))
     assert index.get("shop") == [] and not index.written
+
+
+def _child(uid: str, version: int, target: str, owner: str | None = None) -> dict:
+    owners = [{"kind": "Deployment", "name": owner, "uid": f"d-{owner}"}] if owner else []
+    return {
+        "metadata": {
+            "uid": uid, "namespace": "shop", "name": f"so-{uid}", "resourceVersion": str(version),
+            "ownerReferences": owners,
+        },
+        "spec": {"scaleTargetRef": {"name": target}},
+    }  # fmt: skip
+
+
+def test_a_child_index_finds_a_scaledobject_under_each_deployment_it_concerns_and_no_other() -> None:
+    from tcp_exporter_operator.handlers import child_keys, child_summary
+
+    index = Index(child_summary, multi=True)
+    for i in range(500):  # the namespace's other ScaledObjects: not read when planning web-api
+        index.update("ADDED", _child(f"x{i}", 1, f"other-{i}", owner=f"other-{i}"))
+    index.update("ADDED", _child("a", 2, "web-api", owner="web-api"))
+    index.update("ADDED", _child("b", 3, "web-api", owner="checkout.v2"))  # checkout.v2's, aimed at web-api
+
+    def names(deployment: str) -> list[str]:
+        return sorted(v["metadata"]["name"] for v in index.get_any(child_keys("shop", deployment)))
+
+    assert names("web-api") == ["so-a", "so-b"]  # each once, though found under two keys
+    assert names("checkout.v2") == ["so-b"]
+    index.update("MODIFIED", _child("b", 4, "checkout.v2", owner="checkout.v2"))  # retargeted: moves
+    assert names("web-api") == ["so-a"] and names("checkout.v2") == ["so-b"]
+    index.wrote(_child("c", 9, "cart", owner="cart"))  # the operator's own write, shown under each key
+    assert names("cart") == ["so-c"]
+    index.removed("a")
+    assert names("web-api") == []
+    index.update("DELETED", _child("a", 10, "web-api", owner="web-api"))
+    index.update("ADDED", _child("c", 9, "cart", owner="cart"))
+    assert names("cart") == ["so-c"] and not index.written and not index.written_keys
+    index.update("DELETED", _child("b", 11, "checkout.v2", owner="checkout.v2"))
+    assert names("checkout.v2") == [] and all(not k[2].startswith(("web-api", "checkout")) for k in index.data)

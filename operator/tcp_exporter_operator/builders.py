@@ -801,8 +801,13 @@ def is_ours(obj: Mapping[str, Any] | None, deployment: Mapping[str, Any]) -> boo
     return (
         (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == LABELS["app.kubernetes.io/managed-by"]
         and target == name
-        and meta.get("name") in (child_name(name, limit=SCALED_OBJECT_NAME_MAX), child_name(name, "tcp-exporter"))
+        and meta.get("name") in child_names(name)
     )
+
+
+def child_names(name: str) -> tuple[str, str]:
+    """The names this operator gives the children of the Deployment `name`: its ScaledObject, its PodMonitor."""
+    return child_name(name, limit=SCALED_OBJECT_NAME_MAX), child_name(name, "tcp-exporter")
 
 
 # -- the decision ---------------------------------------------------------------------------------

@@ -171,23 +171,40 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 
 
 def child_summary(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
-    """Only what a plan compares of a child object (ScaledObject, PodMonitor): a small copy, not the whole body."""
+    """Only what a plan compares of a child object (ScaledObject, PodMonitor): a small copy, not the whole body.
+    Indexed under each Deployment it may concern (`child_keys`), so that a plan reads those, not the namespace's."""
     meta = obj["metadata"]
-    return meta.get("namespace"), {
+    namespace = meta.get("namespace")
+    owners = [
+        {"kind": r.get("kind"), "uid": r.get("uid"), "name": r.get("name")} for r in meta.get("ownerReferences") or []
+    ]
+    spec = dict(obj.get("spec") or {})
+    target = (spec.get("scaleTargetRef") or {}).get("name")
+    keys = [("name", namespace, meta["name"])]
+    keys += [("owner", namespace, r["name"]) for r in owners if r["kind"] == "Deployment"]
+    keys += [("target", namespace, target)] if target else []
+    return tuple(keys), {
         "metadata": {
             "name": meta["name"],
-            "namespace": meta.get("namespace"),
+            "namespace": namespace,
             "uid": meta.get("uid"),
             "generation": meta.get("generation"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
             "labels": dict(meta.get("labels") or {}),
-            "ownerReferences": [
-                {"kind": r.get("kind"), "uid": r.get("uid"), "name": r.get("name")}
-                for r in meta.get("ownerReferences") or []
-            ],
+            "ownerReferences": owners,
         },
-        "spec": copy.deepcopy(dict(obj.get("spec") or {})),
+        "spec": copy.deepcopy(spec),
     }
+
+
+def child_keys(namespace: str, name: str) -> list[Hashable]:
+    """Where the children that concern the Deployment `name` are indexed: those it owns, those that target it,
+    and those under the names the operator gives its children (adopted from GitOps, with no owner)."""
+    return [
+        ("owner", namespace, name),
+        ("target", namespace, name),
+        *(("name", namespace, child) for child in builders.child_names(name)),
+    ]
 
 
 def hpa_entry(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
@@ -256,8 +273,8 @@ def start_informers(memo: kopf.Memo) -> None:
     scopes: tuple[str | None, ...] = memo.namespaces or (None,)
     managed = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     indexes = {
-        "scaledobjects": Index(child_summary),
-        "podmonitors": Index(child_summary),
+        "scaledobjects": Index(child_summary, multi=True),
+        "podmonitors": Index(child_summary, multi=True),
         "hpas": Index(hpa_entry),
         "psa_levels": Index(psa_level),
         "crds": Index(crd_entry),
@@ -345,16 +362,16 @@ def facts_for(
     namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
     ours = None
     foreign = []
+    keys = child_keys(namespace, name)
     pod_monitor = next(
         (
             pm
-            for pm in list(indexes["podmonitors"].get(namespace, []))
+            for pm in indexes["podmonitors"].get_any(keys)
             if builders.is_ours(pm, deployment) and not pm["metadata"].get("deletionTimestamp")
         ),
         None,
     )
-    # Indexes are live and updated from other threads: copy (atomically, in C) before walking.
-    for so in list(indexes["scaledobjects"].get(namespace, [])):
+    for so in indexes["scaledobjects"].get_any(keys):  # a copy: the index is updated from other threads
         targets = so.get("spec", {}).get("scaleTargetRef", {}).get("name") == name
         if so["metadata"].get("deletionTimestamp"):
             continue  # on its way out (KEDA's finalizer holds it a moment): as good as gone

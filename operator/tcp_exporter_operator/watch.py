@@ -275,7 +275,8 @@ _GONE = object()  # in Index.written: deleted by the operator, its deletion not 
 
 class Index:
     """key -> values, kept from an informer's events: what kopf's indexes were, for the operator's small
-    resources. `summarize(obj)` gives (key, value), or None for an object not to index.
+    resources. `summarize(obj)` gives (key, value), or None for an object not to index; with `multi`, the key is
+    a tuple of keys, under each of which the value is found (so that a look-up reads only what it may need).
 
     Read-your-writes: `wrote(obj)` shows what the operator itself just created or replaced until the informer
     delivers that object at the written resourceVersion or later (or its deletion), and `removed(uid)` hides what
@@ -285,41 +286,54 @@ class Index:
     what it just deleted. client-go's controllers keep "expectations" for the same reason."""
 
     def __init__(
-        self, summarize: Callable[[Mapping[str, Any]], tuple[Hashable, Any] | None], ttl: float = 10.0
+        self,
+        summarize: Callable[[Mapping[str, Any]], tuple[Hashable, Any] | None],
+        ttl: float = 10.0,
+        multi: bool = False,
     ) -> None:
         self.summarize = summarize
         self.ttl = ttl
+        self.multi = multi
         self.lock = threading.Lock()
         self.data: dict[Hashable, dict[str, Any]] = {}
-        self.keys: dict[str, Hashable] = {}  # uid -> key
+        self.keys: dict[str, tuple[Hashable, ...]] = {}  # uid -> keys
         self.versions: dict[str, int] = {}  # uid -> the resourceVersion the informer last gave
         self.written: dict[Hashable, dict[str, tuple[Any, int, float]]] = {}  # key -> uid -> (value, version, until)
-        self.written_keys: dict[str, Hashable] = {}  # uid -> key, of what is in `written`
+        self.written_keys: dict[str, tuple[Hashable, ...]] = {}  # uid -> keys, of what is in `written`
         self.deleted: dict[str, float] = {}  # uid -> until when a write that comes after its deletion is ignored
+
+    def _summary(self, obj: Mapping[str, Any]) -> tuple[tuple[Hashable, ...], Any] | None:
+        found = self.summarize(obj)
+        if found is None:
+            return None
+        key, value = found
+        return (tuple(dict.fromkeys(key)) if self.multi else (key,)), value  # type: ignore[call-overload]
 
     def update(self, kind: str, obj: Mapping[str, Any]) -> tuple[Any, bool]:
         """Apply an event; returns (the value indexed before under this uid or None, whether it is indexed now)."""
         meta = obj.get("metadata") or {}
         uid = meta.get("uid", "")
-        found = None if kind == "DELETED" else self.summarize(obj)
+        found = None if kind == "DELETED" else self._summary(obj)
         with self.lock:
-            old_key = self.keys.pop(uid, None)
-            previous = self.data.get(old_key, {}).pop(uid, None) if old_key is not None else None
-            if old_key is not None and not self.data.get(old_key):
-                self.data.pop(old_key, None)
+            previous = None
+            for old_key in self.keys.pop(uid, ()):
+                previous = self.data.get(old_key, {}).pop(uid, previous)
+                if not self.data.get(old_key):
+                    self.data.pop(old_key, None)
             if found is not None:
-                key, value = found
-                self.keys[uid] = key
-                self.data.setdefault(key, {})[uid] = value
+                keys, value = found
+                self.keys[uid] = keys
+                for key in keys:
+                    self.data.setdefault(key, {})[uid] = value
             if kind == "DELETED":
                 self.versions.pop(uid, None)
                 self._prune_deleted()
                 self.deleted[uid] = time.monotonic() + self.ttl
             else:
                 self.versions[uid] = revision(meta.get("resourceVersion"))
-            key = self.written_keys.get(uid)
-            if key is not None and (kind == "DELETED" or self.written[key][uid][1] <= self.versions[uid]):
-                self._forget_written(key, uid)
+            written = self.written_keys.get(uid)
+            if written and (kind == "DELETED" or self.written[written[0]][uid][1] <= self.versions[uid]):
+                self._forget_written(uid)
         return previous, found is not None
 
     def _prune_deleted(self) -> None:
@@ -327,42 +341,39 @@ class Index:
             now = time.monotonic()
             self.deleted = {uid: until for uid, until in self.deleted.items() if until > now}
 
-    def _forget_written(self, key: Hashable, uid: str) -> None:
-        del self.written[key][uid]
-        del self.written_keys[uid]
-        if not self.written[key]:
-            del self.written[key]
+    def _forget_written(self, uid: str) -> None:
+        for key in self.written_keys.pop(uid, ()):
+            del self.written[key][uid]
+            if not self.written[key]:
+                del self.written[key]
+
+    def _show(self, uid: str, keys: tuple[Hashable, ...], entry: tuple[Any, int, float]) -> None:
+        self._forget_written(uid)
+        for key in keys:
+            self.written.setdefault(key, {})[uid] = entry
+        self.written_keys[uid] = keys
 
     def wrote(self, obj: Mapping[str, Any]) -> None:
         """The operator's own write of `obj` (the API server's answer): shown until the informer catches up."""
         meta = obj.get("metadata") or {}
         uid, version = meta.get("uid", ""), revision(meta.get("resourceVersion"))
-        found = self.summarize(obj)
+        found = self._summary(obj)
         now = time.monotonic()
         with self.lock:
             if found is None or version < 0 or self.versions.get(uid, -1) >= version:
                 return  # the informer is there already, or past it
             if self.deleted.get(uid, 0.0) > now:
                 return  # deleted before this answer came back: nothing to show
-            old_key = self.written_keys.get(uid)
-            if old_key is not None:
-                self._forget_written(old_key, uid)
-            key, value = found
-            self.written.setdefault(key, {})[uid] = (value, version, now + self.ttl)
-            self.written_keys[uid] = key
+            keys, value = found
+            self._show(uid, keys, (value, version, now + self.ttl))
 
     def removed(self, uid: str) -> None:
         """The operator's own deletion of the object with this uid: hidden until the informer delivers the
         deletion, `ttl` seconds at most (one a finalizer holds shows its deletionTimestamp meanwhile)."""
         with self.lock:
-            key = self.keys.get(uid, self.written_keys.get(uid))  # indexed, or only written so far
-            if key is None:
-                return
-            old_key = self.written_keys.get(uid)
-            if old_key is not None:
-                self._forget_written(old_key, uid)
-            self.written.setdefault(key, {})[uid] = (_GONE, sys.maxsize, time.monotonic() + self.ttl)
-            self.written_keys[uid] = key
+            keys = self.keys.get(uid) or self.written_keys.get(uid)  # indexed, or only written so far
+            if keys:
+                self._show(uid, keys, (_GONE, sys.maxsize, time.monotonic() + self.ttl))
 
     def _values(self, key: Hashable) -> dict[str, Any] | None:
         values = self.data.get(key)
@@ -373,7 +384,7 @@ class Index:
         merged = dict(values or {})
         for uid, (value, _, until) in list(written.items()):
             if until <= now:
-                self._forget_written(key, uid)
+                self._forget_written(uid)
             elif value is _GONE:
                 merged.pop(uid, None)
             else:
@@ -384,6 +395,14 @@ class Index:
         with self.lock:
             values = self._values(key)
             return list(values.values()) if values else list(default)
+
+    def get_any(self, keys: Iterable[Hashable]) -> list[Any]:
+        """The values found under any of `keys`, each once."""
+        found: dict[str, Any] = {}
+        with self.lock:
+            for key in keys:
+                found.update(self._values(key) or {})
+        return list(found.values())
 
     def __getitem__(self, key: Hashable) -> list[Any]:
         with self.lock:
