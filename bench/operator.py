@@ -156,16 +156,21 @@ def run_count(api: Any, op: Operator, audit_log: str, n: int) -> dict[str, Any]:
 
 
 def create_many(apps: Any, bodies: list[tuple[str, dict[str, Any]]]) -> None:
+    """Create Deployments from 16 threads over kept-alive connections. Each answer is read whole (`.data`): an
+    answer left unread keeps its connection out of the pool, so every request would open a new connection (a TLS
+    handshake on both sides) and the file descriptors would pile up until the garbage collector ran."""
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda nb: apps.create_namespaced_deployment(nb[0], nb[1], _preload_content=False), bodies))
+        list(pool.map(lambda nb: apps.create_namespaced_deployment(nb[0], nb[1], _preload_content=False).data, bodies))
 
 
 def delete_many(apps: Any, bodies: list[tuple[str, dict[str, Any]]]) -> None:
     with ThreadPoolExecutor(16) as pool:
         list(
             pool.map(
-                lambda nb: apps.delete_namespaced_deployment(
-                    nb[1]["metadata"]["name"], nb[0], propagation_policy="Background", _preload_content=False
+                lambda nb: (
+                    apps.delete_namespaced_deployment(
+                        nb[1]["metadata"]["name"], nb[0], propagation_policy="Background", _preload_content=False
+                    ).data
                 ),
                 bodies,
             )
@@ -280,7 +285,7 @@ def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> dict[s
     with ThreadPoolExecutor(8) as writers, ThreadPoolExecutor(16) as creators:
 
         def create_then_write(nb: tuple[str, dict[str, Any]]) -> Any:
-            apps.create_namespaced_deployment(nb[0], nb[1], _preload_content=False)
+            apps.create_namespaced_deployment(nb[0], nb[1], _preload_content=False).read()  # read: see create_many
             return writers.submit(writes, nb)
 
         for future in list(creators.map(create_then_write, bodies)):
@@ -297,7 +302,7 @@ def run_scale(
     core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
     namespaces = [f"pop-{i:03d}" for i in range(spread)]
     for ns in namespaces:
-        core.create_namespace({"metadata": {"name": ns}}, _preload_content=False)
+        core.create_namespace({"metadata": {"name": ns}}, _preload_content=False).read()
     rows: list[dict[str, Any]] = []
     present = 0
     for target in populations:
