@@ -156,22 +156,22 @@ def run_count(api: Any, op: Operator, audit_log: str, n: int) -> dict[str, Any]:
 
 
 def create_many(apps: Any, bodies: list[tuple[str, dict[str, Any]]]) -> None:
-    """Create Deployments from 16 threads over kept-alive connections. Each answer is read whole (`.data`): an
+    """Create Deployments from 16 threads over kept-alive connections. Each answer is read whole: an
     answer left unread keeps its connection out of the pool, so every request would open a new connection (a TLS
     handshake on both sides) and the file descriptors would pile up until the garbage collector ran."""
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda nb: apps.create_namespaced_deployment(nb[0], nb[1], _preload_content=False).data, bodies))
+        list(
+            pool.map(lambda nb: apps.create_namespaced_deployment(nb[0], nb[1], _preload_content=False).read(), bodies)
+        )
 
 
 def delete_many(apps: Any, bodies: list[tuple[str, dict[str, Any]]]) -> None:
     with ThreadPoolExecutor(16) as pool:
         list(
             pool.map(
-                lambda nb: (
-                    apps.delete_namespaced_deployment(
-                        nb[1]["metadata"]["name"], nb[0], propagation_policy="Background", _preload_content=False
-                    ).data
-                ),
+                lambda nb: apps.delete_namespaced_deployment(
+                    nb[1]["metadata"]["name"], nb[0], propagation_policy="Background", _preload_content=False
+                ).read(),
                 bodies,
             )
         )

@@ -241,7 +241,6 @@ class Kube:
                     )
                 )
             )  # fmt: skip
-        return None
 
     def replace_child(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Our child's spec and labels replaced whole: an option the user removed goes too (a merge patch keeps
