@@ -240,9 +240,9 @@ def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> dict[s
     Twice: first the creation of the Deployments, then the writes (8 threads); then, with as many new ones, the
     writes for each Deployment as soon as its create returns (16 threads creating, 8 writing), as the operator
     works. Returns the seconds of the creation, of the writes after it, and of the pipelined run."""
-    from tcp_exporter_operator import builders
     from tcp_exporter_operator.config import Config
     from tcp_exporter_operator.kube import Kube
+    from tcp_exporter_operator.plan import Facts, plan
 
     apps = client.AppsV1Api(api)
     kube = Kube(lambda: api.configuration)
@@ -260,12 +260,12 @@ def bare_client(api: Any, namespaces: list[str], count: int, tag: str) -> dict[s
         namespace, body = nb
         current = kube.get_deployment(namespace, body["metadata"]["name"])
         assert current is not None
-        plan = builders.plan(current, builders.Facts(), cfg)
-        assert plan.deployment_patch is not None and plan.scaled_object is not None
-        kube.patch_deployment(namespace, body["metadata"]["name"], plan.deployment_patch)
-        created, _ = kube.create_child(plan.scaled_object)
+        planned = plan(current, Facts(), cfg)
+        assert planned.deployment_patch is not None and planned.scaled_object is not None
+        kube.patch_deployment(namespace, body["metadata"]["name"], planned.deployment_patch)
+        created, _ = kube.create_child(planned.scaled_object)
         assert created is not None
-        for event in plan.events[:2]:
+        for event in planned.events[:2]:
             kube.post_event(current, event)
 
     bodies = bodies_of(tag)

@@ -62,7 +62,7 @@ def test_peering_rule_pauses_for_a_live_peer_of_higher_or_equal_priority_only() 
 
 
 def test_a_freed_rollout_slot_goes_to_the_next_deployment_still_waiting_not_to_one_rolled_by_its_user() -> None:
-    from tcp_exporter_operator.handlers import Rollouts
+    from tcp_exporter_operator.rollouts import Rollouts
 
     rollouts = Rollouts(1)
     assert rollouts.reserve("a")
@@ -178,7 +178,7 @@ def _child(uid: str, version: int, target: str, owner: str | None = None) -> dic
 
 
 def test_a_child_index_finds_a_scaledobject_under_each_deployment_it_concerns_and_no_other() -> None:
-    from tcp_exporter_operator.handlers import child_keys, child_summary
+    from tcp_exporter_operator.indexes import child_keys, child_summary
 
     index = Index(child_summary, multi=True)
     for i in range(500):  # the namespace's other ScaledObjects: not read when planning web-api

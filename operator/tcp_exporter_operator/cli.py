@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 from tcp_exporter import __version__
 
-from tcp_exporter_operator import builders
+from tcp_exporter_operator.annotations import A_PORT
 from tcp_exporter_operator.config import Config
+from tcp_exporter_operator.plan import Facts, plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,10 +109,10 @@ def render(path: str, psa_level: str | None, cfg: Config) -> int:
             out.append(doc)
             continue
         doc.setdefault("metadata", {}).setdefault("namespace", "default")
-        if builders.A_PORT not in (doc["metadata"].get("annotations") or {}):
+        if A_PORT not in (doc["metadata"].get("annotations") or {}):
             out.append(doc)
             continue
-        result = builders.plan(doc, builders.Facts(psa_level=psa_level), cfg)
+        result = plan(doc, Facts(psa_level=psa_level), cfg)
         for event in result.events:
             if event.type == "Warning":
                 print(f"tcp-exporter-operator: {doc['metadata'].get('name')}: {event.message}", file=sys.stderr)

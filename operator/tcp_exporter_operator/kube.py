@@ -40,6 +40,7 @@ REQUEST_TIMEOUT = 15.0
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"  # said explicitly: the client would guess merge-patch for some APIs
 POOL_SIZE = 16  # above kopf's worker count, so no request waits for a connection
+Lister = Callable[..., Any]  # (api client, scope, **list parameters) -> the raw response of a list or watch
 
 
 class ApiError(Exception):
@@ -351,6 +352,48 @@ class EventPoster:
                     log.warning(
                         "could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc
                     )
+
+
+# -- listers: what the informers list and watch, in a namespace (scope) or in all (None) ---------
+
+
+def custom_lister(group: str, version: str, plural: str, **fixed: Any) -> Lister:
+    def lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+        custom = client.CustomObjectsApi(api)
+        if scope is None:
+            return custom.list_cluster_custom_object(group, version, plural, _preload_content=False, **fixed, **kwargs)
+        return custom.list_namespaced_custom_object(
+            group, version, scope, plural, _preload_content=False, **fixed, **kwargs
+        )
+
+    return lister
+
+
+def deployments_lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+    apps = client.AppsV1Api(api)
+    if scope is None:
+        return apps.list_deployment_for_all_namespaces(_preload_content=False, **kwargs)
+    return apps.list_namespaced_deployment(scope, _preload_content=False, **kwargs)
+
+
+def hpas_lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+    autoscaling = client.AutoscalingV2Api(api)
+    if scope is None:
+        return autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces(_preload_content=False, **kwargs)
+    return autoscaling.list_namespaced_horizontal_pod_autoscaler(scope, _preload_content=False, **kwargs)
+
+
+def namespaces_lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+    return client.CoreV1Api(api).list_namespace(_preload_content=False, **kwargs)
+
+
+def crd_lister(name: str) -> Lister:
+    def lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+        return client.ApiextensionsV1Api(api).list_custom_resource_definition(
+            field_selector=f"metadata.name={name}", _preload_content=False, **kwargs
+        )
+
+    return lister
 
 
 def hpa_summary(hpa: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from typing import Any, TextIO
 
 from kubernetes import client
 
-from tcp_exporter_operator import builders
+from tcp_exporter_operator.annotations import A_STATUS
+from tcp_exporter_operator.desired import uninject
+from tcp_exporter_operator.diff import deployment_patch
 from tcp_exporter_operator.events import MANAGED_BY
 from tcp_exporter_operator.kube import CHILDREN, ApiError, Conflict, Kube
 
@@ -45,7 +47,7 @@ def injected_deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str
         return apps.list_namespaced_deployment(namespace, limit=500, _continue=token, _preload_content=False)
 
     for item in _pages(kube, page):
-        if builders.A_STATUS in (item["metadata"].get("annotations") or {}):
+        if A_STATUS in (item["metadata"].get("annotations") or {}):
             yield item
 
 
@@ -78,7 +80,7 @@ def uninstall(kube: Kube, namespaces: tuple[str, ...], dry_run: bool, out: TextI
         for listed in injected_deployments(kube, namespace):
             meta, current = listed["metadata"], listed
             for _attempt in range(5):
-                ops = builders.deployment_patch(current, builders.uninject(current))
+                ops = deployment_patch(current, uninject(current))
                 try:
                     if not dry_run:
                         kube.patch_deployment(meta["namespace"], meta["name"], ops)

@@ -27,7 +27,7 @@ import urllib3
 from kubernetes import client
 
 from tcp_exporter_operator import metrics
-from tcp_exporter_operator.kube import ApiError, Kube
+from tcp_exporter_operator.kube import ApiError, Kube, Lister
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -84,9 +84,6 @@ Item = tuple[str, Mapping[str, Any] | None]  # (event type or RESYNC, the Deploy
 def newest(old: Item, new: Item) -> Item:
     """A waiting RESYNC stays a RESYNC (it reads afresh, which covers any event); otherwise the latest wins."""
     return old if old[0] == RESYNC else new
-
-
-Lister = Callable[..., Any]  # (api client, scope, **list parameters) -> the raw response of a list or watch
 
 
 class Informer:

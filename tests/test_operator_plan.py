@@ -1,4 +1,4 @@
-"""The operator's pure builders: golden files through the real render command, and the plan's decisions."""
+"""The operator's pure planner and builders: golden files through the real render command, and the plan's decisions."""
 
 from __future__ import annotations
 
@@ -14,9 +14,18 @@ import pytest
 import yaml
 from tcp_exporter import contract
 from tcp_exporter.cli import parse_args
-from tcp_exporter_operator import builders
-from tcp_exporter_operator.builders import Facts, plan
+from tcp_exporter_operator.annotations import A_PORT, A_STATUS, parse_spec
 from tcp_exporter_operator.config import Config
+from tcp_exporter_operator.desired import (
+    SCALED_OBJECT_NAME_MAX,
+    child_name,
+    promql_string,
+    query,
+    scaled_object,
+    sidecar_container,
+)
+from tcp_exporter_operator.diff import _at
+from tcp_exporter_operator.plan import Facts, Plan, plan
 
 GOLDEN = Path(__file__).parent / "golden"
 RENDER = str(Path(sys.executable).with_name("tcp-exporter-operator"))
@@ -81,7 +90,7 @@ def stored(name: str = "basic") -> dict[str, Any]:
     return dep
 
 
-def applied(dep: dict[str, Any], result: builders.Plan) -> dict[str, Any]:
+def applied(dep: dict[str, Any], result: Plan) -> dict[str, Any]:
     """The Deployment after the plan's JSON patch, applied the way the API server does, defaults added."""
     new = copy.deepcopy(dep)
     for op in result.deployment_patch or []:
@@ -138,9 +147,9 @@ def test_equal_quantities_in_another_form_cause_no_patch() -> None:
 
 def test_a_new_operator_version_alone_does_not_roll_the_pods() -> None:
     dep = applied(stored(), plan(stored(), Facts(), CFG))
-    status = json.loads(dep["metadata"]["annotations"][builders.A_STATUS])
+    status = json.loads(dep["metadata"]["annotations"][A_STATUS])
     status["version"] = "0.0.1"
-    dep["metadata"]["annotations"][builders.A_STATUS] = json.dumps(status)
+    dep["metadata"]["annotations"][A_STATUS] = json.dumps(status)
     assert plan(dep, Facts(scaled_object={"spec": {}}), CFG).deployment_patch is None
 
 
@@ -154,7 +163,7 @@ def test_removing_the_port_annotation_undoes_exactly_what_was_added() -> None:
     original = stored()
     first = plan(original, Facts(), CFG)
     dep = applied(original, first)
-    del dep["metadata"]["annotations"][builders.A_PORT]
+    del dep["metadata"]["annotations"][A_PORT]
     undo = plan(dep, Facts(scaled_object=first.scaled_object), CFG)
     assert undo.scaled_object_action == "delete"
     clean = applied(dep, undo)
@@ -170,7 +179,7 @@ def test_removing_the_port_annotation_undoes_exactly_what_was_added() -> None:
             ]
         },
     }
-    assert builders.A_STATUS not in clean["metadata"]["annotations"]
+    assert A_STATUS not in clean["metadata"]["annotations"]
 
 
 @pytest.mark.parametrize(
@@ -211,7 +220,7 @@ def test_without_keda_the_sidecar_is_injected_and_a_warning_says_why() -> None:
 
 def test_a_scaledobject_edited_by_hand_is_planned_back() -> None:
     dep = stored()
-    desired = builders.scaled_object(dep, builders.parse_spec(dep, CFG))
+    desired = scaled_object(dep, parse_spec(dep, CFG))
     edited = copy.deepcopy(desired)
     edited["spec"]["maxReplicaCount"] = 99
     after = applied(dep, plan(dep, Facts(), CFG))
@@ -235,13 +244,13 @@ NAMES = [
 def test_every_query_for_names_with_dots_dashes_and_253_characters_parses_in_promtool() -> None:
     from promstack import check_queries
 
-    queries = [builders.query(ns, name) for name in NAMES for ns in ("default", "team-a")]
+    queries = [query(ns, name) for name in NAMES for ns in ("default", "team-a")]
     assert max(map(len, NAMES)) == 253
     out = check_queries(queries)
     assert out.returncode == 0, out.stdout + out.stderr
     # Exactly one Deployment each: an exact label match, no pattern, no escaping the name needed.
     for name in NAMES:
-        q = builders.query("shop", name)
+        q = query("shop", name)
         assert f'{contract.DEPLOYMENT_LABEL}="{name}"' in q and "=~" not in q and "vector(0)" not in q
 
 
@@ -253,25 +262,25 @@ def test_the_last_releases_escaped_query_is_rejected_by_promtool_so_the_check_ca
 
 
 def test_promql_strings_escape_what_go_needs() -> None:
-    assert builders.promql_string('a"b\\c') == '"a\\"b\\\\c"'
+    assert promql_string('a"b\\c') == '"a\\"b\\\\c"'
 
 
 def test_the_sidecar_labels_its_series_with_the_deployment_name_the_query_selects_on() -> None:
     dep = stored()
     dep["metadata"]["name"] = "checkout.v2"
-    spec = builders.parse_spec(dep, CFG)
-    args = parse_args(builders.sidecar_container(spec)["args"], {})
+    spec = parse_spec(dep, CFG)
+    args = parse_args(sidecar_container(spec)["args"], {})
     assert args.deployment == "checkout.v2"
 
 
 def test_child_names_fit_kubernetes_and_kedas_hpa_and_stay_distinct() -> None:
     long_a, long_b = "a" * 250, "a" * 249 + "b"
     for name in (long_a, long_b):
-        so = builders.child_name(name, limit=builders.SCALED_OBJECT_NAME_MAX)
+        so = child_name(name, limit=SCALED_OBJECT_NAME_MAX)
         assert len("keda-hpa-" + so) <= 253
-        assert len(builders.child_name(name, "tcp-exporter")) <= 253
-    assert builders.child_name(long_a, "x") != builders.child_name(long_b, "x")
-    assert builders.child_name("web-api", "tcp-exporter") == "web-api-tcp-exporter"
+        assert len(child_name(name, "tcp-exporter")) <= 253
+    assert child_name(long_a, "x") != child_name(long_b, "x")
+    assert child_name("web-api", "tcp-exporter") == "web-api-tcp-exporter"
 
 
 def so_for(annotations: dict[str, str], cfg: Config = CFG, facts: Facts | None = None) -> dict[str, Any]:
@@ -331,11 +340,11 @@ def test_an_old_keda_without_fallback_behavior_gets_no_fallback_that_would_scale
 def test_each_keda_option_is_passed_through_as_keda_documents_it(
     annotations: dict[str, str], path: tuple[Any, ...], value: Any
 ) -> None:
-    assert builders._at(so_for(annotations)["spec"], path) == value
+    assert _at(so_for(annotations)["spec"], path) == value
     # The same from the operator's configuration, as its default for every Deployment.
     names = {"tcp-exporter/" + k.replace("_", "-"): k for k in Config.__dataclass_fields__}
     env = {"TCP_EXPORTER_OPERATOR_" + names[k].upper(): v for k, v in annotations.items()}
-    assert builders._at(so_for({}, Config.from_env(env))["spec"], path) == value
+    assert _at(so_for({}, Config.from_env(env))["spec"], path) == value
 
 
 @pytest.mark.parametrize(
@@ -437,10 +446,10 @@ def test_a_new_sidecar_image_in_the_configuration_is_a_paced_upgrade_the_users_c
 
 def test_a_status_written_before_inputs_were_recorded_counts_as_an_upgrade() -> None:
     dep = applied(stored(), plan(stored(), Facts(), CFG))
-    status = json.loads(dep["metadata"]["annotations"][builders.A_STATUS])
+    status = json.loads(dep["metadata"]["annotations"][A_STATUS])
     del status["inputs"]
     status["hash"] = "0" * 16  # and its sidecar differs from today's
-    dep["metadata"]["annotations"][builders.A_STATUS] = json.dumps(status)
+    dep["metadata"]["annotations"][A_STATUS] = json.dumps(status)
     assert plan(dep, Facts(rollout_slot=False), CFG).upgrade_deferred
 
 

@@ -1,0 +1,378 @@
+"""The user's side of the contract: the `tcp-exporter/*` annotation keys, and their parsing into a validated `Spec`.
+
+Everything here reads what a namespace editor wrote (and the operator's defaults, `Config`) and either returns
+typed values or raises `InvalidSpec` with the message the user reads in a Warning Event. Pure: no API calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from tcp_exporter import contract as sidecar
+
+from tcp_exporter_operator.config import Config
+from tcp_exporter_operator.events import LABELS
+
+PREFIX = "tcp-exporter/"
+A_PORT = PREFIX + "port"
+A_METHOD = PREFIX + "method"
+A_IMAGE = PREFIX + "image"
+A_METRICS_PORT = PREFIX + "metrics-port"
+A_THRESHOLD = PREFIX + "threshold"
+A_MIN = PREFIX + "min-replicas"
+A_MAX = PREFIX + "max-replicas"
+A_PROMETHEUS = PREFIX + "prometheus"
+A_SCALEDOBJECT = PREFIX + "scaledobject"
+A_CPU_REQUEST = PREFIX + "cpu-request"
+A_CPU_LIMIT = PREFIX + "cpu-limit"
+A_MEMORY_REQUEST = PREFIX + "memory-request"
+A_MEMORY_LIMIT = PREFIX + "memory-limit"
+A_STATUS = PREFIX + "status"
+A_POD_MONITOR_LABELS = PREFIX + "pod-monitor-labels"
+A_POLLING_INTERVAL = PREFIX + "polling-interval"
+A_STABILIZATION = PREFIX + "scale-down-stabilization"
+A_FALLBACK_BEHAVIOR = PREFIX + "fallback-behavior"
+A_FALLBACK_THRESHOLD = PREFIX + "fallback-failure-threshold"
+A_FALLBACK_REPLICAS = PREFIX + "fallback-replicas"
+A_AUTH_REF = PREFIX + "authentication-ref"
+A_AUTH_MODES = PREFIX + "auth-modes"
+A_PROMETHEUS_NAMESPACE = PREFIX + "prometheus-namespace"
+A_CUSTOM_HEADERS = PREFIX + "custom-headers"
+A_UNSAFE_SSL = PREFIX + "unsafe-ssl"
+A_SCALE_IN = PREFIX + "scale-in-by-connections"
+# The annotations that shape the injected sidecar (not the ScaledObject): a change of one of them is the user's.
+SIDECAR_INPUTS = (
+    A_PORT,
+    A_METHOD,
+    A_IMAGE,
+    A_METRICS_PORT,
+    A_CPU_REQUEST,
+    A_CPU_LIMIT,
+    A_MEMORY_REQUEST,
+    A_MEMORY_LIMIT,
+)
+CONTAINER = "tcp-exporter"
+INJECTABLE_METHODS = tuple(m for m in sidecar.METHODS if m != "auto")  # the sidecar's one list
+# KEDA's fallback.behavior values (KEDA 2.17+), and "none" for no fallback block at all.
+FALLBACK_BEHAVIORS = ("currentReplicasIfHigher", "currentReplicas", "currentReplicasIfLower", "static", "none")
+AUTH_MODES = ("basic", "bearer", "tls", "custom")
+AUTH_KINDS = ("TriggerAuthentication", "ClusterTriggerAuthentication")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_SUFFIXES = {
+    "m": Decimal("0.001"),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "Ki": Decimal(2**10),
+    "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30),
+    "Ti": Decimal(2**40),
+    "": Decimal(1),
+}
+
+
+class InvalidSpec(ValueError):
+    """An annotation that cannot be honoured; the message is what the user reads in the Warning Event."""
+
+
+@dataclass(frozen=True)
+class KedaOptions:
+    """What the ScaledObject carries beyond the query and bounds, each passed through as KEDA documents it."""
+
+    polling_interval: int = 15
+    scale_down_stabilization: int | None = None
+    fallback_behavior: str = "currentReplicasIfHigher"
+    fallback_failure_threshold: int = 3
+    fallback_replicas: int = 1
+    authentication_ref: dict[str, str] | None = None
+    trigger_metadata: tuple[tuple[str, str], ...] = ()  # authModes, namespace, customHeaders, unsafeSsl
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the annotations (and the operator's configuration) ask for, validated."""
+
+    ports: tuple[int, ...]
+    method: str
+    image: str
+    metrics_port: int
+    threshold: int
+    min_replicas: int
+    max_replicas: int
+    prometheus: str
+    scaled_object: bool
+    resources: dict[str, dict[str, str]]
+    inputs: str = ""  # a digest of the user's annotations that shape the sidecar (SIDECAR_INPUTS)
+    annotate: bool = True  # whether Prometheus finds sidecars by prometheus.io/* annotations (the discovery setting)
+    deployment: str = ""  # the Deployment's name: the sidecar labels its series with it, the query selects on it
+    pod_monitor_labels: dict[str, str] = field(default_factory=dict)
+    keda: KedaOptions = field(default_factory=KedaOptions)
+    scale_in_by_connections: bool = False  # set pods' deletion cost from their connections (scalein.py)
+
+
+def annotations_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return obj.get("metadata", {}).get("annotations") or {}
+
+
+def template_of(deployment: Mapping[str, Any]) -> Mapping[str, Any]:
+    template: Mapping[str, Any] = deployment.get("spec", {}).get("template", {})
+    return template
+
+
+def containers_of(deployment: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(template_of(deployment).get("spec", {}).get("containers") or [])
+
+
+def _integer(annotations: Mapping[str, str], key: str, default: int, low: int, high: int | None = None) -> int:
+    raw = annotations.get(key)
+    if raw is None:
+        return default
+    text = raw.strip()
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise InvalidSpec(f"{key}: {raw!r} is not a whole number")
+    value = int(text)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InvalidSpec(f"{key}: {value} must be {bound}")
+    return value
+
+
+def _resolve_ports(raw: str, deployment: Mapping[str, Any]) -> tuple[int, ...]:
+    named: dict[str, int] = {}
+    for container in containers_of(deployment):
+        if container.get("name") == CONTAINER:
+            continue
+        for port in container.get("ports") or []:
+            if port.get("name"):
+                named[port["name"]] = int(port["containerPort"])
+    ports = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            raise InvalidSpec(f"{A_PORT}: {raw!r} has an empty entry")
+        if item.isdigit():
+            number = int(item)
+            if not 1 <= number <= 65535:
+                raise InvalidSpec(f"{A_PORT}: {number} is not a port number in 1-65535")
+            ports.append(number)
+        elif item in named:
+            ports.append(named[item])
+        else:
+            known = ", ".join(sorted(named)) or "none"
+            raise InvalidSpec(
+                f"{A_PORT}: {item!r} is neither a port number nor a container port name "
+                f"of this pod template (names: {known})"
+            )
+    return tuple(sorted(set(ports)))
+
+
+def _quantity(annotations: Mapping[str, str], key: str, default: str) -> str:
+    value = annotations.get(key, default).strip()
+    if not _QUANTITY.match(value):
+        raise InvalidSpec(f"{key}: {value!r} is not a resource quantity (for example 10m, 0.5, 64Mi)")
+    return value
+
+
+def quantity_value(text: str) -> Decimal:
+    match = _QUANTITY.match(str(text))
+    if not match:
+        raise InvalidOperation(text)
+    suffix = match.group(2) or ""
+    return Decimal(str(text)[: len(str(text)) - len(suffix)]) * _SUFFIXES[suffix]
+
+
+def _setting(annotations: Mapping[str, str], key: str, default: str) -> tuple[str, str]:
+    """The annotation's text, else the operator-wide default's; with the name to blame in an error."""
+    if key in annotations:
+        return annotations[key].strip(), key
+    return default.strip(), f"{key} (the operator's default)"
+
+
+def _pairs(text: str, where: str, what: str) -> list[tuple[str, str]]:
+    """`k=v,k=v` -> [(k, v)]; empty text -> []."""
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidSpec(f"{where}: {item!r} is not {what}=value")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def parse_pod_monitor_labels(annotations: Mapping[str, str], cfg: Config) -> dict[str, str]:
+    labels = {}
+    for text, where in (
+        (cfg.pod_monitor_labels, "TCP_EXPORTER_OPERATOR_POD_MONITOR_LABELS"),
+        (annotations.get(A_POD_MONITOR_LABELS, ""), A_POD_MONITOR_LABELS),
+    ):
+        for key, value in _pairs(text, where, "label"):
+            if not _LABEL_NAME.match(key) or not _LABEL_VALUE.match(value):
+                raise InvalidSpec(f"{where}: {key}={value} is not a valid Kubernetes label")
+            labels[key] = value
+    return {**labels, **LABELS}
+
+
+def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, max_replicas: int) -> KedaOptions:
+    """The ScaledObject's KEDA options from the annotations and the operator's defaults; raises InvalidSpec."""
+
+    def number(key: str, default: int | str, low: int, high: int) -> int | None:
+        text, where = _setting(annotations, key, str(default))
+        if text == "":
+            return None
+        if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) <= high:
+            raise InvalidSpec(f"{where}: {text!r} is not a whole number between {low} and {high}")
+        return int(text)
+
+    polling = number(A_POLLING_INTERVAL, cfg.polling_interval, 1, 3600)
+    stabilization = number(A_STABILIZATION, cfg.scale_down_stabilization, 0, 3600)  # the HPA's own bounds
+    behavior, where = _setting(annotations, A_FALLBACK_BEHAVIOR, cfg.fallback_behavior)
+    if behavior not in FALLBACK_BEHAVIORS:
+        raise InvalidSpec(f"{where}: {behavior!r} is not one of {', '.join(FALLBACK_BEHAVIORS)}")
+    threshold = number(A_FALLBACK_THRESHOLD, cfg.fallback_failure_threshold, 1, 1000)
+    fallback_replicas = number(A_FALLBACK_REPLICAS, cfg.fallback_replicas, 0, max_replicas)
+    ref_text, where = _setting(annotations, A_AUTH_REF, cfg.authentication_ref)
+    ref = None
+    if ref_text:
+        kind, _, name = ref_text.rpartition("/")
+        kind = kind or "TriggerAuthentication"
+        if kind not in AUTH_KINDS or not _DNS_SUBDOMAIN.match(name):
+            raise InvalidSpec(f"{where}: {ref_text!r} is not NAME or ({'|'.join(AUTH_KINDS)})/NAME")
+        ref = {"name": name, "kind": kind}
+    metadata = []
+    modes, where = _setting(annotations, A_AUTH_MODES, cfg.auth_modes)
+    if modes:
+        wrong = [m for m in (m.strip() for m in modes.split(",")) if m not in AUTH_MODES]
+        if wrong:
+            raise InvalidSpec(f"{where}: {', '.join(wrong)} not among KEDA's {', '.join(AUTH_MODES)}")
+        if ref is None:
+            raise InvalidSpec(f"{where} needs {A_AUTH_REF}: the credentials come from a TriggerAuthentication")
+        metadata.append(("authModes", ",".join(m.strip() for m in modes.split(","))))
+    elif ref is not None:
+        raise InvalidSpec(
+            f"{A_AUTH_REF} needs {A_AUTH_MODES} ({', '.join(AUTH_MODES)}): KEDA's Prometheus "
+            "trigger uses no credentials without it"
+        )
+    tenant, where = _setting(annotations, A_PROMETHEUS_NAMESPACE, cfg.prometheus_namespace)
+    if tenant:
+        if any(ch.isspace() or ch == "," for ch in tenant):
+            raise InvalidSpec(f"{where}: {tenant!r} is not a namespace or tenant name")
+        metadata.append(("namespace", tenant))
+    headers, where = _setting(annotations, A_CUSTOM_HEADERS, cfg.custom_headers)
+    if headers:
+        pairs = _pairs(headers, where, "Header-Name")
+        if any(not _HEADER_NAME.match(k) for k, _ in pairs):
+            raise InvalidSpec(f"{where}: {headers!r} has a header name with characters HTTP does not allow")
+        metadata.append(("customHeaders", ",".join(f"{k}={v}" for k, v in pairs)))
+    unsafe, where = _setting(annotations, A_UNSAFE_SSL, cfg.unsafe_ssl)
+    if unsafe:
+        if unsafe.lower() not in ("true", "false"):
+            raise InvalidSpec(f'{where}: {unsafe!r} must be "true" or "false"')
+        metadata.append(("unsafeSsl", unsafe.lower()))
+    return KedaOptions(
+        polling_interval=polling or 15,
+        scale_down_stabilization=stabilization,
+        fallback_behavior=behavior,
+        fallback_failure_threshold=threshold or 3,
+        fallback_replicas=min_replicas if fallback_replicas is None else fallback_replicas,
+        authentication_ref=ref,
+        trigger_metadata=tuple(metadata),
+    )
+
+
+def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
+    """The validated Spec of an annotated Deployment; raises InvalidSpec with a message for the user."""
+    annotations = annotations_of(deployment)
+    ports = _resolve_ports(annotations[A_PORT], deployment)
+    method = annotations.get(A_METHOD, cfg.method).strip()
+    if method not in INJECTABLE_METHODS:
+        raise InvalidSpec(f"{A_METHOD}: {method!r} is not one of {', '.join(INJECTABLE_METHODS)}")
+    metrics_port = _integer(annotations, A_METRICS_PORT, cfg.metrics_port, 1, 65535)
+    if metrics_port in ports:
+        raise InvalidSpec(f"{A_METRICS_PORT}: {metrics_port} is also a watched port")
+    for container in containers_of(deployment):
+        if container.get("name") == CONTAINER:
+            continue
+        if any(int(p.get("containerPort", 0)) == metrics_port for p in container.get("ports") or []):
+            raise InvalidSpec(
+                f"{A_METRICS_PORT}: {metrics_port} is already used by container "
+                f"{container.get('name')!r}; set {A_METRICS_PORT} to a free port"
+            )
+    threshold = _integer(annotations, A_THRESHOLD, cfg.threshold, 1)
+    min_replicas = _integer(annotations, A_MIN, cfg.min_replicas, 1)
+    max_replicas = _integer(annotations, A_MAX, cfg.max_replicas, 1)
+    if min_replicas > max_replicas:
+        raise InvalidSpec(f"{A_MIN} ({min_replicas}) is above {A_MAX} ({max_replicas})")
+    toggle = annotations.get(A_SCALEDOBJECT, "true").strip().lower()
+    if toggle not in ("true", "false"):
+        raise InvalidSpec(f'{A_SCALEDOBJECT}: {toggle!r} must be "true" or "false"')
+    scale_in = annotations.get(A_SCALE_IN, cfg.scale_in_by_connections).strip().lower()
+    if scale_in not in ("true", "false"):
+        raise InvalidSpec(f'{A_SCALE_IN}: {scale_in!r} must be "true" or "false"')
+    prometheus = annotations.get(A_PROMETHEUS, cfg.prometheus).strip()
+    if not re.match(r"^https?://[^\s/]+", prometheus):
+        raise InvalidSpec(f"{A_PROMETHEUS}: {prometheus!r} is not an http(s):// address")
+    image = annotations.get(A_IMAGE, cfg.sidecar_image).strip()
+    if not image or any(c.isspace() for c in image):
+        raise InvalidSpec(f"{A_IMAGE}: {image!r} is not an image reference")
+    resources = {
+        "requests": {
+            "cpu": _quantity(annotations, A_CPU_REQUEST, cfg.cpu_request),
+            "memory": _quantity(annotations, A_MEMORY_REQUEST, cfg.memory_request),
+        },
+        "limits": {
+            "cpu": _quantity(annotations, A_CPU_LIMIT, cfg.cpu_limit),
+            "memory": _quantity(annotations, A_MEMORY_LIMIT, cfg.memory_limit),
+        },
+    }
+    for kind in ("cpu", "memory"):
+        if quantity_value(resources["requests"][kind]) > quantity_value(resources["limits"][kind]):
+            raise InvalidSpec(
+                f"the {kind} request {resources['requests'][kind]} is above its limit {resources['limits'][kind]}"
+            )
+    return Spec(
+        deployment=deployment["metadata"]["name"],
+        inputs=digest({key: annotations.get(key) for key in SIDECAR_INPUTS}),
+        annotate="annotations" in cfg.discovery,
+        pod_monitor_labels=parse_pod_monitor_labels(annotations, cfg),
+        keda=parse_keda(annotations, cfg, min_replicas, max_replicas),
+        ports=ports,
+        method=method,
+        image=image,
+        metrics_port=metrics_port,
+        threshold=threshold,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        prometheus=prometheus.rstrip("/"),
+        scaled_object=toggle == "true",
+        scale_in_by_connections=scale_in == "true",
+        resources=resources,
+    )
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_status(deployment: Mapping[str, Any]) -> dict[str, Any] | None:
+    raw = annotations_of(deployment).get(A_STATUS)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

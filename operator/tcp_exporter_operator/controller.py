@@ -1,0 +1,475 @@
+"""The controller: what the operator runs between its watches and its writes, owned by one `Controller`.
+
+Flow of a Deployment's event: its informer's thread calls `deployment_seen`; a tracked Deployment is put on the
+work queue (one entry per Deployment, the latest state winning); one of `WORKERS` threads takes it, skips it if
+it predates the operator's own write or nothing the plan reads has changed, else `reconcile`s it: the cluster
+facts from the indexes (`indexes.Indexes.facts_for`), the pure `plan.plan`, and `apply` of its writes, with
+Warnings posted once while they hold. Children's and CRDs' events queue the Deployments they concern; a periodic
+full pass is the safety net. Level-based: each reconcile re-derives the whole desired state, so after convergence
+a resync, a restart or an unrelated edit costs no write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import urllib3
+
+from tcp_exporter_operator import metrics
+from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, A_STATUS, InvalidSpec, parse_spec
+from tcp_exporter_operator.config import Config
+from tcp_exporter_operator.desired import is_ours
+from tcp_exporter_operator.events import MANAGED_BY, Event
+from tcp_exporter_operator.indexes import KEDA_CRD, PODMONITOR_CRD, Indexes
+from tcp_exporter_operator.kube import (
+    CHILDREN,
+    ApiError,
+    Conflict,
+    EventPoster,
+    Kube,
+    crd_lister,
+    custom_lister,
+    deployments_lister,
+    hpas_lister,
+    namespaces_lister,
+)
+from tcp_exporter_operator.plan import Plan, plan
+from tcp_exporter_operator.rollouts import Rollouts
+from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
+from tcp_exporter_operator.watch import RESYNC, Informer, Item, Key, Peering, WorkQueue, newest, revision
+
+log = logging.getLogger(__name__)
+RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
+RESYNC_SECONDS = 300.0
+# After its own patch, the operator skips the Deployment's watch events older than its write (they
+# would plan the same patch again), for at most this many seconds.
+CONSISTENCY_TIMEOUT = 10.0
+WORKERS = 8  # threads reconciling Deployments; each holds one Deployment at a time
+
+
+def tracked(annotations: Mapping[str, str]) -> bool:
+    """Deployments that ask for the exporter, or still carry what it injected."""
+    return A_PORT in annotations or A_STATUS in annotations
+
+
+def unchanged(deployment: Mapping[str, Any]) -> tuple[int, int]:
+    """What a plan of this Deployment depends on, of the Deployment itself: its spec (by generation) and its
+    annotations. The controllers' status updates, most of a Deployment's watch events, change neither."""
+    meta = deployment["metadata"]
+    return int(meta.get("generation") or 0), hash(tuple(sorted((meta.get("annotations") or {}).items())))
+
+
+def older(version: str | None, than: str) -> bool:
+    """Whether a watch event predates our write. resourceVersions are etcd revisions, ordered integers, in
+    every etcd-backed API server; kopf may coalesce events, so waiting for our exact version could wait forever.
+    Anything not comparable counts as not older."""
+    ours, theirs = revision(than), revision(version)
+    return ours >= 0 and 0 <= theirs < ours
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, ApiError):
+        return exc.status in (429, 500, 502, 503, 504)
+    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
+
+
+class Controller:
+    """The informers, the indexes they keep, the work queue and its workers, and the state they share."""
+
+    def __init__(
+        self,
+        config: Config,
+        kube: Kube,
+        namespaces: tuple[str, ...],
+        peering: str | None = None,
+        identity: str = "",
+        priority: int = 0,
+    ) -> None:
+        self.config = config
+        self.kube = kube
+        self.events = EventPoster(kube)
+        self.namespaces = namespaces
+        self.indexes = Indexes()
+        self.warned: dict[str, set[tuple[str, str]]] = {}  # uid -> the Warnings posted while they hold
+        self.synced: dict[str, tuple[int, int]] = {}  # uid -> unchanged(): the Deployment as last found in sync
+        self.rollouts = Rollouts(config.max_concurrent_rollouts)
+        self.awaiting: dict[str, tuple[str, float]] = {}  # uid -> (our write's resourceVersion, until when)
+        self.peering = Peering(
+            kube,
+            peering,
+            identity,
+            priority,
+            on_resume=self.full_pass,  # what changed while another replica was active
+        )
+        self.queue = WorkQueue[Key, Item](newest)
+        self.received: dict[Key, float] = {}  # key -> when its oldest unhandled event arrived
+        self.ready = threading.Event()  # every watch has listed once
+        self.scale_targets: dict[Key, Target] = {}  # (namespace, name) -> what scale-in needs of each opted in
+        self.informers = self._informers()
+        self.deployments = self.informers["deployments"]
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        """The watches, then (once every one has listed: `ready`) the workers; the deletion costs; the resync."""
+        for informer in self.informers.values():
+            informer.start()
+
+        def ready() -> None:
+            for informer in self.informers.values():
+                informer.synced.wait()
+            log.info("every watch has listed: reconciling Deployments")
+            self.ready.set()
+
+        threading.Thread(target=ready, name="ready", daemon=True).start()
+        DeletionCosts(
+            self.kube,
+            self.scale_targets,
+            self.config.deletion_cost_period,
+            self.config.deletion_cost_rate,
+            parse_headers(self.config.custom_headers),
+            may_write=lambda: self.ready.is_set() and self.peering.wait_active(0),
+        ).start()
+        for i in range(WORKERS):
+            threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True).start()
+        threading.Thread(target=self._resync_forever, name="resync", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for informer in self.informers.values():
+            informer.stop()
+
+    # -- watches -------------------------------------------------------------------------------------
+
+    def _informers(self) -> dict[str, Informer]:
+        """The watches the operator runs: Deployments (tracked ones queued, the rest dropped) and the indexes a plan
+        reads."""
+        scopes: tuple[str | None, ...] = self.namespaces or (None,)
+        managed = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        indexes = self.indexes
+        informers = {
+            "deployments": Informer(self.kube, "deployments", deployments_lister, scopes, self.deployment_seen),
+            "scaledobjects": Informer(
+                self.kube,
+                "scaledobjects",
+                custom_lister(*CHILDREN["ScaledObject"]),
+                scopes,
+                lambda t, o: self.child_seen("ScaledObject", t, o),
+                on_relist=self.full_pass,
+            ),
+            "podmonitors": Informer(
+                self.kube,
+                "podmonitors",
+                custom_lister(*CHILDREN["PodMonitor"], label_selector=managed),
+                scopes,
+                lambda t, o: self.child_seen("PodMonitor", t, o),
+                on_relist=self.full_pass,
+            ),
+            "hpas": Informer(self.kube, "hpas", hpas_lister, scopes, lambda t, o: indexes.hpas.update(t, o)[1]),
+            "namespaces": Informer(
+                self.kube, "namespaces", namespaces_lister, (None,), lambda t, o: indexes.psa_levels.update(t, o)[1]
+            ),
+            **{
+                crd: Informer(self.kube, crd, crd_lister(crd), (None,), self.crd_seen)
+                for crd in (KEDA_CRD, PODMONITOR_CRD)
+            },
+        }
+        return informers
+
+    def child_seen(self, kind: str, type: str, obj: Mapping[str, Any]) -> bool:
+        """A ScaledObject or PodMonitor event: indexed; and one of ours deleted or edited by hand (a new generation;
+        KEDA's frequent status updates are not) is put back by reconciling its Deployment."""
+        previous, kept = self.indexes.children(kind).update(type, obj)
+        meta = obj.get("metadata") or {}
+        if previous is None or (type != "DELETED" and previous["metadata"].get("generation") == meta.get("generation")):
+            return kept
+        if previous["metadata"]["labels"].get("app.kubernetes.io/managed-by") != MANAGED_BY:
+            return kept
+        for ref in previous["metadata"]["ownerReferences"]:
+            if ref.get("kind") == "Deployment" and ref.get("name"):
+                self.enqueue(previous["metadata"]["namespace"], ref["name"])
+        return kept
+
+    def crd_seen(self, type: str, obj: Mapping[str, Any]) -> bool:
+        """KEDA or the Prometheus Operator installed after the operator: watch their kinds now, and create the
+        ScaledObjects and PodMonitors that were waiting for them, no restart needed."""
+        previous, kept = self.indexes.crds.update(type, obj)
+        if kept:  # added, or changed (say, Established now): the kind's watch tries again at once if it waits
+            self.informers["scaledobjects" if obj["metadata"]["name"] == KEDA_CRD else "podmonitors"].poke()
+        if previous is None and kept and self.ready.is_set():
+            self.full_pass()
+        return kept
+
+    # -- Deployments: the watch thread dispatches, workers reconcile ---------------------------------
+
+    def deployment_seen(self, type: str, body: Mapping[str, Any]) -> bool:
+        """A Deployment's event, from the watch thread: a tracked one (or one that just stopped being tracked, to
+        be seen without what it carried) is queued, a deletion forgotten; the rest dropped. Whether it is tracked."""
+        meta = body["metadata"]
+        is_tracked = type != "DELETED" and tracked(meta.get("annotations") or {})
+        if is_tracked or meta.get("uid") in self.deployments.known:
+            self.dispatch(type, body)
+            self.scale_target(body if is_tracked else None, (meta["namespace"], meta["name"]))
+        return is_tracked
+
+    def scale_target(self, body: Mapping[str, Any] | None, key: Key) -> None:
+        """Keep what connection-aware scale-in needs of an opted-in Deployment (its replicas change with the HPA)."""
+        targets = self.scale_targets
+        annotations = (body or {}).get("metadata", {}).get("annotations") or {}
+        opted = A_SCALE_IN in annotations or self.config.scale_in_by_connections.lower() == "true"
+        if body is None or A_PORT not in annotations or not opted:  # not opted in: no need to parse the rest
+            targets.pop(key, None)
+            return
+        try:
+            spec = parse_spec(body, self.config)
+        except InvalidSpec:
+            spec = None
+        if spec is None or not spec.scale_in_by_connections:
+            targets.pop(key, None)
+            return
+        replicas = int((body.get("spec") or {}).get("replicas", 1))
+        targets[key] = Target(spec.threshold, spec.min_replicas, replicas, spec.prometheus)
+
+    def dispatch(self, type: str, body: Mapping[str, Any]) -> None:
+        """Queue a Deployment's event (a deletion is only forgotten)."""
+        meta = body["metadata"]
+        metrics.TRACKED.set(len(self.deployments.known))
+        if type == "DELETED":
+            self.received.pop((meta["namespace"], meta["name"]), None)
+            uid = meta.get("uid")
+            self.warned.pop(uid, None)
+            self.awaiting.pop(uid, None)
+            self.synced.pop(uid, None)
+            for namespace_, name_ in self.rollouts.forget(uid):
+                self.enqueue(namespace_, name_)
+            return
+        key = (meta["namespace"], meta["name"])
+        self.received.setdefault(key, time.monotonic())  # the oldest event not yet handled, for event_to_write
+        self.queue.put(key, (type, body))
+        metrics.QUEUE_DEPTH.set(len(self.queue))
+
+    def enqueue(self, namespace: str, name: str) -> None:
+        """Reconcile a Deployment from a fresh read, whether or not it looks in sync."""
+        self.queue.put((namespace, name), (RESYNC, None))
+
+    def _work(self) -> None:
+        queue = self.queue
+        while True:
+            self.ready.wait()
+            entry = queue.get()
+            if entry is None:
+                continue
+            key, (type, body) = entry
+            metrics.QUEUE_DEPTH.set(len(queue))
+            while not self.peering.wait_active(60):
+                pass  # another replica is active (kopf's peering rule): hold the entry until this one is
+            received = self.received.pop(key, None)
+            result = None
+            try:
+                if type == RESYNC:
+                    deployment = self.kube.get_deployment(*key)
+                    if deployment is not None:
+                        result = self.reconcile(deployment, fresh=True)
+                elif body is not None:
+                    result = self.deployment_event(body)
+            except Exception:
+                result = "failed"
+                log.exception("reconciling %s/%s failed; the next event or resync retries", *key)
+            finally:
+                queue.done(key)
+            if result is not None:
+                metrics.RECONCILES.labels(result).inc()
+            if result == "wrote" and received is not None:
+                metrics.EVENT_TO_WRITE.observe(time.monotonic() - received)
+
+    def deployment_event(self, body: Mapping[str, Any]) -> str | None:
+        """A tracked Deployment's watch event: reconciled unless it predates our own write or nothing it could
+        change has changed since it was last found in sync. Returns the reconcile's result, or None if skipped."""
+        uid = body["metadata"].get("uid")
+        for namespace_, name_ in self.rollouts.progress(uid, body):
+            self.enqueue(namespace_, name_)  # a paced upgrade finished here: the next waiting one may roll now
+        if uid in self.awaiting:
+            written, deadline = self.awaiting[uid]
+            if older(body["metadata"].get("resourceVersion"), written) and time.monotonic() < deadline:
+                log.debug(
+                    "skipped %s/%s at resourceVersion %s: older than our write %s",
+                    body["metadata"]["namespace"],
+                    body["metadata"]["name"],
+                    body["metadata"].get("resourceVersion"),
+                    written,
+                )
+                return None
+            del self.awaiting[uid]
+        if self.synced.get(uid) == unchanged(body):
+            # In sync, and nothing the plan reads of the Deployment has changed since: no need to plan again. Its
+            # children's edits come through their own events, CRDs through full passes, both planned afresh.
+            log.debug(
+                "reconciled %s/%s at resourceVersion %s: 0 writes (unchanged)",
+                body["metadata"]["namespace"],
+                body["metadata"]["name"],
+                body["metadata"].get("resourceVersion"),
+            )
+            return None
+        # The body is the watch's latest (the queue keeps only that): as fresh as a read would be. Should it be
+        # behind anyway, the patch's preconditions fail (422) on exactly what changed, and the conflict reads it
+        # afresh.
+        return self.reconcile(body, fresh=True)
+
+    def full_pass(self) -> None:
+        """Reconcile every tracked Deployment, read afresh (queued: each waits for its own worker). Also after a
+        child kind's watch had to list again (its CRD came back, or the watch was too far behind)."""
+        if not self.ready.is_set():
+            return  # the first reconcile of everything is still to come
+        for namespace, name in self.deployments.known_keys():
+            self.enqueue(namespace, name)
+
+    def _resync_forever(self) -> None:
+        """Every few minutes, reconcile every tracked Deployment: a safety net for failures that outlasted the
+        retries. In sync, this costs one read per Deployment and no write."""
+        while not self.stopping.wait(RESYNC_SECONDS):
+            self.full_pass()
+
+    # -- reconciling one Deployment --------------------------------------------------------------------
+
+    def reconcile(self, deployment: Mapping[str, Any], fresh: bool = False) -> str:
+        """Plan and apply; on a conflict read the Deployment again; retry transient API errors a few times.
+
+        Unless `fresh`, the Deployment is read afresh before a patch (a read costs less than a write the API
+        server rejects, and often shows the patch is not needed); the HPAs always are.
+
+        Returns the result the metrics count: "wrote", "in_sync" or "failed".
+        """
+        kube = self.kube
+        namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+        current: Mapping[str, Any] | None = deployment
+        hpas = None
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                if current is None or current["metadata"].get("deletionTimestamp"):
+                    self.rollouts.unreserve(deployment["metadata"].get("uid", ""))
+                    return "in_sync"
+                facts = self.indexes.facts_for(current, hpas)
+                uid = current["metadata"].get("uid", "")
+                result = plan(current, facts, self.config)
+                if result.upgrade and not self.rollouts.reserve(uid):
+                    facts.rollout_slot = False
+                    result = plan(current, facts, self.config)  # the same, but the paced patch
+                    self.rollouts.wait(uid, namespace, name)
+                elif not result.upgrade:
+                    # Nothing of the operator's own to roll out (any more: the user's change may have carried it):
+                    # a freed slot must not go to this one.
+                    self.rollouts.not_waiting(uid)
+                if result.deployment_patch is not None and hpas is None:
+                    # Before the rollout a patch starts, the facts it rests on read afresh: the Deployment (unless
+                    # just read) and the HPAs that would forbid it, all those written before this Deployment's
+                    # version (an HPA applied with the Deployment may not be indexed yet: its own watch can lag).
+                    if not fresh:
+                        current, fresh = kube.get_deployment(namespace, name), True
+                    if current is None:
+                        continue
+                    hpas = kube.list_hpas(namespace, current["metadata"].get("resourceVersion"))
+                    continue
+                try:
+                    self.apply(current, result)
+                finally:
+                    self.rollouts.unreserve(uid)  # a no-op once the rollout has started
+                if result.writes == 0 and not result.upgrade_deferred:
+                    self.synced[uid] = unchanged(current)
+                else:
+                    self.synced.pop(uid, None)
+                log.log(
+                    logging.INFO if result.writes else logging.DEBUG,
+                    "reconciled %s/%s at resourceVersion %s: %d writes",
+                    namespace,
+                    name,
+                    current["metadata"].get("resourceVersion"),
+                    result.writes,
+                )
+                return "wrote" if result.writes else "in_sync"
+            except Conflict:
+                current = kube.get_deployment(namespace, name)
+                continue
+            except Exception as exc:
+                if isinstance(exc, ApiError) and not (_transient(exc) and delay is not None):
+                    self.refused(current or deployment, exc)
+                    return "failed"
+                if not _transient(exc) or delay is None:
+                    raise
+                log.warning("reconciling %s/%s failed (%s); retrying in %s s", namespace, name, exc, delay)
+                time.sleep(delay)
+                with contextlib.suppress(Exception):  # the next attempt reports it
+                    current = kube.get_deployment(namespace, name)
+        log.warning(
+            "gave up reconciling %s/%s for now: it kept changing; the next event or resync retries", namespace, name
+        )
+        return "failed"
+
+    def apply(self, deployment: Mapping[str, Any], plan: Plan) -> None:
+        kube = self.kube
+        meta = deployment["metadata"]
+        if plan.deployment_patch is not None:
+            written, generation = kube.patch_deployment(meta["namespace"], meta["name"], plan.deployment_patch)
+            self.awaiting[meta.get("uid")] = (written, time.monotonic() + CONSISTENCY_TIMEOUT)
+            if plan.upgrade:
+                self.rollouts.started(meta.get("uid", ""), generation)
+        events = list(plan.events)
+        for kind, child, action in (
+            ("ScaledObject", plan.scaled_object, plan.scaled_object_action),
+            ("PodMonitor", plan.pod_monitor, plan.pod_monitor_action),
+        ):
+            if action is None or child is None:
+                continue
+            # What is created or replaced is shown in its index until its own event comes: the Deployment's next
+            # event, often first, is then planned from it instead of creating it again.
+            children = self.indexes.children(kind)
+            if action == "delete":
+                kube.delete_child(kind, child["metadata"]["namespace"], child["metadata"]["name"])
+                children.removed(child["metadata"].get("uid", ""))
+            elif action == "update":
+                children.wrote(kube.replace_child(child))
+            else:
+                created, existing = kube.create_child(child)
+                if created is not None:
+                    children.wrote(created)
+                if existing is None:
+                    continue
+                if is_ours(existing, deployment):
+                    # Ours, but the index had not seen it yet when this plan was made: bring it to what is wanted.
+                    children.wrote(kube.replace_child(child))
+                    continue
+                name = child["metadata"]["name"]
+                events = [e for e in events if not (e.type == "Normal" and e.reason.startswith(kind))]
+                events.append(
+                    Event(
+                        "Warning",
+                        f"{kind}Conflict",
+                        f"a {kind} named {name} already exists and is not owned by this Deployment: it is left as "
+                        f"it is, and this Deployment gets no {kind} until it is renamed or deleted",
+                    )
+                )
+        uid = meta.get("uid", "")
+        warnings = {(e.reason, e.message) for e in events if e.type == "Warning"}
+        # A Warning is posted once while it holds, not on every watch event of the Deployment.
+        already = self.warned.get(uid, set())
+        self.events.post(
+            deployment, [e for e in events if not (e.type == "Warning" and (e.reason, e.message) in already)]
+        )
+        self.warned[uid] = warnings
+
+    def refused(self, deployment: Mapping[str, Any], exc: ApiError) -> None:
+        """A write the API server refused (RBAC, a webhook, validation): one Warning on the Deployment, posted once
+        while it holds, and no Normal Event for what was not done. The next event or resync tries again."""
+        meta = deployment["metadata"]
+        detail = exc.body
+        with contextlib.suppress(ValueError, AttributeError):  # a Status object's message, when it is one
+            detail = json.loads(exc.body).get("message", exc.body)
+        event = Event("Warning", "WriteRefused", f"the API server refused a write ({exc.status}): {detail}"[:1000])
+        if (event.reason, event.message) not in self.warned.setdefault(meta.get("uid", ""), set()):
+            self.warned[meta.get("uid", "")].add((event.reason, event.message))
+            self.events.post(deployment, [event])
+        log.warning("reconciling %s/%s: %s", meta["namespace"], meta["name"], event.message)

@@ -1,0 +1,278 @@
+"""The desired objects, built from a validated `Spec`: the injected sidecar container, the Deployment with it (and
+without it), the status annotation, the ScaledObject and its PromQL query, the PodMonitor, and their names.
+
+Pure: given the same Deployment and Spec, the same dicts; nothing here decides whether to write them (`plan`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from tcp_exporter import __version__
+from tcp_exporter import contract as sidecar
+
+from tcp_exporter_operator.annotations import (
+    A_STATUS,
+    CONTAINER,
+    Spec,
+    annotations_of,
+    digest,
+    recorded_status,
+    template_of,
+)
+from tcp_exporter_operator.events import LABELS
+
+METRICS_PORT_NAME = "tcp-metrics"
+PROMETHEUS_SCRAPE = "prometheus.io/scrape"
+# KEDA names its HPA keda-hpa-<ScaledObject name>, and that name must fit in 253 characters too.
+SCALED_OBJECT_NAME_MAX = 253 - len("keda-hpa-")
+NONROOT_UID = 65532
+
+
+def sidecar_container(spec: Spec) -> dict[str, Any]:
+    capabilities = sidecar.METHOD_CAPABILITIES.get(spec.method, ())
+    security: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], **({"add": list(capabilities)} if capabilities else {})},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if capabilities:
+        # A capability added by the pod spec is usable by UID 0 only (no ambient capabilities).
+        security.update({"runAsNonRoot": False, "runAsUser": 0})
+    else:
+        security.update({"runAsNonRoot": True, "runAsUser": NONROOT_UID, "runAsGroup": NONROOT_UID})
+    return {
+        "name": CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": sidecar.sidecar_args(list(spec.ports), spec.method, spec.metrics_port, spec.deployment or None),
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": spec.metrics_port, "protocol": "TCP"}],
+        "resources": copy.deepcopy(spec.resources),
+        "livenessProbe": {
+            "httpGet": {"path": sidecar.HEALTH_PATH, "port": METRICS_PORT_NAME},
+            "periodSeconds": 30,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "securityContext": security,
+    }
+
+
+def prometheus_annotations(spec: Spec) -> dict[str, str]:
+    return {
+        PROMETHEUS_SCRAPE: "true",
+        "prometheus.io/port": str(spec.metrics_port),
+        "prometheus.io/path": sidecar.METRICS_PATH,
+    }
+
+
+def status(spec: Spec, pod_annotations: Mapping[str, str]) -> dict[str, Any]:
+    """What tcp-exporter/status records: enough to undo the injection, a hash to tell drift, and a digest of the
+    user's annotations that shape the sidecar, to tell an upgrade of the operator from a change of the user's."""
+    injected = {"container": sidecar_container(spec), "podAnnotations": dict(pod_annotations)}
+    return {
+        "version": __version__,
+        "inputs": spec.inputs,
+        "ports": list(spec.ports),
+        "method": spec.method,
+        "podAnnotations": sorted(pod_annotations),
+        "hash": digest(injected),
+    }
+
+
+def prometheus_annotations_wanted(deployment: Mapping[str, Any], spec: Spec) -> dict[str, str]:
+    """Our prometheus.io annotations, unless the pod template carries the user's own or discovery is not by them."""
+    if not spec.annotate:
+        return {}
+    current = annotations_of(template_of(deployment))
+    ours = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    if PROMETHEUS_SCRAPE in current and PROMETHEUS_SCRAPE not in ours:
+        return {}
+    return prometheus_annotations(spec)
+
+
+def inject(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+    """The Deployment with the sidecar, its discovery annotations and the status annotation."""
+    # Copies of just the maps on the paths written below (the rest is shared with `deployment`, read-only): a
+    # deep copy of the whole Deployment, managedFields and all, was most of a plan's time.
+    new = dict(deployment)
+    new["metadata"] = dict(new.get("metadata") or {})
+    new["spec"] = dict(new.get("spec") or {})
+    template = new["spec"]["template"] = dict(new["spec"].get("template") or {})
+    template_meta = template["metadata"] = dict(template.get("metadata") or {})
+    template["spec"] = dict(template.get("spec") or {})
+    pod_annotations = prometheus_annotations_wanted(deployment, spec)
+    previous = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    annotations = {k: v for k, v in (template_meta.get("annotations") or {}).items() if k not in previous}
+    annotations.update(pod_annotations)
+    if annotations:
+        template_meta["annotations"] = annotations
+    else:
+        template_meta.pop("annotations", None)
+    containers = [c for c in template["spec"].get("containers") or [] if c.get("name") != CONTAINER]
+    template["spec"]["containers"] = [*containers, sidecar_container(spec)]
+    meta = new["metadata"]
+    meta["annotations"] = {
+        **(meta.get("annotations") or {}),
+        A_STATUS: json.dumps(status(spec, pod_annotations), sort_keys=True),
+    }
+    return new
+
+
+def uninject(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """The Deployment without anything this operator added (as recorded in its status annotation)."""
+    new = copy.deepcopy(dict(deployment))
+    ours = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    template = new.get("spec", {}).get("template", {})
+    template_meta = template.get("metadata", {})
+    if template_meta.get("annotations"):
+        kept = {k: v for k, v in template_meta["annotations"].items() if k not in ours}
+        if kept:
+            template_meta["annotations"] = kept
+        else:
+            template_meta.pop("annotations")
+    if template.get("spec", {}).get("containers"):
+        template["spec"]["containers"] = [c for c in template["spec"]["containers"] if c.get("name") != CONTAINER]
+    meta = new.get("metadata", {})
+    if meta.get("annotations"):
+        meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != A_STATUS}
+    return new
+
+
+def promql_string(value: str) -> str:
+    """A PromQL string literal. PromQL takes Go's escapes only (re.escape's `\\-` is a parse error); JSON's
+    escapes are a subset of Go's, and without ensure_ascii no surrogate pairs, which Go rejects, appear."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def query(namespace: str, name: str) -> str:
+    """PromQL: the connections of this Deployment's pods, each pod counted once however many jobs scrape it.
+
+    The sidecar labels its series with the Deployment's name (--deployment), so the selection is an exact
+    match; `max by (namespace, pod, port)` keeps one series per pod and port when two scrape jobs (the
+    annotation job and a PodMonitor, say) collect the same sidecar. No `or vector(0)`: when no sidecar is
+    seen the query returns nothing, KEDA reports an error instead of 0, and the fallback holds the replicas.
+    """
+    selector = f"namespace={promql_string(namespace)},{sidecar.DEPLOYMENT_LABEL}={promql_string(name)}"
+    return f"sum(max by (namespace, pod, {sidecar.PORT_LABEL}) ({sidecar.METRIC_ESTABLISHED}{{{selector}}}))"
+
+
+def child_name(name: str, suffix: str = "", limit: int = 253) -> str:
+    """A name for an object made for the Deployment `name`: `name` plus `suffix`, cut to `limit` characters
+    with a hash of the full name kept, so two long Deployment names that share a prefix do not collide."""
+    full = f"{name}-{suffix}" if suffix else name
+    if len(full) <= limit:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:10]
+    tail = f"-{digest}" + (f"-{suffix}" if suffix else "")
+    return name[: limit - len(tail)].rstrip("-.") + tail
+
+
+def owner_reference(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    meta = deployment["metadata"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": meta["name"],
+        "uid": meta.get("uid", ""),
+        "controller": True,
+    }
+
+
+def scaled_object(deployment: Mapping[str, Any], spec: Spec, fallback_behavior: bool = True) -> dict[str, Any]:
+    """The ScaledObject for the Deployment; `fallback_behavior`: whether the installed KEDA knows that field."""
+    meta = deployment["metadata"]
+    namespace = meta.get("namespace", "default")
+    options = spec.keda
+    trigger: dict[str, Any] = {
+        "type": "prometheus",
+        "metricType": "AverageValue",
+        "metadata": {
+            "serverAddress": spec.prometheus,
+            "query": query(namespace, meta["name"]),
+            "threshold": str(spec.threshold),
+            # An empty result is an error, not 0: KEDA then applies the fallback instead of scaling in.
+            "ignoreNullValues": "false",
+            **dict(options.trigger_metadata),
+        },
+    }
+    if options.authentication_ref is not None:
+        trigger["authenticationRef"] = dict(options.authentication_ref)
+    so_spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"]},
+        "pollingInterval": options.polling_interval,
+        "minReplicaCount": spec.min_replicas,
+        "maxReplicaCount": spec.max_replicas,
+    }
+    if options.fallback_behavior != "none" and (fallback_behavior or options.fallback_behavior == "static"):
+        so_spec["fallback"] = {
+            "failureThreshold": options.fallback_failure_threshold,
+            "replicas": options.fallback_replicas,
+            **({"behavior": options.fallback_behavior} if fallback_behavior else {}),
+        }
+    if options.scale_down_stabilization is not None:
+        so_spec["advanced"] = {
+            "horizontalPodAutoscalerConfig": {
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": options.scale_down_stabilization}}
+            }
+        }
+    so_spec["triggers"] = [trigger]
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {
+            "name": child_name(meta["name"], limit=SCALED_OBJECT_NAME_MAX),
+            "namespace": namespace,
+            "labels": dict(LABELS),
+            "ownerReferences": [owner_reference(deployment)],
+        },
+        "spec": so_spec,
+    }
+
+
+def pod_monitor(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+    meta = deployment["metadata"]
+    selector = deployment["spec"]["selector"]
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {
+            "name": child_name(meta["name"], "tcp-exporter"),
+            "namespace": meta.get("namespace", "default"),
+            "labels": dict(spec.pod_monitor_labels or LABELS),
+            "ownerReferences": [owner_reference(deployment)],
+        },
+        "spec": {
+            "selector": {k: copy.deepcopy(v) for k, v in selector.items() if k in ("matchLabels", "matchExpressions")},
+            "podMetricsEndpoints": [{"port": METRICS_PORT_NAME, "path": sidecar.METRICS_PATH}],
+        },
+    }
+
+
+def is_ours(obj: Mapping[str, Any] | None, deployment: Mapping[str, Any]) -> bool:
+    """Whether a ScaledObject or PodMonitor is this operator's for this Deployment: owned by it, or, with no
+    owning Deployment at all, labelled managed-by this operator under the name it would give (as `render` writes
+    them for GitOps, where no UID is known: applied from Git, they are adopted, not taken for a stranger's)."""
+    if not obj:
+        return False
+    meta = obj.get("metadata", {})
+    name = deployment["metadata"]["name"]
+    owners = [ref for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "Deployment"]
+    if owners:
+        return any(ref.get("uid") == deployment["metadata"].get("uid") for ref in owners)
+    target = (obj.get("spec") or {}).get("scaleTargetRef", {}).get("name", name)
+    return (
+        (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == LABELS["app.kubernetes.io/managed-by"]
+        and target == name
+        and meta.get("name") in child_names(name)
+    )
+
+
+def child_names(name: str) -> tuple[str, str]:
+    """The names this operator gives the children of the Deployment `name`: its ScaledObject, its PodMonitor."""
+    return child_name(name, limit=SCALED_OBJECT_NAME_MAX), child_name(name, "tcp-exporter")

@@ -1,0 +1,279 @@
+"""The decision for one Deployment: given it and the cluster facts around it (`Facts`), every write and Event that
+brings it to what its annotations ask for (`Plan`). Pure, so the operator's behaviour is unit-tested without a
+cluster, and `render` gives GitOps users the same result offline; the controller applies what it returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tcp_exporter_operator.annotations import (
+    A_METHOD,
+    A_PORT,
+    A_SCALEDOBJECT,
+    CONTAINER,
+    InvalidSpec,
+    Spec,
+    annotations_of,
+    containers_of,
+    parse_spec,
+    recorded_status,
+    template_of,
+)
+from tcp_exporter_operator.config import Config
+from tcp_exporter_operator.desired import (
+    METRICS_PORT_NAME,
+    inject,
+    pod_monitor,
+    prometheus_annotations_wanted,
+    scaled_object,
+    uninject,
+)
+from tcp_exporter_operator.diff import SCALED_OBJECT_OPTIONAL, child_action, deployment_patch, in_sync
+from tcp_exporter_operator.events import Event
+
+BLIND_NOTE = (
+    "no ScaledObject: Prometheus cannot see this Deployment's sidecars by any discovery path the operator is "
+    "configured for ({paths}){why}, and a ScaledObject whose query sees nothing would hold the replica count on "
+    "its fallback forever. Add a scrape job on the port name {port!r} and set TCP_EXPORTER_OPERATOR_DISCOVERY "
+    "to include port-name, or install the Prometheus Operator's PodMonitor CRD."
+)
+
+
+@dataclass
+class Facts:
+    """What the plan needs to know about the cluster around the Deployment."""
+
+    psa_level: str | None = None
+    keda: bool = True
+    pod_monitor_crd: bool = False
+    scaled_object: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
+    foreign_autoscalers: tuple[str, ...] = ()  # e.g. "HorizontalPodAutoscaler/web"
+    pod_monitor: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
+    # Whether an upgrade rollout (a sidecar change that is the operator's, not the user's) may start now.
+    rollout_slot: bool = True
+    # Whether the installed KEDA knows fallback.behavior (2.17+). An older one would drop the field and apply
+    # its fixed behavior, scaling to fallback.replicas: there the operator writes no fallback at all.
+    keda_fallback_behavior: bool = True
+
+
+@dataclass
+class Plan:
+    """The writes that bring one Deployment to its desired state; empty when it is there."""
+
+    deployment_patch: list[dict[str, Any]] | None = None
+    scaled_object: dict[str, Any] | None = None
+    scaled_object_action: str | None = None  # create, update, delete
+    pod_monitor: dict[str, Any] | None = None
+    pod_monitor_action: str | None = None  # create, update, delete
+    events: list[Event] = field(default_factory=list)
+    # The Deployment patch is an upgrade: the sidecar changes for the operator's reasons (a new image or default),
+    # not the user's. Such rollouts are paced; `upgrade_deferred` means one waits for a slot (no patch planned).
+    upgrade: bool = False
+    upgrade_deferred: bool = False
+    desired: dict[str, Any] | None = None  # the Deployment as the plan wants it, when it is injected
+
+    @property
+    def writes(self) -> int:
+        return (
+            (self.deployment_patch is not None)
+            + (self.scaled_object_action is not None)
+            + (self.pod_monitor_action is not None)
+        )
+
+
+def allowed_method(spec: Spec, psa_level: str | None) -> tuple[Spec, Event | None]:
+    """Pod Security Admission's baseline and restricted levels reject NET_ADMIN: fall back to sockdiag there."""
+    if spec.method == "conntrack" and psa_level in ("baseline", "restricted"):
+        note = Event(
+            "Warning",
+            "MethodDowngraded",
+            f"the conntrack method needs CAP_NET_ADMIN, which this namespace's Pod Security level "
+            f"{psa_level!r} forbids; injecting the unprivileged sockdiag method instead",
+        )
+        return dataclasses.replace(spec, method="sockdiag"), note
+    return spec, None
+
+
+# Signs that a service mesh's proxy receives the pod's inbound connections (it redirects them to itself with an
+# iptables REDIRECT in the pod's namespace): its container in the template, or its injection switch.
+MESH_CONTAINERS = {"istio-proxy": "Istio", "linkerd-proxy": "Linkerd"}
+MESH_SWITCHES = {
+    "sidecar.istio.io/inject": ("true", "Istio"),
+    "linkerd.io/inject": ("enabled", "Linkerd"),
+}
+
+
+def mesh(deployment: Mapping[str, Any]) -> str | None:
+    """The mesh whose proxy takes the pod's inbound connections, if the pod template shows one."""
+    for container in containers_of(deployment) + list(
+        template_of(deployment).get("spec", {}).get("initContainers") or []
+    ):
+        if container.get("name") in MESH_CONTAINERS:
+            return MESH_CONTAINERS[container["name"]]
+    template_meta = template_of(deployment).get("metadata", {})
+    for source in (template_meta.get("annotations") or {}, template_meta.get("labels") or {}):
+        for key, (on, name) in MESH_SWITCHES.items():
+            if str(source.get(key, "")).lower() == on:
+                return name
+    return None
+
+
+def mesh_note(deployment: Mapping[str, Any], spec: Spec) -> Event | None:
+    """Behind a mesh's inbound redirect the clients' connections end at the proxy; the watched port sees the
+    proxy's own connections to the app. Only conntrack counts the clients there (by original destination)."""
+    name = mesh(deployment)
+    if name is None or spec.method == "conntrack":
+        return None
+    return Event(
+        "Warning",
+        "MeshInbound",
+        f"{name}'s proxy receives this pod's inbound connections and opens its own to the app: the {spec.method} "
+        "method counts the proxy's connections to the watched port, not the clients' (one per client with a TCP "
+        f"proxy, fewer with an HTTP proxy that pools them). Set {A_METHOD}: conntrack to count the clients by "
+        "their original destination (it needs CAP_NET_ADMIN)",
+    )
+
+
+def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
+    """Every write (and Event) that brings this Deployment to what its annotations ask for."""
+    result = Plan()
+    annotations = annotations_of(deployment)
+    recorded = recorded_status(deployment)
+    has_container = any(c.get("name") == CONTAINER for c in containers_of(deployment))
+
+    if A_PORT not in annotations:
+        if recorded is not None:
+            clean = uninject(deployment)
+            result.deployment_patch = deployment_patch(deployment, clean)
+            result.events.append(Event("Normal", "Removed", f"{A_PORT} was removed: sidecar removed"))
+        if facts.scaled_object is not None:
+            result.scaled_object_action = "delete"
+            result.scaled_object = dict(facts.scaled_object)
+        if facts.pod_monitor is not None:
+            result.pod_monitor_action = "delete"
+            result.pod_monitor = dict(facts.pod_monitor)
+        return result
+
+    if has_container and recorded is None:
+        result.events.append(
+            Event(
+                "Warning",
+                "ContainerConflict",
+                f"the pod template already has a container named {CONTAINER!r} that this "
+                "operator did not inject; rename it or remove the annotation. Nothing changed.",
+            )
+        )
+        return result
+    try:
+        spec = parse_spec(deployment, cfg)
+    except InvalidSpec as exc:
+        result.events.append(Event("Warning", "InvalidAnnotation", f"{exc}. Nothing changed."))
+        return result
+    if spec.scaled_object and facts.foreign_autoscalers:
+        result.events.append(
+            Event(
+                "Warning",
+                "AutoscalerConflict",
+                f"{', '.join(facts.foreign_autoscalers)} already scales this Deployment; "
+                f'it is left in charge and nothing changed. Set {A_SCALEDOBJECT}: "false" '
+                "to inject only the exporter.",
+            )
+        )
+        return result
+    spec, note = allowed_method(spec, facts.psa_level)
+    if note is not None:
+        result.events.append(note)
+    meshed = mesh_note(deployment, spec)
+    if meshed is not None:
+        result.events.append(meshed)
+
+    desired = inject(deployment, spec)
+    result.desired = desired
+    paths = discovery_paths(deployment, spec, facts, cfg)
+    if not in_sync(deployment, desired):
+        wanted_status = recorded_status(desired) or {}
+        upgrade = bool(
+            recorded
+            and recorded.get("inputs") in (None, spec.inputs)  # None: recorded by a release before inputs
+            and recorded.get("hash") != wanted_status.get("hash")
+        )
+        if upgrade and not facts.rollout_slot:
+            result.upgrade_deferred = True
+        else:
+            result.deployment_patch = deployment_patch(deployment, desired)
+            result.upgrade = upgrade
+            verb = "Updated" if recorded else "Injected"
+            what = f"port {','.join(map(str, spec.ports))}, method {spec.method}"
+            if upgrade:
+                verb, what = "Upgraded", f"{(recorded or {}).get('version', '?')} -> {wanted_status.get('version')}"
+            result.events.append(Event("Normal", verb, f"{verb.lower()} the {CONTAINER} sidecar ({what})"))
+    wanted_pm = pod_monitor(deployment, spec) if "podmonitor" in paths else None
+    result.pod_monitor_action = child_action(wanted_pm, facts.pod_monitor)
+    result.pod_monitor = wanted_pm if wanted_pm is not None else dict(facts.pod_monitor or {})
+    if wanted_pm is not None and result.pod_monitor_action in ("create", "update"):
+        verb = f"PodMonitor{result.pod_monitor_action.title()}d"
+        result.events.append(Event("Normal", verb, f"PodMonitor {wanted_pm['metadata']['name']}"))
+
+    why_none = None
+    if not spec.scaled_object:
+        why_none = Event("Normal", "ScaledObjectDeleted", f'{A_SCALEDOBJECT} is "false"')
+    elif not paths:
+        own = "; the pod template's own prometheus.io annotations are kept, so the annotation job scrapes the app"
+        why_none = Event(
+            "Warning",
+            "MetricsDiscovery",
+            BLIND_NOTE.format(paths=", ".join(cfg.discovery), why=own if spec.annotate else "", port=METRICS_PORT_NAME),
+        )
+    if why_none is not None:
+        if why_none.type == "Warning":
+            result.events.append(why_none)
+        if facts.scaled_object is not None:
+            result.scaled_object_action = "delete"
+            result.scaled_object = dict(facts.scaled_object)
+            if why_none.type == "Normal":
+                result.events.append(why_none)
+        return result
+    if not facts.keda:
+        result.events.append(
+            Event(
+                "Warning",
+                "KedaMissing",
+                "KEDA's ScaledObject CRD (keda.sh/v1alpha1) is not installed: the sidecar is "
+                "injected and the ScaledObject will be created once KEDA is installed",
+            )
+        )
+        return result
+    wanted = scaled_object(deployment, spec, facts.keda_fallback_behavior)
+    action = child_action(wanted, facts.scaled_object, SCALED_OBJECT_OPTIONAL)
+    if action == "create":
+        result.scaled_object, result.scaled_object_action = wanted, "create"
+        result.events.append(
+            Event(
+                "Normal",
+                "ScaledObjectCreated",
+                f"ScaledObject {wanted['metadata']['name']}: {spec.threshold} connections per "
+                f"replica, {spec.min_replicas}-{spec.max_replicas} replicas",
+            )
+        )
+    elif action == "update":
+        result.scaled_object, result.scaled_object_action = wanted, "update"
+        result.events.append(
+            Event("Normal", "ScaledObjectUpdated", f"ScaledObject {wanted['metadata']['name']} updated")
+        )
+    return result
+
+
+def discovery_paths(deployment: Mapping[str, Any], spec: Spec, facts: Facts, cfg: Config) -> list[str]:
+    """The configured ways by which Prometheus will find this Deployment's sidecars, once injected."""
+    paths = []
+    if prometheus_annotations_wanted(deployment, spec):
+        paths.append("annotations")
+    if "port-name" in cfg.discovery:
+        paths.append("port-name")
+    if "podmonitor" in cfg.discovery and facts.pod_monitor_crd:
+        paths.append("podmonitor")
+    return paths
