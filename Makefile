@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 export TCP_EXPORTER_CACHE ?= $(HOME)/.cache/tcp-exporter
-LOCALKUBE := PYTHONPATH=tests $(PY) -m localkube
+LOCALKUBE_PY := PYTHONPATH=tests $(PY)
+LOCALKUBE := $(LOCALKUBE_PY) -m localkube
 APT_PACKAGES := iptables nftables conntrack iproute2 openssl util-linux
 STAMP := $(VENV)/.installed
 
@@ -87,10 +88,11 @@ bench: tools
 VERSION_NOW = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidecar/tcp_exporter/__init__.py)
 
 # One file with everything `kubectl apply -k manifests/` applies (images of this version), and the chart.
-release: venv
+# kubectl is the one the tooling builds (of the control plane's version): a fresh machine has none on its PATH.
+release: deps venv
 	@echo "==> dist/install.yaml and the chart, version $(VERSION_NOW)"
 	@mkdir -p dist
-	@kubectl kustomize manifests > dist/install.yaml
+	@$$($(LOCALKUBE_PY) -c "from localkube.cluster import kubectl; print(kubectl())") kustomize manifests > dist/install.yaml
 	@$$(PYTHONPATH=tests $(PY) -c "import helmtools; print(helmtools.helm())") package charts/tcp-exporter -d dist >/dev/null
 	@ls -l dist
 

@@ -1,4 +1,4 @@
-"""What both benchmarks share: progress lines and the results file."""
+"""What every benchmark shares: progress lines and the results file."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 
 from helpers import wait_for
 from tcp_exporter_operator.watch import RESYNC, Index, WorkQueue, active, newest
@@ -98,6 +99,31 @@ def test_the_event_poster_keeps_a_deployments_events_in_order_and_outlives_a_fai
     wait_for(lambda: len(posted) == 2 * len(reasons), 10, "every Event but the failed ones")
     for name in ("web-api", "checkout.v2"):
         assert [r for n, r in posted if n == name] == reasons
+
+
+def test_two_batches_of_one_deployments_events_go_out_in_order_whatever_the_posting_threads() -> None:
+    import threading
+
+    from tcp_exporter_operator.events import Event
+    from tcp_exporter_operator.kube import EventPoster
+
+    posted: list[str] = []
+    first_started = threading.Event()
+
+    class Slow:  # the first post of the first batch is slow: another thread taking the second batch would overtake
+        def post_event(self, deployment: dict, event: Event) -> None:
+            if event.reason == "Injected":
+                first_started.set()
+                time.sleep(0.3)
+            posted.append(event.reason)
+
+    poster = EventPoster(Slow(), threads=4)  # type: ignore[arg-type]
+    body = {"metadata": {"name": "checkout.v2", "namespace": "shop", "uid": "u-1"}}
+    poster.post(body, [Event("Normal", "Injected", "x")])
+    assert first_started.wait(5)
+    poster.post(body, [Event("Normal", "ScaledObjectCreated", "x")])
+    wait_for(lambda: len(posted) == 2, 10, "both Events")
+    assert posted == ["Injected", "ScaledObjectCreated"]
 
 
 def _so(uid: str, version: int, threshold: str = "100") -> dict:

@@ -147,11 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tcp_exporter_operator.uninstall import uninstall
 
         try:
-            uninstall(Kube(), tuple(args.namespace), args.dry_run)
+            _, failed = uninstall(Kube(), tuple(args.namespace), args.dry_run)
         except ApiError as exc:
             print(f"tcp-exporter-operator: uninstall: {exc}", file=sys.stderr)
             return 1
-        return 0
+        return 1 if failed else 0
     import kopf
 
     from tcp_exporter_operator import (

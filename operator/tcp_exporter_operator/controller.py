@@ -240,6 +240,8 @@ class Controller:
         meta = body["metadata"]
         metrics.TRACKED.set(len(self.deployments.known))
         if type == "DELETED":
+            # Nothing is left to reconcile: a queued entry would patch a gone Deployment and warn of the 404.
+            self.queue.forget((meta["namespace"], meta["name"]))
             self.received.pop((meta["namespace"], meta["name"]), None)
             uid = meta.get("uid")
             self.warned.pop(uid, None)
@@ -293,8 +295,9 @@ class Controller:
         uid = body["metadata"].get("uid")
         for namespace_, name_ in self.rollouts.progress(uid, body):
             self.enqueue(namespace_, name_)  # a paced upgrade finished here: the next waiting one may roll now
-        if uid in self.awaiting:
-            written, deadline = self.awaiting[uid]
+        awaiting = self.awaiting.get(uid)  # the watch thread may drop it meanwhile (a deletion): read it once
+        if awaiting is not None:
+            written, deadline = awaiting
             if older(body["metadata"].get("resourceVersion"), written) and time.monotonic() < deadline:
                 log.debug(
                     "skipped %s/%s at resourceVersion %s: older than our write %s",
@@ -304,7 +307,7 @@ class Controller:
                     written,
                 )
                 return None
-            del self.awaiting[uid]
+            self.awaiting.pop(uid, None)
         if self.synced.get(uid) == unchanged(body):
             # In sync, and nothing the plan reads of the Deployment has changed since: no need to plan again. Its
             # children's edits come through their own events, CRDs through full passes, both planned afresh.

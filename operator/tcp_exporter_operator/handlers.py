@@ -49,10 +49,8 @@ def login_handler(**_: Any) -> kopf.ConnectionInfo:
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """kopf's settings, and the controller started: it runs the watches and workers, kopf only logs in and serves
     the liveness probe."""
-    # Should kopf ever need to store state, it goes under this project's prefix.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.tcp-exporter.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.tcp-exporter.dev")
-    settings.persistence.finalizer = "kopf.tcp-exporter.dev/finalizer"
+    # kopf handles no resource, so it keeps no progress, diff-base or finalizer anywhere; it watches only its
+    # peering object (when peering is on), with these timeouts.
     settings.posting.enabled = False  # the operator posts its own Events, deduplicated
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -4,7 +4,7 @@
 Credentials: the client loads the in-cluster ServiceAccount (whose token file it re-reads) or the kubeconfig in
 any of its forms (exec plugins as EKS, GKE and AKS use, client certificates, tokens). A token can be revoked
 before the expiry it announced, so a 401 reloads the credentials and retries the call once. kopf logs in through
-the same loader (`handlers.login`), so its watches refresh the same way.
+the same loader (`handlers.login_handler`), so its watches (kopf's peering) refresh the same way.
 
 Answers are read as plain JSON (`_preload_content=False`): the operator needs a few fields, not the client's
 generated models, and building those for every Deployment would cost more than the request.
@@ -39,7 +39,7 @@ CHILDREN = {
 REQUEST_TIMEOUT = 15.0
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"  # said explicitly: the client would guess merge-patch for some APIs
-POOL_SIZE = 16  # above kopf's worker count, so no request waits for a connection
+POOL_SIZE = 16  # the reconcile workers (8) and the Event posters (4) at once, with room: none waits for a connection
 Lister = Callable[..., Any]  # (api client, scope, **list parameters) -> the raw response of a list or watch
 
 
@@ -327,23 +327,27 @@ class Kube:
 class EventPoster:
     """Events posted off the reconcile path, as kopf posts its own: a worker hands a Deployment's Events over and
     goes on to the next Deployment instead of waiting for two more round trips. One Deployment's Events are posted
-    in order, by one thread. At most `pending` Deployments' Events wait; beyond that a worker waits for room (the
-    API server is then the bottleneck anyway). Daemon threads: Events still waiting at exit are dropped, as
-    kopf's are."""
+    in order: each Deployment (by uid) belongs to one of `threads` queues, each drained by one thread. At most
+    `pending` batches wait per queue; beyond that a worker waits for room (the API server is then the bottleneck
+    anyway). Daemon threads: Events still waiting at exit are dropped, as kopf's are."""
 
-    def __init__(self, kube: Kube, threads: int = 4, pending: int = 1024) -> None:
+    def __init__(self, kube: Kube, threads: int = 4, pending: int = 256) -> None:
         self.kube = kube
-        self._queue: queue.Queue[tuple[Mapping[str, Any], list[Event]]] = queue.Queue(pending)
-        for i in range(threads):
-            threading.Thread(target=self._run, name=f"events-{i}", daemon=True).start()
+        self._queues: list[queue.Queue[tuple[Mapping[str, Any], list[Event]]]] = [
+            queue.Queue(pending) for _ in range(max(1, threads))
+        ]
+        for i, q in enumerate(self._queues):
+            threading.Thread(target=self._run, args=(q,), name=f"events-{i}", daemon=True).start()
 
     def post(self, deployment: Mapping[str, Any], events: list[Event]) -> None:
         if events:
-            self._queue.put((deployment, events))
+            meta = deployment["metadata"]
+            shard = hash(meta.get("uid") or (meta.get("namespace"), meta.get("name"))) % len(self._queues)
+            self._queues[shard].put((deployment, events))
 
-    def _run(self) -> None:
+    def _run(self, q: queue.Queue[tuple[Mapping[str, Any], list[Event]]]) -> None:
         while True:
-            deployment, events = self._queue.get()
+            deployment, events = q.get()
             for event in events:
                 try:
                     self.kube.post_event(deployment, event)

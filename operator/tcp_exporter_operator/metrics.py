@@ -33,7 +33,7 @@ QUEUE_DEPTH = Gauge("tcp_exporter_operator_queue_depth", "Deployments waiting fo
 TRACKED = Gauge("tcp_exporter_operator_tracked_deployments", "Deployments annotated, or still carrying an injection")
 WATCH_RESTARTS = Counter(
     "tcp_exporter_operator_watch_restarts_total",
-    "Deployment watches that ended with an error and were started again, by whether a new listing was needed",
+    "The operator's watches (of every kind it lists) that ended and were started again, by whether a new listing was needed",
     ["relist"],
 )
 DELETION_COST_QUERIES = Counter(

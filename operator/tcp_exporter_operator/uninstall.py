@@ -72,23 +72,51 @@ def children(kube: Kube, kind: str, namespace: str | None) -> Iterator[dict[str,
             raise
 
 
-def uninstall(kube: Kube, namespaces: tuple[str, ...], dry_run: bool, out: TextIO = sys.stdout) -> int:
-    """Remove what the operator injected; returns the number of objects changed (or, dry, to change)."""
+ATTEMPTS = 5  # patches of one Deployment that may meet a conflict (it changed since read) before giving up
+
+
+def uninject_one(kube: Kube, listed: dict[str, Any], dry_run: bool) -> str:
+    """Take the injection out of one listed Deployment: "removed", "gone" (deleted since it was listed, or no
+    longer injected) or "failed" (it kept changing under us)."""
+    meta, current = listed["metadata"], listed
+    for _attempt in range(ATTEMPTS):
+        if A_STATUS not in (current["metadata"].get("annotations") or {}):
+            return "gone"
+        if dry_run:
+            return "removed"
+        try:
+            kube.patch_deployment(meta["namespace"], meta["name"], deployment_patch(current, uninject(current)))
+            return "removed"
+        except Conflict:  # changed since it was read: read it again
+            found = kube.get_deployment(meta["namespace"], meta["name"])
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            found = None
+        if found is None:
+            return "gone"
+        current = found
+    return "failed"
+
+
+def uninstall(kube: Kube, namespaces: tuple[str, ...], dry_run: bool, out: TextIO = sys.stdout) -> tuple[int, int]:
+    """Remove what the operator injected; returns the number of objects changed (or, dry, to change) and of those
+    that could not be."""
     verb = "would remove" if dry_run else "removed"
-    changed = 0
+    changed = failed = 0
     for namespace in namespaces or (None,):
         for listed in injected_deployments(kube, namespace):
-            meta, current = listed["metadata"], listed
-            for _attempt in range(5):
-                ops = deployment_patch(current, uninject(current))
-                try:
-                    if not dry_run:
-                        kube.patch_deployment(meta["namespace"], meta["name"], ops)
-                    break
-                except Conflict:  # changed since it was listed: read it again
-                    current = kube.get_deployment(meta["namespace"], meta["name"]) or current
-            print(f"Deployment {meta['namespace']}/{meta['name']}: {verb} the sidecar and annotations", file=out)
-            changed += 1
+            meta = listed["metadata"]
+            result = uninject_one(kube, listed, dry_run)
+            where = f"Deployment {meta['namespace']}/{meta['name']}"
+            if result == "removed":
+                print(f"{where}: {verb} the sidecar and annotations", file=out)
+                changed += 1
+            elif result == "gone":
+                print(f"{where}: deleted or no longer injected since it was listed; nothing to remove", file=out)
+            else:
+                print(f"{where}: NOT removed: it changed {ATTEMPTS} times while being patched; run again", file=out)
+                failed += 1
         for kind in CHILDREN:
             for child in children(kube, kind, namespace):
                 cmeta = child["metadata"]
@@ -97,5 +125,6 @@ def uninstall(kube: Kube, namespaces: tuple[str, ...], dry_run: bool, out: TextI
                 done = "would delete" if dry_run else "deleted"
                 print(f"{kind} {cmeta['namespace']}/{cmeta['name']}: {done}", file=out)
                 changed += 1
-    print(f"{changed} objects {'to change' if dry_run else 'changed'}", file=out)
-    return changed
+    summary = f"{changed} objects {'to change' if dry_run else 'changed'}"
+    print(summary + (f", {failed} could not be changed" if failed else ""), file=out)
+    return changed, failed

@@ -67,6 +67,11 @@ class WorkQueue(Generic[K, V]):
                     return None
                 self.cond.wait(remaining)
 
+    def forget(self, key: K) -> None:
+        """Drop what waits under the key (its object is gone); a worker holding it finishes as it is."""
+        with self.cond:
+            self.pending.pop(key, None)
+
     def done(self, key: K) -> None:
         with self.cond:
             self.busy.discard(key)

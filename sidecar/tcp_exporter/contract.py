@@ -17,7 +17,6 @@ METHODS = ("auto", "conntrack", "sockdiag", "psutil")
 # Linux capabilities each method needs; the others need none.
 METHOD_CAPABILITIES: dict[str, tuple[str, ...]] = {"conntrack": ("NET_ADMIN",)}
 
-METRIC_PREFIX = "tcp_exporter_"
 METRIC_ESTABLISHED = "tcp_exporter_established_connections"
 METRIC_ACCEPTED = "tcp_exporter_accepted_connections"  # exposed with the _total suffix
 METRIC_METHOD_INFO = "tcp_exporter_method"  # exposed as tcp_exporter_method_info

@@ -1,0 +1,64 @@
+"""Unit tests of the controller's dispatch: what the watch thread and the workers share, without a cluster.
+
+The controller is built over a client that is never called (nothing here reaches an API server); the cluster
+tests drive the same code through the real operator process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes import client
+from tcp_exporter_operator.config import Config
+from tcp_exporter_operator.controller import Controller, unchanged
+from tcp_exporter_operator.kube import Kube
+
+
+@pytest.fixture
+def controller() -> Controller:
+    configuration = client.Configuration()
+    configuration.host = "https://127.0.0.1:1"  # never called: nothing listens there
+    return Controller(Config(), Kube(lambda: configuration), ())
+
+
+def deployment(name: str = "checkout.v2", version: str = "20") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "uid": f"uid-{name}",
+            "resourceVersion": version,
+            "generation": 1,
+            "annotations": {"tcp-exporter/port": "8080"},
+        },
+        "spec": {"replicas": 2},
+    }
+
+
+def test_a_deletion_drops_the_deployments_queued_event_so_no_worker_patches_a_gone_deployment(
+    controller: Controller,
+) -> None:
+    controller.dispatch("ADDED", deployment())
+    controller.dispatch("ADDED", deployment("web-api"))
+    assert len(controller.queue) == 2
+    controller.dispatch("DELETED", deployment())
+    entry = controller.queue.get(timeout=0)
+    assert entry is not None and entry[0] == ("shop", "web-api")
+    assert controller.queue.get(timeout=0) is None
+
+
+def test_an_event_survives_the_watch_thread_dropping_the_awaited_write_meanwhile(controller: Controller) -> None:
+    class DroppedOnRead(dict[str, tuple[str, float]]):
+        """The watch thread's deletion pops the entry right after a worker first reads it."""
+
+        def __getitem__(self, key: str) -> tuple[str, float]:
+            value = dict.__getitem__(self, key)
+            dict.pop(self, key)
+            return value
+
+    body = deployment(version="30")
+    controller.awaiting = DroppedOnRead({"uid-checkout.v2": ("25", float("inf"))})
+    controller.synced["uid-checkout.v2"] = unchanged(body)  # in sync: nothing to plan after the check
+    assert controller.deployment_event(body) is None
+    assert "uid-checkout.v2" not in controller.awaiting
