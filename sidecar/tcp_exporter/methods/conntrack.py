@@ -36,7 +36,7 @@ import threading
 import time
 
 from tcp_exporter import netlink, nftables
-from tcp_exporter.methods import Counts, Options, Unavailable
+from tcp_exporter.methods.base import Counts, Options, Unavailable
 from tcp_exporter.sockets import SocketTable
 
 log = logging.getLogger(__name__)

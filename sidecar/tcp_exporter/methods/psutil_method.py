@@ -6,7 +6,7 @@ in Python: seconds per count at 100,000 connections.
 
 from __future__ import annotations
 
-from tcp_exporter.methods import AcceptedSampler, Counts, Options, Unavailable
+from tcp_exporter.methods.base import AcceptedSampler, Counts, Options, Unavailable
 
 
 class Psutil:

@@ -3,7 +3,7 @@ needed."""
 
 from __future__ import annotations
 
-from tcp_exporter.methods import Counts, Options, Unavailable
+from tcp_exporter.methods.base import Counts, Options, Unavailable
 from tcp_exporter.sockets import SocketTable
 
 
@@ -13,7 +13,10 @@ class SockDiag:
 
     def __init__(self, ports: tuple[int, ...]) -> None:
         self.ports = ports
-        self.table = SocketTable(ports)
+        try:
+            self.table = SocketTable(ports)
+        except OSError as exc:
+            raise Unavailable(f"cannot open a sock_diag netlink socket: {exc}") from exc
         self.accepted = dict.fromkeys(ports, 0)
         try:  # the baseline: connections open now predate us
             self.seen = {port: set(self.table.cookies(port)) for port in ports}
