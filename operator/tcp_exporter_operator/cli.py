@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 from tcp_exporter import __version__
+from tcp_exporter.logs import TEXT_FORMAT, JsonFormatter
 
 from tcp_exporter_operator.annotations import A_PORT
 from tcp_exporter_operator.config import Config
@@ -159,10 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics,
     )
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=TEXT_FORMAT)
     if args.log_format == "json":
         for handler in logging.getLogger().handlers:
-            handler.setFormatter(metrics.JsonFormatter())
+            handler.setFormatter(JsonFormatter())
     try:
         metrics.serve(args.metrics_address)
     except (OSError, ValueError) as exc:

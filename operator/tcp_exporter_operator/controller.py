@@ -25,10 +25,9 @@ from tcp_exporter_operator import metrics
 from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, A_STATUS, InvalidSpec, parse_spec
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import is_ours
-from tcp_exporter_operator.events import MANAGED_BY, Event
+from tcp_exporter_operator.events import CHILDREN, MANAGED_BY, Event
 from tcp_exporter_operator.indexes import KEDA_CRD, PODMONITOR_CRD, Indexes
 from tcp_exporter_operator.kube import (
-    CHILDREN,
     ApiError,
     Conflict,
     EventPoster,

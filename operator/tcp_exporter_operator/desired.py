@@ -24,7 +24,7 @@ from tcp_exporter_operator.annotations import (
     recorded_status,
     template_of,
 )
-from tcp_exporter_operator.events import LABELS
+from tcp_exporter_operator.events import LABELS, api_version
 
 METRICS_PORT_NAME = "tcp-metrics"
 PROMETHEUS_SCRAPE = "prometheus.io/scrape"
@@ -223,7 +223,7 @@ def scaled_object(deployment: Mapping[str, Any], spec: Spec, fallback_behavior: 
         }
     so_spec["triggers"] = [trigger]
     return {
-        "apiVersion": "keda.sh/v1alpha1",
+        "apiVersion": api_version("ScaledObject"),
         "kind": "ScaledObject",
         "metadata": {
             "name": child_name(meta["name"], limit=SCALED_OBJECT_NAME_MAX),
@@ -239,7 +239,7 @@ def pod_monitor(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
     meta = deployment["metadata"]
     selector = deployment["spec"]["selector"]
     return {
-        "apiVersion": "monitoring.coreos.com/v1",
+        "apiVersion": api_version("PodMonitor"),
         "kind": "PodMonitor",
         "metadata": {
             "name": child_name(meta["name"], "tcp-exporter"),

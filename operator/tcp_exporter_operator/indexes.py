@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tcp_exporter_operator.desired import child_names, is_ours
+from tcp_exporter_operator.events import crd_name
 from tcp_exporter_operator.kube import hpa_summary
 from tcp_exporter_operator.plan import Facts
 from tcp_exporter_operator.watch import Index
 
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
-KEDA_CRD = "scaledobjects.keda.sh"
-PODMONITOR_CRD = "podmonitors.monitoring.coreos.com"
+KEDA_CRD = crd_name("ScaledObject")
+PODMONITOR_CRD = crd_name("PodMonitor")
 
 
 def child_summary(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:

@@ -27,15 +27,10 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tcp_exporter_operator import metrics
-from tcp_exporter_operator.events import MANAGED_BY, Event
+from tcp_exporter_operator.events import CHILDREN, MANAGED_BY, PEERING, Event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# The objects the operator makes for a Deployment, by kind: (group, version, plural).
-CHILDREN = {
-    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
-    "PodMonitor": ("monitoring.coreos.com", "v1", "podmonitors"),
-}
 REQUEST_TIMEOUT = 15.0
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"  # said explicitly: the client would guess merge-patch for some APIs
@@ -277,11 +272,11 @@ class Kube:
 
     def ensure_peering(self, name: str) -> None:
         """The cluster-wide kopf peering object the replicas share; created if missing."""
-        body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+        body = {"apiVersion": f"{PEERING[0]}/{PEERING[1]}", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
         try:
             self.call(
                 lambda api: client.CustomObjectsApi(api).create_cluster_custom_object(
-                    "kopf.dev", "v1", "clusterkopfpeerings", body, _preload_content=False
+                    *PEERING, body, _preload_content=False
                 )
             )
         except ApiError as exc:

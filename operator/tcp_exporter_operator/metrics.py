@@ -1,15 +1,10 @@
-"""The operator's own metrics, served on /metrics (`--metrics-address`), and its JSON log format.
+"""The operator's own metrics, served on /metrics (`--metrics-address`).
 
 Names follow Prometheus' conventions and those of controller-runtime operators: counters end in `_total`,
 durations are histograms in seconds, and the process metrics are prometheus_client's standard `process_*`.
 """
 
 from __future__ import annotations
-
-import json
-import logging
-import time
-from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -33,7 +28,8 @@ QUEUE_DEPTH = Gauge("tcp_exporter_operator_queue_depth", "Deployments waiting fo
 TRACKED = Gauge("tcp_exporter_operator_tracked_deployments", "Deployments annotated, or still carrying an injection")
 WATCH_RESTARTS = Counter(
     "tcp_exporter_operator_watch_restarts_total",
-    "The operator's watches (of every kind it lists) that ended and were started again, by whether a new listing was needed",
+    "The operator's watches (every kind it lists) that ended and were started again, by whether a new listing "
+    "was needed",
     ["relist"],
 )
 DELETION_COST_QUERIES = Counter(
@@ -60,18 +56,3 @@ def serve(address: str) -> None:
         return
     host, _, port = address.rpartition(":")
     start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, as log collectors (Loki, Elasticsearch, Cloud Logging) read them."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)

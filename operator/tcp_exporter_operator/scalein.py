@@ -31,14 +31,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tcp_exporter import contract as sidecar
+
 from tcp_exporter_operator import metrics
 from tcp_exporter_operator.kube import ApiError, Kube
 
 log = logging.getLogger(__name__)
 COST = "controller.kubernetes.io/pod-deletion-cost"
+_BY = f"namespace, pod, {sidecar.DEPLOYMENT_LABEL}"
+# Every opted-in pod's connections, each pod once however many jobs scrape it (as the ScaledObject's query).
 QUERY = (
-    "sum by (namespace, pod, tcp_exporter_deployment) (max by (namespace, pod, port, tcp_exporter_deployment) "
-    '(tcp_exporter_established_connections{tcp_exporter_deployment!=""}))'
+    f"sum by ({_BY}) (max by ({_BY}, {sidecar.PORT_LABEL}) "
+    f'({sidecar.METRIC_ESTABLISHED}{{{sidecar.DEPLOYMENT_LABEL}!=""}}))'
 )
 MIN_STEP = 2  # connections: a smaller change is never material
 REL_STEP = 0.2  # of the written value: nor is a smaller relative one
@@ -158,7 +162,7 @@ class DeletionCosts:
                 continue
             for sample in series:
                 labels = sample.get("metric") or {}
-                key = (labels.get("namespace", ""), labels.get("tcp_exporter_deployment", ""))
+                key = (labels.get("namespace", ""), labels.get(sidecar.DEPLOYMENT_LABEL, ""))
                 if key in targets and targets[key].prometheus == url and labels.get("pod"):
                     counts.setdefault(key, {})[labels["pod"]] = int(float(sample["value"][1]))
         for key in list(self.written):

@@ -19,8 +19,8 @@ from kubernetes import client
 from tcp_exporter_operator.annotations import A_STATUS
 from tcp_exporter_operator.desired import uninject
 from tcp_exporter_operator.diff import deployment_patch
-from tcp_exporter_operator.events import MANAGED_BY
-from tcp_exporter_operator.kube import CHILDREN, ApiError, Conflict, Kube
+from tcp_exporter_operator.events import CHILDREN, MANAGED_BY
+from tcp_exporter_operator.kube import ApiError, Conflict, Kube
 
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 

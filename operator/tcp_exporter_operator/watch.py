@@ -27,6 +27,7 @@ import urllib3
 from kubernetes import client
 
 from tcp_exporter_operator import metrics
+from tcp_exporter_operator.events import PEERING
 from tcp_exporter_operator.kube import ApiError, Kube, Lister
 
 log = logging.getLogger(__name__)
@@ -451,7 +452,7 @@ class Peering:
 
         def lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
             return client.CustomObjectsApi(api).list_cluster_custom_object(
-                "kopf.dev", "v1", "clusterkopfpeerings", field_selector=f"metadata.name={name}",
+                *PEERING, field_selector=f"metadata.name={name}",
                 _preload_content=False, **kwargs,
             )  # fmt: skip
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -15,6 +14,7 @@ from types import FrameType
 from tcp_exporter import __version__
 from tcp_exporter import contract as c
 from tcp_exporter.exporter import LANDING, ConnectionCollector, make_registry, parse_listen_address, serve
+from tcp_exporter.logs import TEXT_FORMAT, JsonFormatter
 from tcp_exporter.methods import Options, Unavailable, select
 
 log = logging.getLogger("tcp_exporter")
@@ -187,24 +187,9 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
     return args
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
