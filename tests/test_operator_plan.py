@@ -90,6 +90,16 @@ def stored(name: str = "basic") -> dict[str, Any]:
     return dep
 
 
+def action(result: Plan, kind: str) -> str | None:
+    write = result.child(kind)
+    return write.action if write else None
+
+
+def body(result: Plan, kind: str) -> dict[str, Any] | None:
+    write = result.child(kind)
+    return write.body if write else None
+
+
 def applied(dep: dict[str, Any], result: Plan) -> dict[str, Any]:
     """The Deployment after the plan's JSON patch, applied the way the API server does, defaults added."""
     new = copy.deepcopy(dep)
@@ -115,9 +125,9 @@ def applied(dep: dict[str, Any], result: Plan) -> dict[str, Any]:
 def test_after_injection_the_plan_is_empty() -> None:
     dep = stored()
     first = plan(dep, Facts(), CFG)
-    assert first.deployment_patch and first.scaled_object_action == "create"
+    assert first.deployment_patch and action(first, "ScaledObject") == "create"
     after = applied(dep, first)
-    again = plan(after, Facts(scaled_object=first.scaled_object), CFG)
+    again = plan(after, Facts(scaled_object=body(first, "ScaledObject")), CFG)
     assert again.writes == 0 and again.events == []
 
 
@@ -164,8 +174,8 @@ def test_removing_the_port_annotation_undoes_exactly_what_was_added() -> None:
     first = plan(original, Facts(), CFG)
     dep = applied(original, first)
     del dep["metadata"]["annotations"][A_PORT]
-    undo = plan(dep, Facts(scaled_object=first.scaled_object), CFG)
-    assert undo.scaled_object_action == "delete"
+    undo = plan(dep, Facts(scaled_object=body(first, "ScaledObject")), CFG)
+    assert action(undo, "ScaledObject") == "delete"
     clean = applied(dep, undo)
     assert clean["spec"]["template"] == {
         **original["spec"]["template"],
@@ -214,7 +224,7 @@ def test_a_foreign_autoscaler_is_left_in_charge() -> None:
 
 def test_without_keda_the_sidecar_is_injected_and_a_warning_says_why() -> None:
     result = plan(stored(), Facts(keda=False), CFG)
-    assert result.deployment_patch is not None and result.scaled_object_action is None
+    assert result.deployment_patch is not None and action(result, "ScaledObject") is None
     assert "KedaMissing" in [e.reason for e in result.events]
 
 
@@ -225,7 +235,7 @@ def test_a_scaledobject_edited_by_hand_is_planned_back() -> None:
     edited["spec"]["maxReplicaCount"] = 99
     after = applied(dep, plan(dep, Facts(), CFG))
     result = plan(after, Facts(scaled_object=edited), CFG)
-    assert result.scaled_object_action == "update" and result.deployment_patch is None
+    assert action(result, "ScaledObject") == "update" and result.deployment_patch is None
 
 
 # Valid Deployment names (DNS subdomains up to 253 characters) of every shape the selection must keep apart.
@@ -287,8 +297,8 @@ def so_for(annotations: dict[str, str], cfg: Config = CFG, facts: Facts | None =
     dep = stored()
     dep["metadata"]["annotations"].update(annotations)
     result = plan(dep, facts or Facts(), cfg)
-    assert result.scaled_object_action == "create", result.events
-    return result.scaled_object or {}
+    assert action(result, "ScaledObject") == "create", result.events
+    return body(result, "ScaledObject") or {}
 
 
 def test_missing_data_is_an_error_and_the_fallback_never_scales_in() -> None:
@@ -375,42 +385,42 @@ def test_an_option_removed_by_the_user_is_removed_from_the_scaledobject() -> Non
     with_ref = so_for({"tcp-exporter/authentication-ref": "a", "tcp-exporter/auth-modes": "bearer"})
     after = applied(stored(), plan(stored(), Facts(), CFG))
     result = plan(after, Facts(scaled_object=with_ref), CFG)
-    assert result.scaled_object_action == "update"
-    assert "authenticationRef" not in (result.scaled_object or {})["spec"]["triggers"][0]
+    assert action(result, "ScaledObject") == "update"
+    assert "authenticationRef" not in (body(result, "ScaledObject") or {})["spec"]["triggers"][0]
 
 
 def test_the_podmonitor_is_created_labelled_updated_and_deleted_with_the_annotation() -> None:
     cfg = Config(pod_monitor_labels="release=kube-prometheus-stack")
     dep = stored()
     first = plan(dep, Facts(pod_monitor_crd=True), cfg)
-    pm = first.pod_monitor or {}
-    assert first.pod_monitor_action == "create"
+    pm = body(first, "PodMonitor") or {}
+    assert action(first, "PodMonitor") == "create"
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert pm["spec"]["podMetricsEndpoints"] == [{"port": "tcp-metrics", "path": "/metrics"}]
     after = applied(dep, first)
-    so = first.scaled_object
+    so = body(first, "ScaledObject")
     assert plan(after, Facts(pod_monitor_crd=True, pod_monitor=pm, scaled_object=so), cfg).writes == 0
     after["metadata"]["annotations"]["tcp-exporter/pod-monitor-labels"] = "release=prom-b"
     relabel = plan(after, Facts(pod_monitor_crd=True, pod_monitor=pm, scaled_object=so), cfg)
-    assert relabel.pod_monitor_action == "update" and relabel.deployment_patch is None
-    assert (relabel.pod_monitor or {})["metadata"]["labels"]["release"] == "prom-b"
+    assert action(relabel, "PodMonitor") == "update" and relabel.deployment_patch is None
+    assert (body(relabel, "PodMonitor") or {})["metadata"]["labels"]["release"] == "prom-b"
     del after["metadata"]["annotations"]["tcp-exporter/port"]
     gone = plan(after, Facts(pod_monitor_crd=True, pod_monitor=pm, scaled_object=so), cfg)
-    assert gone.pod_monitor_action == "delete" and gone.scaled_object_action == "delete"
+    assert action(gone, "PodMonitor") == "delete" and action(gone, "ScaledObject") == "delete"
 
 
 def test_without_a_discovery_path_there_is_no_scaledobject_and_a_warning_says_why() -> None:
     dep = stored("own-prometheus")
     del dep["metadata"]["annotations"]["tcp-exporter/scaledobject"]
     blind = plan(dep, Facts(), CFG)
-    assert blind.deployment_patch is not None and blind.scaled_object_action is None
+    assert blind.deployment_patch is not None and action(blind, "ScaledObject") is None
     assert [e.reason for e in blind.events if e.type == "Warning"] == ["MetricsDiscovery"]
     # The same Deployment where a PodMonitor or the port-name job finds the sidecar: a ScaledObject.
-    assert plan(dep, Facts(pod_monitor_crd=True), CFG).scaled_object_action == "create"
-    assert plan(dep, Facts(), Config(discovery=("port-name",))).scaled_object_action == "create"
+    assert action(plan(dep, Facts(pod_monitor_crd=True), CFG), "ScaledObject") == "create"
+    assert action(plan(dep, Facts(), Config(discovery=("port-name",))), "ScaledObject") == "create"
     # An existing ScaledObject of ours is removed when it turns blind: its fallback would hold replicas forever.
     existing = {"metadata": {"name": "game", "namespace": "play"}, "spec": {}}
-    assert plan(dep, Facts(scaled_object=existing), CFG).scaled_object_action == "delete"
+    assert action(plan(dep, Facts(scaled_object=existing), CFG), "ScaledObject") == "delete"
 
 
 def test_discovery_without_annotations_leaves_the_pod_annotations_alone() -> None:
@@ -431,17 +441,18 @@ def test_config_reads_prefixed_environment_and_rejects_bad_numbers() -> None:
 
 def test_a_new_sidecar_image_in_the_configuration_is_a_paced_upgrade_the_users_change_is_not() -> None:
     dep = applied(stored(), plan(stored(), Facts(), CFG))
-    so = plan(stored(), Facts(), CFG).scaled_object
+    so = body(plan(stored(), Facts(), CFG), "ScaledObject")
     new_image = Config(sidecar_image="ghcr.io/tcp-exporter/tcp-exporter:9.9.9")
-    waiting = plan(dep, Facts(scaled_object=so, rollout_slot=False), new_image)
+    going = plan(dep, Facts(scaled_object=so), new_image)
+    waiting = going.deferred()  # no slot free
     assert waiting.upgrade_deferred and waiting.deployment_patch is None and waiting.events == []
-    going = plan(dep, Facts(scaled_object=so, rollout_slot=True), new_image)
     assert going.upgrade and going.deployment_patch is not None
     assert [e.reason for e in going.events] == ["Upgraded"]
     # The user's own change is never held back, even with no slot free.
     dep["metadata"]["annotations"]["tcp-exporter/cpu-limit"] = "500m"
-    mine = plan(dep, Facts(scaled_object=so, rollout_slot=False), new_image)
-    assert mine.deployment_patch is not None and not mine.upgrade and not mine.upgrade_deferred
+    mine = plan(dep, Facts(scaled_object=so), new_image)
+    assert mine.deployment_patch is not None and not mine.upgrade
+    assert mine.deferred() is mine
 
 
 def test_a_status_written_before_inputs_were_recorded_counts_as_an_upgrade() -> None:
@@ -450,7 +461,7 @@ def test_a_status_written_before_inputs_were_recorded_counts_as_an_upgrade() -> 
     del status["inputs"]
     status["hash"] = "0" * 16  # and its sidecar differs from today's
     dep["metadata"]["annotations"][A_STATUS] = json.dumps(status)
-    assert plan(dep, Facts(rollout_slot=False), CFG).upgrade_deferred
+    assert plan(dep, Facts(), CFG).upgrade
 
 
 @pytest.mark.parametrize(
@@ -473,3 +484,51 @@ def test_a_mesh_proxy_in_the_pod_template_is_a_warning_and_the_injection_still_h
     # conntrack counts the clients behind the redirect: nothing to warn about.
     dep["metadata"]["annotations"]["tcp-exporter/method"] = "conntrack"
     assert "MeshInbound" not in [e.reason for e in plan(dep, Facts(), CFG).events]
+
+
+@pytest.mark.parametrize(
+    "forged",
+    ['{"podAnnotations": 5}', '{"ports": "8080", "hash": 3}', "[]", '"x"', "not json", "[" * 100_000, "{}"],
+)
+def test_a_forged_status_annotation_is_read_as_untrusted_and_the_injection_made_right(forged: str) -> None:
+    dep = applied(stored(), plan(stored(), Facts(), CFG))
+    dep["metadata"]["annotations"][A_STATUS] = forged
+    result = plan(dep, Facts(), CFG)
+    assert result.deployment_patch is not None and not result.upgrade  # rewritten, and not paced as an upgrade
+    fixed = applied(dep, result)
+    assert json.loads(fixed["metadata"]["annotations"][A_STATUS])["ports"] == [8080]
+    assert plan(fixed, Facts(scaled_object=body(result, "ScaledObject")), CFG).writes == 0  # in sync after it
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "said"),
+    [
+        ("METHOD", "ebpf", "the operator setting TCP_EXPORTER_OPERATOR_METHOD: 'ebpf' is not one of"),
+        ("THRESHOLD", "0", "the operator setting TCP_EXPORTER_OPERATOR_THRESHOLD: 0 must be at least 1"),
+        ("THRESHOLD", "²", "TCP_EXPORTER_OPERATOR_THRESHOLD='²' is not a whole number"),
+        ("SIDECAR_IMAGE", "a b", "the operator setting TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE: 'a b'"),
+        ("SCALE_IN_BY_CONNECTIONS", "yes", "TCP_EXPORTER_OPERATOR_SCALE_IN_BY_CONNECTIONS='yes' must be \"true\""),
+        (
+            "AUTHENTICATION_REF",
+            "central",
+            "the operator setting TCP_EXPORTER_OPERATOR_AUTHENTICATION_REF needs tcp-exporter/auth-modes",
+        ),
+    ],
+)
+def test_a_wrong_operator_setting_exits_2_at_start_naming_the_setting_not_an_annotation(
+    setting: str, value: str, said: str
+) -> None:
+    env = {**os.environ, **ENV, f"TCP_EXPORTER_OPERATOR_{setting}": value}
+    out = subprocess.run(
+        [RENDER, "render", "-f", str(GOLDEN / "basic.in.yaml")], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert said in out.stderr
+
+
+def test_a_port_annotation_of_non_ascii_digits_is_refused_with_a_warning_not_a_crash() -> None:
+    dep = stored()
+    dep["metadata"]["annotations"]["tcp-exporter/port"] = "²"
+    result = plan(dep, Facts(), CFG)
+    assert result.writes == 0
+    assert [e.reason for e in result.events] == ["InvalidAnnotation"]

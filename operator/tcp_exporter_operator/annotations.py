@@ -6,6 +6,7 @@ typed values or raises `InvalidSpec` with the message the user reads in a Warnin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 from tcp_exporter import contract as sidecar
 
+from tcp_exporter_operator.config import PREFIX as SETTING_PREFIX
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.events import LABELS
 
@@ -58,6 +60,8 @@ SIDECAR_INPUTS = (
     A_MEMORY_LIMIT,
 )
 CONTAINER = "tcp-exporter"
+# The operator setting (TCP_EXPORTER_OPERATOR_...) that holds an annotation's default, where it is not named after it.
+SETTINGS = {A_IMAGE: "SIDECAR_IMAGE"}
 INJECTABLE_METHODS = tuple(m for m in sidecar.METHODS if m != "auto")  # the sidecar's one list
 # KEDA's fallback.behavior values (KEDA 2.17+), and "none" for no fallback block at all.
 FALLBACK_BEHAVIORS = ("currentReplicasIfHigher", "currentReplicas", "currentReplicasIfLower", "static", "none")
@@ -137,17 +141,21 @@ def containers_of(deployment: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def _integer(annotations: Mapping[str, str], key: str, default: int, low: int, high: int | None = None) -> int:
-    raw = annotations.get(key)
-    if raw is None:
-        return default
-    text = raw.strip()
-    if not re.fullmatch(r"-?[0-9]+", text):
-        raise InvalidSpec(f"{key}: {raw!r} is not a whole number")
+    text, where = _setting(annotations, key, str(default))
+    if not re.fullmatch(r"-?[0-9]+", text):  # ASCII digits only: "²".isdigit() is True, and int("²") raises
+        raise InvalidSpec(f"{where}: {text!r} is not a whole number")
     value = int(text)
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise InvalidSpec(f"{key}: {value} must be {bound}")
+        raise InvalidSpec(f"{where}: {value} must be {bound}")
     return value
+
+
+def _boolean(annotations: Mapping[str, str], key: str, default: bool) -> bool:
+    text, where = _setting(annotations, key, str(default).lower())
+    if text.lower() not in ("true", "false"):
+        raise InvalidSpec(f'{where}: {text!r} must be "true" or "false"')
+    return text.lower() == "true"
 
 
 def _resolve_ports(raw: str, deployment: Mapping[str, Any]) -> tuple[int, ...]:
@@ -162,7 +170,7 @@ def _resolve_ports(raw: str, deployment: Mapping[str, Any]) -> tuple[int, ...]:
     for item in (part.strip() for part in raw.split(",")):
         if not item:
             raise InvalidSpec(f"{A_PORT}: {raw!r} has an empty entry")
-        if item.isdigit():
+        if re.fullmatch(r"[0-9]+", item):  # ASCII digits only: "²".isdigit() is True, and int("²") raises
             number = int(item)
             if not 1 <= number <= 65535:
                 raise InvalidSpec(f"{A_PORT}: {number} is not a port number in 1-65535")
@@ -179,9 +187,9 @@ def _resolve_ports(raw: str, deployment: Mapping[str, Any]) -> tuple[int, ...]:
 
 
 def _quantity(annotations: Mapping[str, str], key: str, default: str) -> str:
-    value = annotations.get(key, default).strip()
+    value, where = _setting(annotations, key, default)
     if not _QUANTITY.match(value):
-        raise InvalidSpec(f"{key}: {value!r} is not a resource quantity (for example 10m, 0.5, 64Mi)")
+        raise InvalidSpec(f"{where}: {value!r} is not a resource quantity (for example 10m, 0.5, 64Mi)")
     return value
 
 
@@ -194,10 +202,12 @@ def quantity_value(text: str) -> Decimal:
 
 
 def _setting(annotations: Mapping[str, str], key: str, default: str) -> tuple[str, str]:
-    """The annotation's text, else the operator-wide default's; with the name to blame in an error."""
+    """The annotation's text, else the operator-wide default's; with the name to blame in an error: the annotation,
+    or the operator setting (TCP_EXPORTER_OPERATOR_...) its default comes from."""
     if key in annotations:
         return annotations[key].strip(), key
-    return default.strip(), f"{key} (the operator's default)"
+    setting = SETTINGS.get(key) or key.removeprefix(PREFIX).replace("-", "_").upper()
+    return default.strip(), f"the operator setting {SETTING_PREFIX}{setting}"
 
 
 def _pairs(text: str, where: str, what: str) -> list[tuple[str, str]]:
@@ -229,8 +239,8 @@ def parse_pod_monitor_labels(annotations: Mapping[str, str], cfg: Config) -> dic
 def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, max_replicas: int) -> KedaOptions:
     """The ScaledObject's KEDA options from the annotations and the operator's defaults; raises InvalidSpec."""
 
-    def number(key: str, default: int | str, low: int, high: int) -> int | None:
-        text, where = _setting(annotations, key, str(default))
+    def number(key: str, default: int | None, low: int, high: int) -> int | None:
+        text, where = _setting(annotations, key, "" if default is None else str(default))
         if text == "":
             return None
         if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) <= high:
@@ -244,13 +254,13 @@ def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, m
         raise InvalidSpec(f"{where}: {behavior!r} is not one of {', '.join(FALLBACK_BEHAVIORS)}")
     threshold = number(A_FALLBACK_THRESHOLD, cfg.fallback_failure_threshold, 1, 1000)
     fallback_replicas = number(A_FALLBACK_REPLICAS, cfg.fallback_replicas, 0, max_replicas)
-    ref_text, where = _setting(annotations, A_AUTH_REF, cfg.authentication_ref)
+    ref_text, ref_where = _setting(annotations, A_AUTH_REF, cfg.authentication_ref)
     ref = None
     if ref_text:
         kind, _, name = ref_text.rpartition("/")
         kind = kind or "TriggerAuthentication"
         if kind not in AUTH_KINDS or not _DNS_SUBDOMAIN.match(name):
-            raise InvalidSpec(f"{where}: {ref_text!r} is not NAME or ({'|'.join(AUTH_KINDS)})/NAME")
+            raise InvalidSpec(f"{ref_where}: {ref_text!r} is not NAME or ({'|'.join(AUTH_KINDS)})/NAME")
         ref = {"name": name, "kind": kind}
     metadata = []
     modes, where = _setting(annotations, A_AUTH_MODES, cfg.auth_modes)
@@ -263,7 +273,7 @@ def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, m
         metadata.append(("authModes", ",".join(m.strip() for m in modes.split(","))))
     elif ref is not None:
         raise InvalidSpec(
-            f"{A_AUTH_REF} needs {A_AUTH_MODES} ({', '.join(AUTH_MODES)}): KEDA's Prometheus "
+            f"{ref_where} needs {A_AUTH_MODES} ({', '.join(AUTH_MODES)}): KEDA's Prometheus "
             "trigger uses no credentials without it"
         )
     tenant, where = _setting(annotations, A_PROMETHEUS_NAMESPACE, cfg.prometheus_namespace)
@@ -277,7 +287,7 @@ def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, m
         if any(not _HEADER_NAME.match(k) for k, _ in pairs):
             raise InvalidSpec(f"{where}: {headers!r} has a header name with characters HTTP does not allow")
         metadata.append(("customHeaders", ",".join(f"{k}={v}" for k, v in pairs)))
-    unsafe, where = _setting(annotations, A_UNSAFE_SSL, cfg.unsafe_ssl)
+    unsafe, where = _setting(annotations, A_UNSAFE_SSL, "" if cfg.unsafe_ssl is None else str(cfg.unsafe_ssl).lower())
     if unsafe:
         if unsafe.lower() not in ("true", "false"):
             raise InvalidSpec(f'{where}: {unsafe!r} must be "true" or "false"')
@@ -293,13 +303,19 @@ def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, m
     )
 
 
+def check_settings(cfg: Config) -> None:
+    """The operator's settings, checked at start as the defaults of a Deployment that sets no annotation but its
+    port would use them; raises InvalidSpec naming the setting."""
+    parse_spec({"metadata": {"name": "settings", "annotations": {A_PORT: "1"}}}, cfg)
+
+
 def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
     """The validated Spec of an annotated Deployment; raises InvalidSpec with a message for the user."""
     annotations = annotations_of(deployment)
     ports = _resolve_ports(annotations[A_PORT], deployment)
-    method = annotations.get(A_METHOD, cfg.method).strip()
+    method, where = _setting(annotations, A_METHOD, cfg.method)
     if method not in INJECTABLE_METHODS:
-        raise InvalidSpec(f"{A_METHOD}: {method!r} is not one of {', '.join(INJECTABLE_METHODS)}")
+        raise InvalidSpec(f"{where}: {method!r} is not one of {', '.join(INJECTABLE_METHODS)}")
     metrics_port = _integer(annotations, A_METRICS_PORT, cfg.metrics_port, 1, 65535)
     if metrics_port in ports:
         raise InvalidSpec(f"{A_METRICS_PORT}: {metrics_port} is also a watched port")
@@ -316,18 +332,14 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
     max_replicas = _integer(annotations, A_MAX, cfg.max_replicas, 1)
     if min_replicas > max_replicas:
         raise InvalidSpec(f"{A_MIN} ({min_replicas}) is above {A_MAX} ({max_replicas})")
-    toggle = annotations.get(A_SCALEDOBJECT, "true").strip().lower()
-    if toggle not in ("true", "false"):
-        raise InvalidSpec(f'{A_SCALEDOBJECT}: {toggle!r} must be "true" or "false"')
-    scale_in = annotations.get(A_SCALE_IN, cfg.scale_in_by_connections).strip().lower()
-    if scale_in not in ("true", "false"):
-        raise InvalidSpec(f'{A_SCALE_IN}: {scale_in!r} must be "true" or "false"')
-    prometheus = annotations.get(A_PROMETHEUS, cfg.prometheus).strip()
+    toggle = _boolean(annotations, A_SCALEDOBJECT, True)
+    scale_in = _boolean(annotations, A_SCALE_IN, cfg.scale_in_by_connections)
+    prometheus, where = _setting(annotations, A_PROMETHEUS, cfg.prometheus)
     if not re.match(r"^https?://[^\s/]+", prometheus):
-        raise InvalidSpec(f"{A_PROMETHEUS}: {prometheus!r} is not an http(s):// address")
-    image = annotations.get(A_IMAGE, cfg.sidecar_image).strip()
+        raise InvalidSpec(f"{where}: {prometheus!r} is not an http(s):// address")
+    image, where = _setting(annotations, A_IMAGE, cfg.sidecar_image)
     if not image or any(c.isspace() for c in image):
-        raise InvalidSpec(f"{A_IMAGE}: {image!r} is not an image reference")
+        raise InvalidSpec(f"{where}: {image!r} is not an image reference")
     resources = {
         "requests": {
             "cpu": _quantity(annotations, A_CPU_REQUEST, cfg.cpu_request),
@@ -357,8 +369,8 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         prometheus=prometheus.rstrip("/"),
-        scaled_object=toggle == "true",
-        scale_in_by_connections=scale_in == "true",
+        scaled_object=toggle,
+        scale_in_by_connections=scale_in,
         resources=resources,
     )
 
@@ -367,12 +379,51 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def recorded_status(deployment: Mapping[str, Any]) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Status:
+    """What the tcp-exporter/status annotation records, read as the untrusted input it is (any namespace editor can
+    write it): a field of the wrong type reads as absent, never as an error."""
+
+    version: str | None = None
+    inputs: str | None = None
+    ports: tuple[int, ...] = ()
+    method: str | None = None
+    pod_annotations: tuple[str, ...] = ()  # the pod-template annotations the operator added
+    hash: str | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> Status:
+        if not isinstance(value, Mapping):
+            return cls()
+
+        def text(key: str) -> str | None:
+            found = value.get(key)
+            return found if isinstance(found, str) else None
+
+        def items(key: str, kind: type) -> tuple[Any, ...]:
+            found = value.get(key)
+            return tuple(v for v in found if type(v) is kind) if isinstance(found, list) else ()
+
+        return cls(
+            version=text("version"),
+            inputs=text("inputs"),
+            ports=items("ports", int),
+            method=text("method"),
+            pod_annotations=items("podAnnotations", str),
+            hash=text("hash"),
+        )
+
+    def same_injection(self, other: Status) -> bool:
+        """Whether both record the same injection (the operator's version aside)."""
+        return dataclasses.replace(self, version=None) == dataclasses.replace(other, version=None)
+
+
+def recorded_status(deployment: Mapping[str, Any]) -> Status | None:
+    """The Deployment's status annotation, parsed; None where it has none (never injected, or cleaned up)."""
     raw = annotations_of(deployment).get(A_STATUS)
     if raw is None:
         return None
     try:
-        value = json.loads(raw)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        return Status.of(json.loads(raw))
+    except (ValueError, RecursionError):
+        return Status()

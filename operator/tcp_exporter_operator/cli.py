@@ -15,7 +15,7 @@ import yaml
 from tcp_exporter import __version__
 from tcp_exporter.logs import TEXT_FORMAT, JsonFormatter
 
-from tcp_exporter_operator.annotations import A_PORT
+from tcp_exporter_operator.annotations import A_PORT, check_settings
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.plan import Facts, plan
 
@@ -119,8 +119,9 @@ def render(path: str, psa_level: str | None, cfg: Config) -> int:
                 print(f"tcp-exporter-operator: {doc['metadata'].get('name')}: {event.message}", file=sys.stderr)
                 failed = failed or event.reason in RENDER_ERRORS
         out.append(result.desired if result.desired is not None else doc)
-        if result.scaled_object_action == "create" and result.scaled_object is not None:
-            scaled = result.scaled_object
+        write = result.child("ScaledObject")
+        if write is not None and write.action == "create":
+            scaled = write.body
             # Offline there is no Deployment UID to own it by: applied from Git, the operator adopts it by its
             # managed-by label and name.
             del scaled["metadata"]["ownerReferences"]
@@ -138,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = Config.from_env()
-    except ValueError as exc:
+        check_settings(cfg)
+    except ValueError as exc:  # InvalidSpec included: it names the setting
         print(f"tcp-exporter-operator: {exc}", file=sys.stderr)
         return 2
     if args.command == "render":

@@ -6,6 +6,7 @@ Every per-Deployment annotation has a field here as its operator-wide default; t
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
@@ -40,18 +41,18 @@ class Config:
     pod_monitor_labels: str = ""  # key=value,key=value, e.g. release=kube-prometheus-stack
     # KEDA: the ScaledObject and its Prometheus trigger. Empty means "not set": KEDA's own default applies.
     polling_interval: int = 15
-    scale_down_stabilization: str = ""  # seconds; the HPA's default is 300
+    scale_down_stabilization: int | None = None  # seconds; the HPA's default is 300
     fallback_behavior: str = "currentReplicasIfHigher"
     fallback_failure_threshold: int = 3
-    fallback_replicas: str = ""  # default: the Deployment's min-replicas
+    fallback_replicas: int | None = None  # default: the Deployment's min-replicas
     authentication_ref: str = ""  # NAME, TriggerAuthentication/NAME or ClusterTriggerAuthentication/NAME
     auth_modes: str = ""
     prometheus_namespace: str = ""
     custom_headers: str = ""
-    unsafe_ssl: str = ""
+    unsafe_ssl: bool | None = None
     # Connection-aware scale-in (scalein.py): the default of the tcp-exporter/scale-in-by-connections annotation,
     # seconds between the Prometheus queries, and pod writes per second at most, over all Deployments.
-    scale_in_by_connections: str = "false"
+    scale_in_by_connections: bool = False
     deletion_cost_period: int = 10
     deletion_cost_rate: int = 20
 
@@ -71,14 +72,20 @@ class Config:
             name = PREFIX + f.name.upper()
             if name not in environ:
                 continue
-            raw = environ[name]
-            if f.type in ("int", int):
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"{name}={raw!r} is not an integer") from None
-            elif str(f.type).startswith("tuple"):
+            raw = environ[name].strip()
+            kind = str(f.type)
+            if kind.startswith("tuple"):
                 values[f.name] = tuple(n.strip() for n in raw.split(",") if n.strip())
+            elif raw == "" and kind.endswith("| None"):
+                values[f.name] = None
+            elif kind.startswith("int"):
+                if not re.fullmatch(r"-?[0-9]+", raw):
+                    raise ValueError(f"{name}={raw!r} is not a whole number")
+                values[f.name] = int(raw)
+            elif kind.startswith("bool"):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(f'{name}={raw!r} must be "true" or "false"')
+                values[f.name] = raw.lower() == "true"
             else:
                 values[f.name] = raw
         return cls(**values)  # type: ignore[arg-type]

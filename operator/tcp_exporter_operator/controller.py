@@ -220,7 +220,7 @@ class Controller:
         """Keep what connection-aware scale-in needs of an opted-in Deployment (its replicas change with the HPA)."""
         targets = self.scale_targets
         annotations = (body or {}).get("metadata", {}).get("annotations") or {}
-        opted = A_SCALE_IN in annotations or self.config.scale_in_by_connections.lower() == "true"
+        opted = A_SCALE_IN in annotations or self.config.scale_in_by_connections
         if body is None or A_PORT not in annotations or not opted:  # not opted in: no need to parse the rest
             targets.pop(key, None)
             return
@@ -359,8 +359,7 @@ class Controller:
                 uid = current["metadata"].get("uid", "")
                 result = plan(current, facts, self.config)
                 if result.upgrade and not self.rollouts.reserve(uid):
-                    facts.rollout_slot = False
-                    result = plan(current, facts, self.config)  # the same, but the paced patch
+                    result = result.deferred()
                     self.rollouts.wait(uid, namespace, name)
                 elif not result.upgrade:
                     # Nothing of the operator's own to roll out (any more: the user's change may have carried it):
@@ -420,12 +419,8 @@ class Controller:
             if plan.upgrade:
                 self.rollouts.started(meta.get("uid", ""), generation)
         events = list(plan.events)
-        for kind, child, action in (
-            ("ScaledObject", plan.scaled_object, plan.scaled_object_action),
-            ("PodMonitor", plan.pod_monitor, plan.pod_monitor_action),
-        ):
-            if action is None or child is None:
-                continue
+        for write in plan.children:
+            kind, child, action = write.kind, write.body, write.action
             # What is created or replaced is shown in its index until its own event comes: the Deployment's next
             # event, often first, is then planned from it instead of creating it again.
             children = self.indexes.children(kind)

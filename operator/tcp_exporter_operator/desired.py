@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from tcp_exporter import __version__
@@ -19,9 +20,9 @@ from tcp_exporter_operator.annotations import (
     A_STATUS,
     CONTAINER,
     Spec,
+    Status,
     annotations_of,
     digest,
-    recorded_status,
     template_of,
 )
 from tcp_exporter_operator.events import LABELS, api_version
@@ -71,10 +72,26 @@ def prometheus_annotations(spec: Spec) -> dict[str, str]:
     }
 
 
-def status(spec: Spec, pod_annotations: Mapping[str, str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Injection:
+    """What the operator adds to a Deployment, built once per plan: the sidecar, the pod-template annotations, and
+    the status that records both (as the annotation's JSON object)."""
+
+    container: dict[str, Any]
+    pod_annotations: dict[str, str]
+    status: dict[str, Any]
+
+
+def injection(deployment: Mapping[str, Any], spec: Spec, recorded: Status | None) -> Injection:
+    container = sidecar_container(spec)
+    pod_annotations = prometheus_annotations_wanted(deployment, spec, recorded)
+    return Injection(container, pod_annotations, status(spec, pod_annotations, container))
+
+
+def status(spec: Spec, pod_annotations: Mapping[str, str], container: Mapping[str, Any]) -> dict[str, Any]:
     """What tcp-exporter/status records: enough to undo the injection, a hash to tell drift, and a digest of the
     user's annotations that shape the sidecar, to tell an upgrade of the operator from a change of the user's."""
-    injected = {"container": sidecar_container(spec), "podAnnotations": dict(pod_annotations)}
+    injected = {"container": container, "podAnnotations": dict(pod_annotations)}
     return {
         "version": __version__,
         "inputs": spec.inputs,
@@ -85,19 +102,20 @@ def status(spec: Spec, pod_annotations: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def prometheus_annotations_wanted(deployment: Mapping[str, Any], spec: Spec) -> dict[str, str]:
+def prometheus_annotations_wanted(deployment: Mapping[str, Any], spec: Spec, recorded: Status | None) -> dict[str, str]:
     """Our prometheus.io annotations, unless the pod template carries the user's own or discovery is not by them."""
     if not spec.annotate:
         return {}
     current = annotations_of(template_of(deployment))
-    ours = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    ours = set(recorded.pod_annotations if recorded else ())
     if PROMETHEUS_SCRAPE in current and PROMETHEUS_SCRAPE not in ours:
         return {}
     return prometheus_annotations(spec)
 
 
-def inject(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
-    """The Deployment with the sidecar, its discovery annotations and the status annotation."""
+def inject(deployment: Mapping[str, Any], added: Injection, recorded: Status | None) -> dict[str, Any]:
+    """The Deployment with the sidecar, its discovery annotations and the status annotation (replacing what the
+    `recorded` status says the operator added before)."""
     # Copies of just the maps on the paths written below (the rest is shared with `deployment`, read-only): a
     # deep copy of the whole Deployment, managedFields and all, was most of a plan's time.
     new = dict(deployment)
@@ -106,28 +124,24 @@ def inject(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
     template = new["spec"]["template"] = dict(new["spec"].get("template") or {})
     template_meta = template["metadata"] = dict(template.get("metadata") or {})
     template["spec"] = dict(template.get("spec") or {})
-    pod_annotations = prometheus_annotations_wanted(deployment, spec)
-    previous = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    previous = set(recorded.pod_annotations if recorded else ())
     annotations = {k: v for k, v in (template_meta.get("annotations") or {}).items() if k not in previous}
-    annotations.update(pod_annotations)
+    annotations.update(added.pod_annotations)
     if annotations:
         template_meta["annotations"] = annotations
     else:
         template_meta.pop("annotations", None)
     containers = [c for c in template["spec"].get("containers") or [] if c.get("name") != CONTAINER]
-    template["spec"]["containers"] = [*containers, sidecar_container(spec)]
+    template["spec"]["containers"] = [*containers, copy.deepcopy(added.container)]
     meta = new["metadata"]
-    meta["annotations"] = {
-        **(meta.get("annotations") or {}),
-        A_STATUS: json.dumps(status(spec, pod_annotations), sort_keys=True),
-    }
+    meta["annotations"] = {**(meta.get("annotations") or {}), A_STATUS: json.dumps(added.status, sort_keys=True)}
     return new
 
 
-def uninject(deployment: Mapping[str, Any]) -> dict[str, Any]:
-    """The Deployment without anything this operator added (as recorded in its status annotation)."""
+def uninject(deployment: Mapping[str, Any], recorded: Status | None) -> dict[str, Any]:
+    """The Deployment without anything this operator added (as its `recorded` status says)."""
     new = copy.deepcopy(dict(deployment))
-    ours = set((recorded_status(deployment) or {}).get("podAnnotations", []))
+    ours = set(recorded.pod_annotations if recorded else ())
     template = new.get("spec", {}).get("template", {})
     template_meta = template.get("metadata", {})
     if template_meta.get("annotations"):

@@ -11,10 +11,10 @@ from typing import Any
 
 from tcp_exporter_operator.annotations import (
     CONTAINER,
+    Status,
     annotations_of,
     containers_of,
     quantity_value,
-    recorded_status,
     template_of,
 )
 
@@ -37,14 +37,14 @@ def matches(desired: Any, actual: Any, key: str = "") -> bool:
     return bool(desired == actual)
 
 
-def in_sync(deployment: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
-    """Whether the Deployment already carries the injection `desired` describes."""
-    have, want = recorded_status(deployment) or {}, recorded_status(desired) or {}
-    if {k: v for k, v in have.items() if k != "version"} != {k: v for k, v in want.items() if k != "version"}:
+def in_sync(deployment: Mapping[str, Any], recorded: Status | None, desired: Mapping[str, Any], wanted: Status) -> bool:
+    """Whether the Deployment (whose status annotation says `recorded`) already carries the injection `desired`
+    (whose status is `wanted`) describes."""
+    if recorded is None or not recorded.same_injection(wanted):
         return False
     actual = {c.get("name"): c for c in containers_of(deployment)}
-    wanted = {c.get("name"): c for c in containers_of(desired)}
-    if set(actual) != set(wanted) or not matches(wanted[CONTAINER], actual[CONTAINER]):
+    wanted_containers = {c.get("name"): c for c in containers_of(desired)}
+    if set(actual) != set(wanted_containers) or not matches(wanted_containers[CONTAINER], actual[CONTAINER]):
         return False
     return matches(annotations_of(template_of(desired)), annotations_of(template_of(deployment)))
 

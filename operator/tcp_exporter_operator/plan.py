@@ -17,6 +17,7 @@ from tcp_exporter_operator.annotations import (
     CONTAINER,
     InvalidSpec,
     Spec,
+    Status,
     annotations_of,
     containers_of,
     parse_spec,
@@ -26,9 +27,10 @@ from tcp_exporter_operator.annotations import (
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import (
     METRICS_PORT_NAME,
+    Injection,
     inject,
+    injection,
     pod_monitor,
-    prometheus_annotations_wanted,
     scaled_object,
     uninject,
 )
@@ -53,11 +55,18 @@ class Facts:
     scaled_object: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
     foreign_autoscalers: tuple[str, ...] = ()  # e.g. "HorizontalPodAutoscaler/web"
     pod_monitor: Mapping[str, Any] | None = None  # the one this operator owns for the Deployment
-    # Whether an upgrade rollout (a sidecar change that is the operator's, not the user's) may start now.
-    rollout_slot: bool = True
     # Whether the installed KEDA knows fallback.behavior (2.17+). An older one would drop the field and apply
     # its fixed behavior, scaling to fallback.replicas: there the operator writes no fallback at all.
     keda_fallback_behavior: bool = True
+
+
+@dataclass(frozen=True)
+class ChildWrite:
+    """One write of a child object: `body` is what to create or update it to, or (delete) the object as found."""
+
+    kind: str  # ScaledObject or PodMonitor
+    action: str  # create, update or delete
+    body: dict[str, Any]
 
 
 @dataclass
@@ -65,24 +74,35 @@ class Plan:
     """The writes that bring one Deployment to its desired state; empty when it is there."""
 
     deployment_patch: list[dict[str, Any]] | None = None
-    scaled_object: dict[str, Any] | None = None
-    scaled_object_action: str | None = None  # create, update, delete
-    pod_monitor: dict[str, Any] | None = None
-    pod_monitor_action: str | None = None  # create, update, delete
+    children: list[ChildWrite] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     # The Deployment patch is an upgrade: the sidecar changes for the operator's reasons (a new image or default),
-    # not the user's. Such rollouts are paced; `upgrade_deferred` means one waits for a slot (no patch planned).
+    # not the user's. Such rollouts are paced (`deferred`).
     upgrade: bool = False
-    upgrade_deferred: bool = False
+    upgrade_deferred: bool = False  # an upgrade waits for a slot: its patch and Event are left out
     desired: dict[str, Any] | None = None  # the Deployment as the plan wants it, when it is injected
 
     @property
     def writes(self) -> int:
-        return (
-            (self.deployment_patch is not None)
-            + (self.scaled_object_action is not None)
-            + (self.pod_monitor_action is not None)
+        return (self.deployment_patch is not None) + len(self.children)
+
+    def child(self, kind: str) -> ChildWrite | None:
+        return next((c for c in self.children if c.kind == kind), None)
+
+    def deferred(self) -> Plan:
+        """The same plan while no upgrade slot is free: everything but the upgrade's patch and its Event."""
+        if not self.upgrade:
+            return self
+        return dataclasses.replace(
+            self,
+            deployment_patch=None,
+            events=[e for e in self.events if e.reason != UPGRADED],
+            upgrade=False,
+            upgrade_deferred=True,
         )
+
+
+UPGRADED = "Upgraded"
 
 
 def allowed_method(spec: Spec, psa_level: str | None) -> tuple[Spec, Event | None]:
@@ -147,15 +167,13 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
 
     if A_PORT not in annotations:
         if recorded is not None:
-            clean = uninject(deployment)
+            clean = uninject(deployment, recorded)
             result.deployment_patch = deployment_patch(deployment, clean)
             result.events.append(Event("Normal", "Removed", f"{A_PORT} was removed: sidecar removed"))
         if facts.scaled_object is not None:
-            result.scaled_object_action = "delete"
-            result.scaled_object = dict(facts.scaled_object)
+            result.children.append(ChildWrite("ScaledObject", "delete", dict(facts.scaled_object)))
         if facts.pod_monitor is not None:
-            result.pod_monitor_action = "delete"
-            result.pod_monitor = dict(facts.pod_monitor)
+            result.children.append(ChildWrite("PodMonitor", "delete", dict(facts.pod_monitor)))
         return result
 
     if has_container and recorded is None:
@@ -191,31 +209,31 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     if meshed is not None:
         result.events.append(meshed)
 
-    desired = inject(deployment, spec)
+    added = injection(deployment, spec, recorded)
+    desired = inject(deployment, added, recorded)
     result.desired = desired
-    paths = discovery_paths(deployment, spec, facts, cfg)
-    if not in_sync(deployment, desired):
-        wanted_status = recorded_status(desired) or {}
-        upgrade = bool(
-            recorded
-            and recorded.get("inputs") in (None, spec.inputs)  # None: recorded by a release before inputs
-            and recorded.get("hash") != wanted_status.get("hash")
+    paths = discovery_paths(added, facts, cfg)
+    wanted = Status.of(added.status)
+    if not in_sync(deployment, recorded, desired, wanted):
+        upgrade = (
+            recorded is not None
+            and recorded != Status()  # an unreadable status tells nothing: not an upgrade
+            and recorded.inputs in (None, spec.inputs)  # None: recorded by a release before inputs
+            and recorded.hash != wanted.hash
         )
-        if upgrade and not facts.rollout_slot:
-            result.upgrade_deferred = True
-        else:
-            result.deployment_patch = deployment_patch(deployment, desired)
-            result.upgrade = upgrade
-            verb = "Updated" if recorded else "Injected"
-            what = f"port {','.join(map(str, spec.ports))}, method {spec.method}"
-            if upgrade:
-                verb, what = "Upgraded", f"{(recorded or {}).get('version', '?')} -> {wanted_status.get('version')}"
-            result.events.append(Event("Normal", verb, f"{verb.lower()} the {CONTAINER} sidecar ({what})"))
+        result.deployment_patch = deployment_patch(deployment, desired)
+        result.upgrade = upgrade
+        verb = "Updated" if recorded else "Injected"
+        what = f"port {','.join(map(str, spec.ports))}, method {spec.method}"
+        if upgrade:
+            verb, what = UPGRADED, f"{(recorded.version if recorded else None) or '?'} -> {wanted.version}"
+        result.events.append(Event("Normal", verb, f"{verb.lower()} the {CONTAINER} sidecar ({what})"))
     wanted_pm = pod_monitor(deployment, spec) if "podmonitor" in paths else None
-    result.pod_monitor_action = child_action(wanted_pm, facts.pod_monitor)
-    result.pod_monitor = wanted_pm if wanted_pm is not None else dict(facts.pod_monitor or {})
-    if wanted_pm is not None and result.pod_monitor_action in ("create", "update"):
-        verb = f"PodMonitor{result.pod_monitor_action.title()}d"
+    pm_action = child_action(wanted_pm, facts.pod_monitor)
+    if pm_action is not None:
+        result.children.append(ChildWrite("PodMonitor", pm_action, wanted_pm or dict(facts.pod_monitor or {})))
+    if wanted_pm is not None and pm_action in ("create", "update"):
+        verb = f"PodMonitor{pm_action.title()}d"
         result.events.append(Event("Normal", verb, f"PodMonitor {wanted_pm['metadata']['name']}"))
 
     why_none = None
@@ -232,8 +250,7 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
         if why_none.type == "Warning":
             result.events.append(why_none)
         if facts.scaled_object is not None:
-            result.scaled_object_action = "delete"
-            result.scaled_object = dict(facts.scaled_object)
+            result.children.append(ChildWrite("ScaledObject", "delete", dict(facts.scaled_object)))
             if why_none.type == "Normal":
                 result.events.append(why_none)
         return result
@@ -247,30 +264,30 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
             )
         )
         return result
-    wanted = scaled_object(deployment, spec, facts.keda_fallback_behavior)
-    action = child_action(wanted, facts.scaled_object, SCALED_OBJECT_OPTIONAL)
+    wanted_so = scaled_object(deployment, spec, facts.keda_fallback_behavior)
+    action = child_action(wanted_so, facts.scaled_object, SCALED_OBJECT_OPTIONAL)
+    if action is not None:
+        result.children.append(ChildWrite("ScaledObject", action, wanted_so))
     if action == "create":
-        result.scaled_object, result.scaled_object_action = wanted, "create"
         result.events.append(
             Event(
                 "Normal",
                 "ScaledObjectCreated",
-                f"ScaledObject {wanted['metadata']['name']}: {spec.threshold} connections per "
+                f"ScaledObject {wanted_so['metadata']['name']}: {spec.threshold} connections per "
                 f"replica, {spec.min_replicas}-{spec.max_replicas} replicas",
             )
         )
     elif action == "update":
-        result.scaled_object, result.scaled_object_action = wanted, "update"
         result.events.append(
-            Event("Normal", "ScaledObjectUpdated", f"ScaledObject {wanted['metadata']['name']} updated")
+            Event("Normal", "ScaledObjectUpdated", f"ScaledObject {wanted_so['metadata']['name']} updated")
         )
     return result
 
 
-def discovery_paths(deployment: Mapping[str, Any], spec: Spec, facts: Facts, cfg: Config) -> list[str]:
+def discovery_paths(added: Injection, facts: Facts, cfg: Config) -> list[str]:
     """The configured ways by which Prometheus will find this Deployment's sidecars, once injected."""
     paths = []
-    if prometheus_annotations_wanted(deployment, spec):
+    if added.pod_annotations:
         paths.append("annotations")
     if "port-name" in cfg.discovery:
         paths.append("port-name")

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from kubernetes import client
 
-from tcp_exporter_operator.annotations import A_STATUS
+from tcp_exporter_operator.annotations import A_STATUS, recorded_status
 from tcp_exporter_operator.desired import uninject
 from tcp_exporter_operator.diff import deployment_patch
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY
@@ -85,7 +85,9 @@ def uninject_one(kube: Kube, listed: dict[str, Any], dry_run: bool) -> str:
         if dry_run:
             return "removed"
         try:
-            kube.patch_deployment(meta["namespace"], meta["name"], deployment_patch(current, uninject(current)))
+            kube.patch_deployment(
+                meta["namespace"], meta["name"], deployment_patch(current, uninject(current, recorded_status(current)))
+            )
             return "removed"
         except Conflict:  # changed since it was read: read it again
             found = kube.get_deployment(meta["namespace"], meta["name"])
