@@ -228,3 +228,21 @@ def test_a_child_index_finds_a_scaledobject_under_each_deployment_it_concerns_an
     assert names("cart") == ["so-c"] and not index.written and not index.written_keys
     index.update("DELETED", _child("b", 11, "checkout.v2", owner="checkout.v2"))
     assert names("checkout.v2") == [] and all(not k[2].startswith(("web-api", "checkout")) for k in index.data)
+
+
+def test_an_object_whose_handling_raises_is_skipped_and_the_watch_goes_on_to_the_next() -> None:
+    from tcp_exporter_operator.watch import Informer
+
+    handled: list[str] = []
+
+    def handle(kind: str, obj: dict) -> bool:
+        if obj["metadata"]["name"] == "web-api":
+            int("²")  # what a malformed annotation did in the Deployment handler
+        handled.append(obj["metadata"]["name"])
+        return True
+
+    informer = Informer(None, "deployments", lambda *a, **k: None, (None,), handle)  # type: ignore[arg-type]
+    for uid, name in (("1", "web-api"), ("2", "checkout.v2")):
+        informer._event("ADDED", {"metadata": {"uid": uid, "namespace": "shop", "name": name}})
+    assert handled == ["checkout.v2"]
+    assert informer.known_keys() == [("shop", "checkout.v2")]

@@ -80,3 +80,30 @@ def test_an_opted_out_deployment_is_forgotten_and_never_written(monkeypatch: Any
     assert costs.round() == 1 and pods.written == [("shop", "web-1", 7)]
     del targets[("shop", "web")]
     assert costs.round() == 0 and costs.written == {}
+
+
+def test_a_prometheus_answering_inf_nan_or_garbage_for_one_namespace_leaves_anothers_costs_written(
+    monkeypatch: Any,
+) -> None:
+    def sample(namespace: str, pod: str, value: Any) -> dict[str, Any]:
+        return {
+            "metric": {"namespace": namespace, "tcp_exporter_deployment": "web-api", "pod": pod},
+            "value": [0, value],
+        }
+
+    series: list[Any] = [
+        sample("team-a", "web-api-1", "+Inf"),
+        sample("team-a", "web-api-2", "NaN"),
+        sample("team-a", "web-api-3", "-3"),
+        sample("team-a", "web-api-4", {"x": 1}),
+        {"metric": "garbage"},
+        "not a sample",
+        sample("team-b", "web-api-1", "12"),
+        sample("team-b", "web-api-2", "1e12"),  # capped at the int32 the annotation holds
+    ]
+    monkeypatch.setattr(scalein, "query", lambda url, headers: series)
+    targets = {(ns, "web-api"): Target(100, 1, 2, "http://p") for ns in ("team-a", "team-b")}
+    pods = Pods()
+    costs = DeletionCosts(pods, targets, period=1, rate=30, headers={}, may_write=lambda: True)  # type: ignore[arg-type]
+    assert costs.round() == 2
+    assert sorted(pods.written) == [("team-b", "web-api-1", 12), ("team-b", "web-api-2", 2**31 - 1)]

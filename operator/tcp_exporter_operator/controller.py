@@ -50,6 +50,9 @@ RESYNC_SECONDS = 300.0
 # would plan the same patch again), for at most this many seconds.
 CONSISTENCY_TIMEOUT = 10.0
 WORKERS = 8  # threads reconciling Deployments; each holds one Deployment at a time
+# Liveness fails when work has waited this long with no worker finishing anything: wedged, a restart helps. A
+# reconcile's retries take about 30 s at most, and every API call has a deadline.
+STALLED_SECONDS = 300.0
 
 
 def tracked(annotations: Mapping[str, str]) -> bool:
@@ -113,6 +116,7 @@ class Controller:
         self.informers = self._informers()
         self.deployments = self.informers["deployments"]
         self.stopping = threading.Event()
+        self.progress_at = time.monotonic()  # when a worker last finished an entry
 
     def start(self) -> None:
         """The watches, then (once every one has listed: `ready`) the workers; the deletion costs; the resync."""
@@ -271,6 +275,7 @@ class Controller:
                 pass  # another replica is active (kopf's peering rule): hold the entry until this one is
             received = self.received.pop(key, None)
             result = None
+            deployment = body
             try:
                 if type == RESYNC:
                     deployment = self.kube.get_deployment(*key)
@@ -278,11 +283,23 @@ class Controller:
                         result = self.reconcile(deployment, fresh=True)
                 elif body is not None:
                     result = self.deployment_event(body)
-            except Exception:
+            except Exception as exc:
+                # Per Deployment: a malformed object (any editor can write one) fails alone, with a Warning once.
                 result = "failed"
                 log.exception("reconciling %s/%s failed; the next event or resync retries", *key)
+                if deployment is not None:
+                    self.warn_once(
+                        deployment,
+                        Event(
+                            "Warning",
+                            "ReconcileFailed",
+                            f"the operator could not handle this Deployment ({exc.__class__.__name__}: {exc}); "
+                            "nothing changed",
+                        ),
+                    )
             finally:
                 queue.done(key)
+                self.progress_at = time.monotonic()
             if result is not None:
                 metrics.RECONCILES.labels(result).inc()
             if result == "wrote" and received is not None:
@@ -465,8 +482,27 @@ class Controller:
         detail = exc.body
         with contextlib.suppress(ValueError, AttributeError):  # a Status object's message, when it is one
             detail = json.loads(exc.body).get("message", exc.body)
-        event = Event("Warning", "WriteRefused", f"the API server refused a write ({exc.status}): {detail}"[:1000])
-        if (event.reason, event.message) not in self.warned.setdefault(meta.get("uid", ""), set()):
-            self.warned[meta.get("uid", "")].add((event.reason, event.message))
-            self.events.post(deployment, [event])
+        event = Event("Warning", "WriteRefused", f"the API server refused a write ({exc.status}): {detail}")
+        self.warn_once(deployment, event)
         log.warning("reconciling %s/%s: %s", meta["namespace"], meta["name"], event.message)
+
+    def warn_once(self, deployment: Mapping[str, Any], event: Event) -> None:
+        """A Warning on the Deployment, posted once while it holds (until the Deployment is planned again)."""
+        event = Event(event.type, event.reason, event.message[:1000])
+        warned = self.warned.setdefault(deployment["metadata"].get("uid", ""), set())
+        if (event.reason, event.message) not in warned:
+            warned.add((event.reason, event.message))
+            self.events.post(deployment, [event])
+
+    def health(self) -> dict[str, Any]:
+        """What the liveness probe reports: whether every watch has listed (client-go's HasSynced), and how long
+        the workers have made no progress while work waits (stalled: the probe fails past STALLED_SECONDS)."""
+        waiting = len(self.queue)
+        idle = time.monotonic() - self.progress_at
+        active = self.peering.wait_active(0)
+        return {
+            "synced": {name: informer.synced.is_set() for name, informer in self.informers.items()},
+            "queue": waiting,
+            "stalled": bool(waiting and active and self.ready.is_set() and idle > STALLED_SECONDS),
+            "idle_seconds": round(idle),
+        }

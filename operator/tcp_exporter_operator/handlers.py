@@ -95,6 +95,15 @@ def credentials_probe(memo: kopf.Memo, **_: Any) -> str:
     return "ok"
 
 
+@kopf.on.probe(id="controller")
+def controller_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """Liveness reports whether the watches have listed and the queue; it fails only when workers are wedged."""
+    health: dict[str, Any] = memo.controller.health()
+    if health["stalled"]:
+        raise kopf.PermanentError(f"no Deployment reconciled for {health['idle_seconds']} s while work waits")
+    return health
+
+
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.controller.stop()

@@ -32,6 +32,16 @@ WATCH_RESTARTS = Counter(
     "was needed",
     ["relist"],
 )
+WATCH_EVENT_ERRORS = Counter(
+    "tcp_exporter_operator_watch_event_errors_total",
+    "Watch events (or listed objects) whose handling raised: the object is skipped, the watch goes on",
+    ["resource"],
+)
+INFORMER_SYNCED = Gauge(
+    "tcp_exporter_operator_informer_synced",
+    "1 once the operator's watch of this resource has listed every scope, else 0 (client-go's HasSynced)",
+    ["resource"],
+)
 DELETION_COST_QUERIES = Counter(
     "tcp_exporter_operator_deletion_cost_queries_total",
     "Prometheus queries for the pods' connections (connection-aware scale-in), by result",

@@ -108,9 +108,36 @@ def query(url: str, headers: Mapping[str, str]) -> list[dict[str, Any]]:
     )
     with urllib.request.urlopen(request, timeout=QUERY_TIMEOUT) as response:
         body = json.load(response)
-    if body.get("status") != "success":
-        raise ValueError(f"Prometheus answered {body.get('status')}: {body.get('error')}")
-    return list(body["data"]["result"])
+    if not isinstance(body, dict) or body.get("status") != "success":
+        raise ValueError(f"Prometheus did not answer success: {str(body)[:200]}")
+    result = (body.get("data") or {}).get("result") if isinstance(body.get("data"), dict) else None
+    if not isinstance(result, list):
+        raise ValueError("Prometheus' answer has no result list")
+    return result
+
+
+MAX_COST = 2**31 - 1  # pod-deletion-cost is an int32
+
+
+def parse_sample(sample: Any) -> tuple[tuple[str, str], str, int] | None:
+    """((namespace, deployment), pod, connections) of one sample of QUERY's answer; None for anything else (NaN,
+    ±Inf, a negative or non-numeric value, a missing label): a Prometheus answers what it likes, and one bad sample
+    must cost only itself."""
+    if not isinstance(sample, Mapping):
+        return None
+    labels, value = sample.get("metric"), sample.get("value")
+    if not isinstance(labels, Mapping) or not isinstance(value, list) or len(value) != 2:
+        return None
+    namespace, deployment, pod = (labels.get(k) for k in ("namespace", sidecar.DEPLOYMENT_LABEL, "pod"))
+    if not all(isinstance(v, str) and v for v in (namespace, deployment, pod)):
+        return None
+    try:
+        number = float(value[1])
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number < 0:
+        return None
+    return (str(namespace), str(deployment)), str(pod), min(int(number), MAX_COST)
 
 
 def parse_headers(raw: str) -> dict[str, str]:
@@ -161,10 +188,13 @@ class DeletionCosts:
                 log.warning("querying %s for the pods' connections: %s", url, exc)
                 continue
             for sample in series:
-                labels = sample.get("metric") or {}
-                key = (labels.get("namespace", ""), labels.get(sidecar.DEPLOYMENT_LABEL, ""))
-                if key in targets and targets[key].prometheus == url and labels.get("pod"):
-                    counts.setdefault(key, {})[labels["pod"]] = int(float(sample["value"][1]))
+                parsed = parse_sample(sample)
+                if parsed is None:
+                    metrics.DELETION_COST_QUERIES.labels("bad_sample").inc()
+                    continue
+                key, pod, count = parsed
+                if key in targets and targets[key].prometheus == url:
+                    counts.setdefault(key, {})[pod] = count
         for key in list(self.written):
             if key not in targets:
                 del self.written[key]  # opted out, or gone: nothing more is written for it

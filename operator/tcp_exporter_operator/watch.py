@@ -143,6 +143,7 @@ class Informer:
             self._listed_scopes.add(scope)
             if len(self._listed_scopes) == len(self.scopes):
                 self.synced.set()
+                metrics.INFORMER_SYNCED.labels(self.name).set(1)
 
     def _wait(self, seconds: float) -> None:
         self._poke.wait(seconds)
@@ -255,7 +256,18 @@ class Informer:
         uid = meta.get("uid", "")
         with self.lock:
             was_known = uid in self.known
-        kept = self.handle(kind, obj) if kind != "DELETED" or was_known else False
+        try:
+            kept = self.handle(kind, obj) if kind != "DELETED" or was_known else False
+        except Exception:
+            # One object must never stop the watch for every other: had this escaped, the watch would restart on
+            # the same object forever. The object is skipped as it was (kept if it was known); its next event or
+            # a relist tries again.
+            metrics.WATCH_EVENT_ERRORS.labels(self.name).inc()
+            log.exception(
+                "watching %s: the %s event of %s/%s could not be handled; skipped, the watch goes on",
+                self.name, kind, meta.get("namespace", ""), meta.get("name", ""),
+            )  # fmt: skip
+            kept = was_known and kind != "DELETED"
         with self.lock:
             if kept and kind != "DELETED":
                 self.known[uid] = (meta.get("namespace", ""), meta.get("name", ""))

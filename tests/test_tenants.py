@@ -1,0 +1,36 @@
+"""Safety among tenants, on the real control plane: nothing one namespace writes stops the operator for others."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import wait_for
+from operator_proc import Kube, Operator, deployment
+
+pytestmark = pytest.mark.cluster
+
+# Helm-style names as users have them: dots, dashes, 60 characters.
+LONG = "payments-gateway-primary-eu-west-1-canary-release-abcdef.v2-x"[:60]
+
+
+def test_a_superscript_port_and_a_forged_status_stop_nothing_and_twenty_valid_deployments_after_them_inject(
+    operator: Operator, kube: Kube
+) -> None:
+    # "²".isdigit() is True and int("²") raises: this one stopped the Deployment watch for the whole cluster.
+    kube.create(deployment("web-api", {"tcp-exporter/port": "²", "tcp-exporter/scale-in-by-connections": "true"}))
+    forged = {"tcp-exporter/port": "8080", "tcp-exporter/status": json.dumps({"podAnnotations": 5, "ports": "x"})}
+    kube.create(deployment("checkout.v2", forged))
+    names = [f"tenant-{i:02d}.web-api" for i in range(19)] + [LONG]
+    for name in names:
+        kube.create(deployment(name, {"tcp-exporter/port": "8080"}))
+    wait_for(lambda: all("tcp-exporter" in kube.containers(n) for n in names), 30, "all 20 valid Deployments injected")
+    assert operator.metric("tcp_exporter_operator_informer_synced", resource="deployments") == 1
+    warned = wait_for(lambda: kube.events("web-api", "Warning"), 30, "a Warning on the malformed one")
+    assert "is neither a port number nor a container port name" in warned[0].message
+    assert "tcp-exporter" not in kube.containers("web-api")
+    # The forged status is read as untrusted: the Deployment is injected, its status written anew.
+    wait_for(lambda: "tcp-exporter" in kube.containers("checkout.v2"), 30, "the forged one injected")
+    status = json.loads(kube.get("checkout.v2").metadata.annotations["tcp-exporter/status"])
+    assert status["ports"] == [8080]
+    assert operator.liveness() == 200
