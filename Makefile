@@ -7,8 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 export TCP_EXPORTER_CACHE ?= $(HOME)/.cache/tcp-exporter
-LOCALKUBE_PY := PYTHONPATH=tests $(PY)
-LOCALKUBE := $(LOCALKUBE_PY) -m localkube
+LOCALKUBE := $(PY) -m harness.localkube
 APT_PACKAGES := iptables nftables conntrack iproute2 openssl util-linux
 STAMP := $(VENV)/.installed
 
@@ -17,6 +16,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make demo         run the whole thing on a local control plane"
 	@echo "make test         all tests (installs what they need)"
+	@echo "make test-unit    the fast tier: no Go build, no cluster, no root (seconds)"
 	@echo "make lint         ruff, mypy, hadolint"
 	@echo "make bench        benchmarks under bench/ (tables + JSON in bench/results/)"
 	@echo "make release      dist/install.yaml and the packaged Helm chart, of this version"
@@ -47,9 +47,9 @@ lint: venv
 	@echo "==> ruff"; $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	@echo "==> mypy"; $(VENV)/bin/mypy
 	@echo "==> hadolint"; $(VENV)/bin/hadolint Dockerfile.operator Dockerfile.sidecar
-	@echo "==> go vet (control-plane tooling)"; cd tests/localkube && CGO_ENABLED=0 go vet -trimpath . && test -z "$$(gofmt -l .)"
+	@echo "==> go vet (control-plane tooling)"; cd harness/localkube && CGO_ENABLED=0 go vet -trimpath . && test -z "$$(gofmt -l .)"
 	@echo "==> actionlint (the release workflow, which cannot run here)"; \
-	  $$(PYTHONPATH=tests $(PY) -c "import helmtools; print(helmtools.actionlint())") .github/workflows/*.yaml
+	  $$($(PY) -c "from harness import helmtools; print(helmtools.actionlint())") .github/workflows/*.yaml
 
 # Test tooling built from Go modules, cached under $(TCP_EXPORTER_CACHE): the control plane, Prometheus
 # with Kubernetes discovery (Debian's package has none), and KEDA.
@@ -57,18 +57,19 @@ tools: deps venv
 	@echo "==> building (or reusing) the local control plane"
 	@$(LOCALKUBE) build >/dev/null
 	@echo "==> building (or reusing) Prometheus with Kubernetes discovery"
-	@PYTHONPATH=tests $(PY) -c "import promstack; promstack.binaries()"
+	@$(PY) -c "from harness import promstack; promstack.binaries()"
 	@echo "==> building (or reusing) KEDA's operator and metrics adapter"
-	@PYTHONPATH=tests $(PY) -c "import kedastack; kedastack.binaries()"
+	@$(PY) -c "from harness import kedastack; kedastack.binaries()"
 	@echo "==> building (or reusing) Helm and actionlint"
-	@PYTHONPATH=tests $(PY) -c "import helmtools; helmtools.binaries()"
+	@$(PY) -c "from harness import helmtools; helmtools.binaries()"
 
 test: tools
 	@echo "==> pytest"
 	@$(VENV)/bin/pytest -v $(PYTEST_ARGS)
 
+# Seconds, with no Go build, no cluster, no root and no registry: the pure functions and the real CLIs.
 test-unit: venv
-	@$(VENV)/bin/pytest -v -m "not cluster and not netns and not prometheus and not keda" $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -q -m "not (cluster or netns or prometheus or keda or gobuild or install)" $(PYTEST_ARGS)
 
 cluster-up: deps venv
 	@$(LOCALKUBE) up
@@ -77,7 +78,7 @@ cluster-down: venv
 	@$(LOCALKUBE) down
 
 demo: tools
-	@PYTHONPATH=tests $(PY) -m demo
+	@$(PY) -m harness.demo
 
 bench: tools
 	@$(PY) -m bench.sidecar
@@ -92,8 +93,8 @@ VERSION_NOW = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidecar/tcp_export
 release: deps venv
 	@echo "==> dist/install.yaml and the chart, version $(VERSION_NOW)"
 	@mkdir -p dist
-	@$$($(LOCALKUBE_PY) -c "from localkube.cluster import kubectl; print(kubectl())") kustomize manifests > dist/install.yaml
-	@$$(PYTHONPATH=tests $(PY) -c "import helmtools; print(helmtools.helm())") package charts/tcp-exporter -d dist >/dev/null
+	@$$($(PY) -c "from harness.localkube.cluster import kubectl; print(kubectl())") kustomize manifests > dist/install.yaml
+	@$$($(PY) -c "from harness import helmtools; print(helmtools.helm())") package charts/tcp-exporter -d dist >/dev/null
 	@ls -l dist
 
 # The version lives in sidecar/tcp_exporter/__init__.py; this writes it where else it is stated.

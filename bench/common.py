@@ -24,8 +24,7 @@ def write_results(path: str, results: Any) -> None:
 
 def kubectl_for(kubeconfig: str) -> Callable[..., str]:
     """kubectl (the one the local control plane ships) against one cluster: run(*args) -> stdout."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from localkube import cluster as localkube
+    from harness.localkube import cluster as localkube
 
     binary = localkube.kubectl()
 

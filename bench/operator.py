@@ -30,14 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from helpers import wait_for
 from kubernetes import client, config, watch
-from localkube import cluster as localkube
-from operator_proc import REPO, USER, Operator
 
 from bench.common import RESULTS, kubectl_for, log, write_results
+from harness.helpers import wait_for
+from harness.localkube import cluster as localkube
+from harness.operator_proc import REPO, USER, Operator
 
 
 def deployment(name: str, run: str = "") -> dict[str, Any]:

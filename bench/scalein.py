@@ -19,20 +19,17 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from helpers import wait_for
 from kubernetes import client, config
-from localkube import cluster as localkube
-from netns import lan
-from operator_proc import REPO, Audit, Kube, Operator, deployment, injected
-from podsim import Kubelet, RunningPod
-from promstack import Prometheus, documented_jobs
 
 from bench.common import RESULTS, kubectl_for, log, write_results
+from harness.helpers import wait_for
+from harness.localkube import cluster as localkube
+from harness.netns import lan
+from harness.operator_proc import REPO, Audit, Kube, Operator, deployment, injected
+from harness.podsim import Kubelet, RunningPod
+from harness.promstack import Prometheus, documented_jobs
 
 NAME = "ws-gateway.eu-1"
 PODS, KEEP = 6, 3

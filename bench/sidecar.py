@@ -22,13 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from exporter_proc import EXPORTER, gauge, hammer, scrape
-from helpers import die_with_parent, wait_for
-from netns import Pair, in_netns, join_netns, pair
-
 from bench.common import RESULTS, log, write_results
+from harness.exporter_proc import EXPORTER, gauge, hammer, scrape
+from harness.helpers import die_with_parent, wait_for
+from harness.netns import Pair, in_netns, join_netns, pair
 
 WATCHED, OTHER = 8080, 9090
 OTHER_CONNECTIONS = 1000
@@ -322,7 +319,7 @@ def idle_clients(clients: int) -> dict[str, Any]:
     """`clients` peers each holding a connection to the metrics port with half a request sent; then scrapes."""
     import socket
 
-    from netns import connect
+    from harness.netns import connect
 
     with pair() as p:
         proc = subprocess.Popen(
@@ -375,8 +372,9 @@ def tracking_cost(round_trips: int = 20000, connections: int = 3000, reps: int =
     conntrack method's own table). Alternated, best of `reps`."""
     import socket
 
-    from netns import connect
     from tcp_exporter.nftables import Tracking
+
+    from harness.netns import connect
 
     def echo_server(server: socket.socket, stop: threading.Event) -> None:
         server.settimeout(0.2)
@@ -412,7 +410,7 @@ def tracking_cost(round_trips: int = 20000, connections: int = 3000, reps: int =
 
     rows = []
     with pair() as p:
-        from netns import listener
+        from harness.netns import listener
 
         server = listener(p.pod, 7000)
         server.listen(1024)

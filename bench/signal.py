@@ -21,21 +21,18 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from helpers import wait_for
-from kedastack import Keda
 from kubernetes import client, config
-from localkube import cluster as localkube
-from netns import lan
-from operator_proc import REPO, Operator
-from podsim import Kubelet
-from promstack import Prometheus, documented_jobs
 
 from bench.common import RESULTS, log, write_results
+from harness.helpers import wait_for
+from harness.kedastack import Keda
+from harness.localkube import cluster as localkube
+from harness.netns import lan
+from harness.operator_proc import REPO, Operator
+from harness.podsim import Kubelet
+from harness.promstack import Prometheus, documented_jobs
 
 NAME = "signal-api"
 NAMESPACE = "bench-signal"

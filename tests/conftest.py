@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_for
+
+from harness.helpers import wait_for
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -32,7 +33,7 @@ def need(condition: bool, reason: str) -> None:
 def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
     need(shutil.which("go") is not None, "Go is needed to build the local control plane")
     need(shutil.which("openssl") is not None, "openssl is needed for the control plane's certificates")
-    from localkube import cluster as lk
+    from harness.localkube import cluster as lk
 
     running = lk.local_cluster()
     if running is not None:
@@ -53,7 +54,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
 def kubectl(cluster: Any) -> Callable[..., str]:
     import subprocess
 
-    from localkube.cluster import kubectl as kubectl_path
+    from harness.localkube.cluster import kubectl as kubectl_path
 
     binary = kubectl_path()
 
@@ -100,7 +101,7 @@ def namespace(api: Any) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def operator(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
     """The real operator, installed from manifests/ and running as its ServiceAccount."""
-    from operator_proc import REPO, Operator
+    from harness.operator_proc import REPO, Operator
 
     kubectl("apply", "-k", str(REPO / "manifests"))
     op = Operator(cluster, kubectl)
@@ -113,7 +114,7 @@ def keda(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
     """Real KEDA (operator and metrics adapter, built from its Go module) serving external metrics, for the
     tests of one module: the operator's other tests delete and reinstall KEDA's CRD under it."""
     need(os.geteuid() == 0, "KEDA's adapter listens on a test address this host gets for it, which needs root")
-    from kedastack import Keda
+    from harness.kedastack import Keda
 
     k = Keda(cluster, kubectl)
     yield k
@@ -122,14 +123,14 @@ def keda(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def audit(cluster: Any) -> Any:
-    from operator_proc import Audit
+    from harness.operator_proc import Audit
 
     return Audit(cluster.audit_log)
 
 
 @pytest.fixture
 def kube(api: Any, namespace: str) -> Any:
-    from operator_proc import Kube
+    from harness.operator_proc import Kube
 
     return Kube(api, namespace)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import need
-from helpers import wait_for
+
+from harness.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 HADOLINT = Path(sys.executable).with_name("hadolint")
@@ -131,6 +132,7 @@ def test_base_image_is_pinned_by_digest_and_runs_as_non_root(dockerfile: str) ->
     assert parse(REPO / dockerfile).user == "65532:65532"
 
 
+@pytest.mark.install
 def test_sidecar_image_install_has_only_its_dependencies_and_serves_as_non_root(workdir: Path) -> None:
     venv = build("Dockerfile.sidecar", workdir)
     assert importable(venv, "prometheus_client") and importable(venv, "psutil")
@@ -170,6 +172,7 @@ def test_sidecar_image_install_has_only_its_dependencies_and_serves_as_non_root(
     server.close()
 
 
+@pytest.mark.install
 def test_operator_image_install_has_only_its_dependencies_and_starts(workdir: Path) -> None:
     venv = build("Dockerfile.operator", workdir)
     # kopf, and the official Kubernetes client that every API call of the operator goes through.

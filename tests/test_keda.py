@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 from conftest import need
-from helpers import wait_for
-from netns import lan
-from operator_proc import Kube, Operator, deployment, injected
-from podsim import Kubelet
-from promstack import Prometheus, documented_jobs
+
+from harness.helpers import wait_for
+from harness.netns import lan
+from harness.operator_proc import Kube, Operator, deployment, injected
+from harness.podsim import Kubelet
+from harness.promstack import Prometheus, documented_jobs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.prometheus, pytest.mark.keda]
 

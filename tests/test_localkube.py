@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+
+from harness.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from localkube.cluster import CRDS, install_crds, wait_established
-from operator_proc import KEDA, REPO, Audit, Kube, Operator, deployment, injected, operator_writes
+
+from harness.helpers import wait_for
+from harness.localkube.cluster import CRDS, install_crds, wait_established
+from harness.operator_proc import KEDA, REPO, Audit, Kube, Operator, deployment, injected, operator_writes
 
 pytestmark = pytest.mark.cluster
 
@@ -346,7 +347,8 @@ def test_what_render_prints_applied_as_gitops_would_is_in_sync_adopted_and_costs
     import subprocess
 
     import yaml
-    from operator_proc import OPERATOR
+
+    from harness.operator_proc import OPERATOR
 
     body = deployment("gitops-web-api", {"tcp-exporter/port": "8080"})
     body["metadata"]["namespace"] = kube.ns

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 from conftest import need
-from helpers import wait_for
-from localkube.cluster import kubectl as kubectl_path
-from operator_proc import NAMESPACE, SERVICE_ACCOUNT, USER, Audit, Kube, Operator, deployment, injected
+
+from harness.helpers import wait_for
+from harness.localkube.cluster import kubectl as kubectl_path
+from harness.operator_proc import NAMESPACE, SERVICE_ACCOUNT, USER, Audit, Kube, Operator, deployment, injected
 
 pytestmark = pytest.mark.cluster
 

@@ -251,8 +251,9 @@ NAMES = [
 ]
 
 
+@pytest.mark.gobuild
 def test_every_query_for_names_with_dots_dashes_and_253_characters_parses_in_promtool() -> None:
-    from promstack import check_queries
+    from harness.promstack import check_queries
 
     queries = [query(ns, name) for name in NAMES for ns in ("default", "team-a")]
     assert max(map(len, NAMES)) == 253
@@ -264,8 +265,9 @@ def test_every_query_for_names_with_dots_dashes_and_253_characters_parses_in_pro
         assert f'{contract.DEPLOYMENT_LABEL}="{name}"' in q and "=~" not in q and "vector(0)" not in q
 
 
+@pytest.mark.gobuild
 def test_the_last_releases_escaped_query_is_rejected_by_promtool_so_the_check_can_fail() -> None:
-    from promstack import check_queries
+    from harness.promstack import check_queries
 
     out = check_queries(['sum(tcp_exporter_established_connections{pod=~"web\\-api-[a-z0-9]+"})'])
     assert out.returncode != 0 and "unknown escape sequence" in out.stdout + out.stderr

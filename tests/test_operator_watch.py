@@ -6,8 +6,9 @@ import datetime
 import threading
 import time
 
-from helpers import wait_for
 from tcp_exporter_operator.watch import RESYNC, Index, WorkQueue, active, newest
+
+from harness.helpers import wait_for
 
 
 def test_work_queue_keeps_one_entry_per_key_with_the_latest_state_in_arrival_order() -> None:

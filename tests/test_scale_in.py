@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 from conftest import need
-from helpers import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from netns import lan
-from operator_proc import NAMESPACE, SERVICE_ACCOUNT, Audit, Kube, Operator, deployment, injected
-from podsim import Kubelet
-from promstack import Prometheus, documented_jobs
+
+from harness.helpers import wait_for
+from harness.netns import lan
+from harness.operator_proc import NAMESPACE, SERVICE_ACCOUNT, Audit, Kube, Operator, deployment, injected
+from harness.podsim import Kubelet
+from harness.promstack import Prometheus, documented_jobs
 
 pytestmark = [pytest.mark.cluster]
 

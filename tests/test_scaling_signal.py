@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import yaml
 from conftest import need
-from helpers import wait_for
-from netns import lan
-from operator_proc import Kube, Operator, deployment, injected
-from podsim import Kubelet
-from promstack import MONITORING, Prometheus, check_queries, documented_jobs, promtool, rule_file
+
+from harness.helpers import wait_for
+from harness.netns import lan
+from harness.operator_proc import Kube, Operator, deployment, injected
+from harness.podsim import Kubelet
+from harness.promstack import MONITORING, Prometheus, check_queries, documented_jobs, promtool, rule_file
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.prometheus]
 

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from exporter_proc import EXPORTER
-from helpers import die_with_parent, wait_for
+
+from harness.exporter_proc import EXPORTER
+from harness.helpers import die_with_parent, wait_for
 
 
 def free_port() -> int:

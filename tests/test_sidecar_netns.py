@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 from conftest import need
-from exporter_proc import WITHOUT_NET_ADMIN, Exporter, hammer
-from helpers import wait_for
-from netns import Pair, accept, connect, in_netns, join_netns, listener, pair
+
+from harness.exporter_proc import WITHOUT_NET_ADMIN, Exporter, hammer
+from harness.helpers import wait_for
+from harness.netns import Pair, accept, connect, in_netns, join_netns, listener, pair
 
 pytestmark = pytest.mark.netns
 WATCHED = 8080

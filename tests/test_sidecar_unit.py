@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
 from tcp_exporter import contract, netlink, sockets
 from tcp_exporter.cli import parse_args
 from tcp_exporter.exporter import Coalescer, parse_listen_address
 from tcp_exporter.methods import AcceptedSampler, Counts
 from tcp_exporter.methods import conntrack as ct
+
+from harness.helpers import wait_for
 
 DATA = Path(__file__).parent / "data"
 

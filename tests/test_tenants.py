@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import wait_for
-from operator_proc import Kube, Operator, deployment
+
+from harness.helpers import wait_for
+from harness.operator_proc import Kube, Operator, deployment
 
 pytestmark = pytest.mark.cluster
 

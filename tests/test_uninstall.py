@@ -7,7 +7,8 @@ import subprocess
 from typing import Any
 
 import pytest
-from operator_proc import KEDA, OPERATOR, Kube, Operator, deployment, injected
+
+from harness.operator_proc import KEDA, OPERATOR, Kube, Operator, deployment, injected
 
 pytestmark = pytest.mark.cluster
 

@@ -22,14 +22,15 @@ import subprocess
 import sys
 import time
 
-from helpers import wait_for
-from kedastack import Keda
 from kubernetes import config
-from localkube import cluster as localkube
-from netns import in_netns, lan
-from operator_proc import REPO, Operator
-from podsim import Kubelet
-from promstack import Prometheus, documented_jobs
+
+from harness.helpers import wait_for
+from harness.kedastack import Keda
+from harness.localkube import cluster as localkube
+from harness.netns import in_netns, lan
+from harness.operator_proc import REPO, Operator
+from harness.podsim import Kubelet
+from harness.promstack import Prometheus, documented_jobs
 
 CONNECTIONS = 250
 MAX_PODS = 6

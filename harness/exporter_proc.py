@@ -13,9 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from helpers import die_with_parent, wait_for
-from netns import http_get, join_netns
 from prometheus_client.parser import text_string_to_metric_families
+
+from harness.helpers import die_with_parent, wait_for
+from harness.netns import http_get, join_netns
 
 EXPORTER = str(Path(sys.executable).with_name("tcp-exporter"))
 # setpriv as root: drop CAP_NET_ADMIN from the bounding and inheritable sets, so the

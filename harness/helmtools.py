@@ -1,11 +1,11 @@
 """Helm (for the chart's tests and `make release`) and actionlint (for `make lint`), built from their Go modules
-(tests/helmbuild/go.mod) into the cache, like the control plane: no binary is downloaded or committed."""
+(harness/helmbuild/go.mod) into the cache, like the control plane: no binary is downloaded or committed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import gobuild
+from harness import gobuild
 
 HERE = Path(__file__).resolve().parent
 HELM_VERSION = "v3.22.0"  # helm.sh/helm/v3, as pinned in helmbuild/go.mod

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import die_with_parent, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from harness.helpers import die_with_parent, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 OPERATOR = str(Path(sys.executable).with_name("tcp-exporter-operator"))

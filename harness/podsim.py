@@ -12,10 +12,11 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter_proc import EXPORTER
-from helpers import die_with_parent, wait_for
 from kubernetes import client
-from netns import Lan, connect, listener
+
+from harness.exporter_proc import EXPORTER
+from harness.helpers import die_with_parent, wait_for
+from harness.netns import Lan, connect, listener
 
 AS_SIDECAR = ["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
 

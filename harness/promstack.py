@@ -2,7 +2,7 @@
 through the local apiserver with the documented scrape jobs, unchanged.
 
 Debian's prometheus package is built without Kubernetes discovery, so the build here is Prometheus' own
-`cmd/prometheus` and `cmd/promtool` (tests/prombuild/go.mod), with only the Kubernetes discoverer compiled in,
+`cmd/prometheus` and `cmd/promtool` (harness/prombuild/go.mod), with only the Kubernetes discoverer compiled in,
 cached outside the repository like the control plane.
 """
 
@@ -18,9 +18,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import gobuild
 import yaml
-from helpers import die_with_parent, wait_for
+
+from harness import gobuild
+from harness.helpers import die_with_parent, wait_for
 
 HERE = Path(__file__).resolve().parent
 PROMETHEUS_MODULE_VERSION = "v0.316.0"  # github.com/prometheus/prometheus's Go module version of Prometheus 3

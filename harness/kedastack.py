@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gobuild
-from helpers import die_with_parent, wait_for
-from pki import make_ca, make_cert
+from harness import gobuild
+from harness.helpers import die_with_parent, wait_for
+from harness.pki import make_ca, make_cert
 
 HERE = Path(__file__).resolve().parent
 KEDA_VERSION = "v2.21.0"

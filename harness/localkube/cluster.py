@@ -29,9 +29,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import gobuild
-from helpers import die_with_parent
-from pki import make_ca, make_cert
+from harness import gobuild
+from harness.helpers import die_with_parent
+from harness.pki import make_ca, make_cert
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -44,7 +44,7 @@ HPA_SYNC_PERIOD = "15s"
 # The service range is only allocated from, never routed: the test range keeps
 # even a stray connection attempt on addresses this project may use.
 SERVICE_CIDR = "198.19.255.0/24"
-CRDS = REPO / "tests" / "crds"
+CRDS = HERE.parent / "crds"
 
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
@@ -370,7 +370,7 @@ def install_crds(cluster: Cluster) -> None:
 
     Server-side apply: the ScaledJob CRD is larger than the last-applied annotation may be.
     """
-    import kedastack
+    from harness import kedastack
 
     def run(*args: str) -> None:
         proc = subprocess.run([kubectl(), "--kubeconfig", cluster.kubeconfig, *args], capture_output=True, text=True)

@@ -1,0 +1,5 @@
+import sys
+
+from harness.localkube.cluster import main
+
+sys.exit(main(sys.argv[1:]))
