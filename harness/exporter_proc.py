@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,35 +20,9 @@ from harness.netns import http_get, join_netns
 EXPORTER = str(Path(sys.executable).with_name("tcp-exporter"))
 # setpriv as root: drop CAP_NET_ADMIN from the bounding and inheritable sets, so the
 # exported process runs without it, as in a pod that was not granted it.
+# A standalone script (no harness imports), so it runs as a file from any directory.
+NO_NETLINK = str(Path(__file__).with_name("no_netlink.py"))
 WITHOUT_NET_ADMIN = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
-
-
-def no_netlink_seccomp() -> None:
-    """preexec_fn: make socket(AF_NETLINK, ...) fail with EAFNOSUPPORT, as where netlink is withheld."""
-    import struct
-
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    ld_w, ld_abs, jeq, ret = 0x00, 0x20, 0x15, 0x06
-    # seccomp_data: nr at 0, arch at 4, args[0] at 16 (low 32 bits on little-endian).
-    program = [
-        (ld_w | ld_abs, 0, 0, 4),
-        (jeq, 0, 4, 0xC000003E),  # AUDIT_ARCH_X86_64, else allow
-        (ld_w | ld_abs, 0, 0, 0),
-        (jeq, 0, 2, 41),  # __NR_socket
-        (ld_w | ld_abs, 0, 0, 16),
-        (jeq, 1, 0, 16),  # AF_NETLINK
-        (ret, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
-        (ret, 0, 0, 0x00050000 | 97),  # SECCOMP_RET_ERRNO | EAFNOSUPPORT
-    ]
-    raw = b"".join(struct.pack("=HBBI", *op) for op in program)
-    buf = ctypes.create_string_buffer(raw)
-    prog = struct.pack("@HP", len(program), ctypes.addressof(buf))
-    prog_buf = ctypes.create_string_buffer(prog)
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
-        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
-    if libc.prctl(22, 2, ctypes.addressof(prog_buf), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
 
 
 class Exporter:
@@ -65,7 +38,7 @@ class Exporter:
         self.ns = ns
         self.port = port
         if seccomp_no_netlink:  # applied after `ip netns exec`, which needs netlink itself
-            prefix = [*(prefix or []), sys.executable, __file__, "no-netlink"]
+            prefix = [*(prefix or []), sys.executable, NO_NETLINK]
         cmd = ["ip", "netns", "exec", ns, *(prefix or []), EXPORTER, *args]
         self.proc = subprocess.Popen(
             cmd,
@@ -129,14 +102,6 @@ class Exporter:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-if __name__ == "__main__":
-    # `python exporter_proc.py no-netlink CMD ARGS...`: run CMD with netlink sockets withheld.
-    if sys.argv[1] != "no-netlink":
-        sys.exit(2)
-    no_netlink_seccomp()
-    os.execv(sys.argv[2], sys.argv[2:])  # noqa: S606 - the test chose the command
 
 
 def scrape(port: int) -> str:

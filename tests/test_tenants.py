@@ -12,7 +12,8 @@ from harness.operator_proc import Kube, Operator, deployment
 pytestmark = pytest.mark.cluster
 
 # Helm-style names as users have them: dots, dashes, 60 characters.
-LONG = "payments-gateway-primary-eu-west-1-canary-release-abcdef.v2-x"[:60]
+LONG = "payments-gateway-primary-eu-west-1-canary-release-abc.v2-web"
+assert len(LONG) == 60
 
 
 def test_a_superscript_port_and_a_forged_status_stop_nothing_and_twenty_valid_deployments_after_them_inject(
