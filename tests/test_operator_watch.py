@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import datetime
 import threading
 import time
 
-from tcp_exporter_operator.watch import RESYNC, Index, WorkQueue, active, newest
+from tcp_exporter_operator.watch import RESYNC, Heartbeats, Index, WorkQueue, active, newest
 
 from harness.helpers import wait_for
 
@@ -46,21 +45,47 @@ def test_a_waiting_resync_is_not_replaced_by_an_event_but_replaces_one() -> None
     assert newest(event, ("MODIFIED", {"metadata": {"x": 1}})) == ("MODIFIED", {"metadata": {"x": 1}})
 
 
-NOW = datetime.datetime(2026, 11, 29, 12, 0, tzinfo=datetime.UTC)
+def peer(priority: object, lastseen: str = "2026-11-29T12:00:00+00:00", lifetime: object = 60) -> dict[str, object]:
+    return {"priority": priority, "lifetime": lifetime, "lastseen": lastseen}
 
 
-def peer(priority: int, seconds_ago: float, lifetime: int = 60) -> dict[str, object]:
-    seen = NOW - datetime.timedelta(seconds=seconds_ago)
-    return {"priority": priority, "lifetime": lifetime, "lastseen": seen.isoformat()}
+def judged(peers: dict[str, object], me: int, seconds_later: float, heard: Heartbeats | None = None) -> bool:
+    heard = heard or Heartbeats()
+    heard.observe(peers, 1000.0)
+    return active(peers, "me", me, heard, 1000.0 + seconds_later)
 
 
 def test_peering_rule_pauses_for_a_live_peer_of_higher_or_equal_priority_only() -> None:
-    assert active({"me": peer(10, 0)}, "me", 10, NOW)
-    assert not active({"me": peer(10, 0), "other": peer(20, 5)}, "me", 10, NOW)
-    assert not active({"me": peer(10, 0), "other": peer(10, 5)}, "me", 10, NOW)  # kopf pauses both
-    assert active({"me": peer(20, 0), "other": peer(10, 5)}, "me", 20, NOW)
-    assert active({"me": peer(10, 0), "other": peer(20, 61)}, "me", 10, NOW)  # dead: its lifetime is over
-    assert active({"me": peer(10, 0), "other": {"priority": 20, "lastseen": "2026-11-29T11:59:00"}}, "me", 10, NOW)
+    assert judged({"me": peer(10)}, 10, 0)
+    assert not judged({"me": peer(10), "other": peer(20)}, 10, 5)
+    assert not judged({"me": peer(10), "other": peer(10)}, 10, 5)  # kopf pauses both
+    assert judged({"me": peer(20), "other": peer(10)}, 20, 5)
+    assert judged({"me": peer(10), "other": peer(20)}, 10, 61)  # dead: not heard from within its lifetime
+    assert judged({"me": peer(10), "other": peer(20, lifetime=10)}, 10, 11)
+
+
+def test_peer_liveness_is_timed_on_the_local_clock_so_a_skewed_lastseen_changes_nothing() -> None:
+    # A peer whose clock runs an hour behind (its lastseen long past by ours) but which keeps beating is alive.
+    behind = Heartbeats()
+    for i, t in enumerate((1000.0, 1050.0, 1100.0)):
+        beat = {"me": peer(10), "other": peer(20, f"2026-11-29T11:0{i}:00+00:00")}
+        behind.observe(beat, t)
+    assert not active(beat, "me", 10, behind, 1140.0)
+    # A peer whose clock runs an hour ahead (its lastseen in our future) but which stopped beating is dead.
+    ahead = Heartbeats()
+    stopped = {"me": peer(10), "other": peer(20, "2026-11-29T13:00:00+00:00")}
+    ahead.observe(stopped, 1000.0)
+    ahead.observe(stopped, 1030.0)  # the same heartbeat seen again: not a new one
+    assert not active(stopped, "me", 10, ahead, 1059.0)
+    assert active(stopped, "me", 10, ahead, 1061.0)
+
+
+def test_a_malformed_peer_entry_pauses_only_while_it_keeps_beating() -> None:
+    garbage = {"me": peer(10), "other": peer("high", lifetime="forever")}
+    assert not judged(garbage, 10, 30)
+    assert judged(garbage, 10, 61)
+    assert judged({"me": peer(10), "other": "not a mapping"}, 10, 61)
+    assert judged({"me": peer(10), "other": peer(True)}, 10, 61)
 
 
 def test_a_freed_rollout_slot_goes_to_the_next_deployment_still_waiting_not_to_one_rolled_by_its_user() -> None:

@@ -14,7 +14,6 @@ latest state replacing an older one still waiting, and never two workers on the 
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import sys
@@ -441,11 +440,19 @@ def _lines(response: Any) -> Iterator[bytes]:
 
 
 class Peering:
-    """Whether this replica is the active one, by kopf's rule, for the work kopf does not schedule itself.
+    """Whether this replica is the active one, by kopf's peering object, for the Deployment workers.
 
-    kopf pauses its own watches while a live peer of higher (or equal) priority exists; the operator's
-    Deployment workers follow the same rule, from an informer on the same ClusterKopfPeering object (so that
-    they learn of a peer when kopf does), re-judged every few seconds as peers expire.
+    kopf runs no resource handlers here (the operator's own informers and workers do the work); with `--peering`
+    kopf only keeps this replica's entry alive in the ClusterKopfPeering object (a heartbeat every lifetime minus
+    5-10 s, and removal on a clean exit). This class decides from that object, by the rule kopf applies to its
+    own handlers: paused while another live peer has a priority as high as ours or higher.
+
+    Decision (issue 18): keep kopf's peering object rather than a coordination.k8s.io Lease, because kopf
+    already writes its heartbeats and a Lease would add a second election to run beside it; but judge a peer
+    alive the way client-go's leader election does, by when *this* replica last saw its heartbeat change on
+    its own monotonic clock, never by comparing the peer's `lastseen` with the local wall clock. Clock skew
+    between nodes therefore cannot leave both replicas active or both paused. The cost, as in client-go: a peer
+    that crashed without removing its entry is believed alive for one lifetime after this replica first sees it.
     """
 
     INTERVAL = 5.0
@@ -457,6 +464,8 @@ class Peering:
         self.on_resume = on_resume  # called when this replica becomes active again after a pause
         self._active = threading.Event()
         self._peers: Mapping[str, Any] | None = None  # the object's status; None until read (or when missing)
+        self._heard = Heartbeats()
+        self._lock = threading.Lock()  # the informer thread and the tick thread both judge
         self._was: bool | None = None
         if name is None:
             self._active.set()
@@ -475,19 +484,26 @@ class Peering:
         return self._active.wait(timeout)
 
     def _seen(self, kind: str, obj: Mapping[str, Any]) -> bool:
-        self._peers = None if kind == "DELETED" else (obj.get("status") or {})
+        status = obj.get("status") if kind != "DELETED" else None
+        with self._lock:
+            self._peers = status if isinstance(status, Mapping) else ({} if kind != "DELETED" else None)
+            self._heard.observe(self._peers or {}, time.monotonic())
         self._judge()
         return True
 
     def _judge(self) -> None:
-        peers = self._peers
-        now_active = peers is not None and active(peers, self.identity, self.priority)
-        (self._active.set if now_active else self._active.clear)()
-        if now_active != self._was:
-            log.info("Deployment workers %s (peering %s)", "active" if now_active else "paused", self.name)
-            if now_active and self._was is False:
-                self.on_resume()
+        with self._lock:
+            peers = self._peers
+            now_active = peers is not None and active(
+                peers, self.identity, self.priority, self._heard, time.monotonic()
+            )
+            changed, resumed = now_active != self._was, now_active and self._was is False
             self._was = now_active
+        (self._active.set if now_active else self._active.clear)()
+        if changed:
+            log.info("Deployment workers %s (peering %s)", "active" if now_active else "paused", self.name)
+            if resumed:
+                self.on_resume()
 
     def _tick(self) -> None:
         while True:
@@ -495,19 +511,40 @@ class Peering:
             self._judge()
 
 
-def active(peers: Mapping[str, Any], identity: str, priority: int, now: datetime.datetime | None = None) -> bool:
-    """kopf's rule: paused while any other live peer has a priority as high as ours or higher."""
-    now = now or datetime.datetime.now(datetime.UTC)
+class Heartbeats:
+    """When each peer's heartbeat (its `lastseen` value) last changed, on this replica's monotonic clock."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, float]] = {}
+
+    def observe(self, peers: Mapping[str, Any], now: float) -> None:
+        for peer, info in peers.items():
+            beat = str(info.get("lastseen")) if isinstance(info, Mapping) else ""
+            if peer not in self._seen or self._seen[peer][0] != beat:
+                self._seen[peer] = (beat, now)
+        for gone in self._seen.keys() - peers.keys():
+            del self._seen[gone]
+
+    def since(self, peer: str, now: float) -> float:
+        """Seconds since the peer's heartbeat last changed here (0 for one never observed: it just appeared)."""
+        return now - self._seen[peer][1] if peer in self._seen else 0.0
+
+
+def active(peers: Mapping[str, Any], identity: str, priority: int, heard: Heartbeats, now: float) -> bool:
+    """kopf's rule, timed locally: paused while any other peer, heard from within its lifetime, has a priority
+    as high as ours or higher. A malformed priority counts as the highest, a malformed lifetime as kopf's 60 s:
+    such an entry pauses us only while its heartbeat keeps changing."""
     for peer, info in peers.items():
-        if peer == identity or not isinstance(info, Mapping):
+        if peer == identity:
             continue
-        try:
-            lastseen = datetime.datetime.fromisoformat(str(info.get("lastseen")))
-            if lastseen.tzinfo is None:
-                lastseen = lastseen.replace(tzinfo=datetime.UTC)
-            alive = lastseen + datetime.timedelta(seconds=int(info.get("lifetime", 60))) > now
-        except (TypeError, ValueError):
-            alive = True
-        if alive and int(info.get("priority", 0)) >= priority:
+        lifetime = _number(info, "lifetime", 60)
+        their = _number(info, "priority", 0)
+        if heard.since(peer, now) < (60 if lifetime is None else lifetime) and (their is None or their >= priority):
             return False
     return True
+
+
+def _number(info: object, key: str, default: int) -> int | None:
+    """The entry's integer field (the default when absent); None when malformed."""
+    value = info.get(key, default) if isinstance(info, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
