@@ -10,6 +10,9 @@ fields a plan reads, in an `Index`.
 
 The tracked Deployments' events go to a work queue in the manner of client-go's: one entry per Deployment, the
 latest state replacing an older one still waiting, and never two workers on the same Deployment.
+
+`Peering` decides, from kopf's peering object, whether this replica's workers run (see its docstring for why
+kopf's object and not a Lease, and why liveness is timed on the local clock).
 """
 
 from __future__ import annotations
