@@ -334,7 +334,7 @@ def test_an_old_keda_without_fallback_behavior_gets_no_fallback_that_would_scale
         ),
         (
             {
-                "tcp-exporter/authentication-ref": "ClusterTriggerAuthentication/amp",
+                "tcp-exporter/authentication-ref": "TriggerAuthentication/amp",
                 "tcp-exporter/auth-modes": "tls,basic",
             },
             ("triggers", 0, "metadata", "authModes"),

@@ -36,6 +36,10 @@ def test_the_token_bucket_allows_its_rate_and_no_more() -> None:
     assert sum(bucket.take() for _ in range(20)) == 2
 
 
+def costs_for(pods: Any, targets: dict[tuple[str, str], Target]) -> DeletionCosts:
+    return DeletionCosts(pods, targets, period=1, rate=30, headers={}, may_write=lambda: True, allowed=lambda url: True)
+
+
 class Pods:
     """Stands in for the API server's answer to the pod patches: records them."""
 
@@ -52,7 +56,9 @@ def test_writes_stay_within_the_overall_rate_under_churn_and_the_rest_waits(monk
     monkeypatch.setattr(scalein, "query", lambda url, headers: series)
     targets = {("shop", f"web-{d}"): Target(100, 1, 10, "http://p") for d in range(4)}
     pods = Pods()
-    costs = DeletionCosts(pods, targets, period=1, rate=30, headers={}, may_write=lambda: True)  # type: ignore[arg-type]
+    costs = DeletionCosts(
+        pods, targets, period=1, rate=30, headers={}, may_write=lambda: True, allowed=lambda url: True
+    )  # type: ignore[arg-type]
     costs.bucket = TokenBucket(30, clock=lambda: 0.0)  # no time passes: the burst is all there is
     for round_ in range(3):
         # Churn: every pod's count jumps each round, far beyond the hysteresis.
@@ -74,7 +80,9 @@ def test_an_opted_out_deployment_is_forgotten_and_never_written(monkeypatch: Any
     monkeypatch.setattr(scalein, "query", lambda url, headers: [sample])
     targets: dict[tuple[str, str], Target] = {}
     pods = Pods()
-    costs = DeletionCosts(pods, targets, period=1, rate=30, headers={}, may_write=lambda: True)  # type: ignore[arg-type]
+    costs = DeletionCosts(
+        pods, targets, period=1, rate=30, headers={}, may_write=lambda: True, allowed=lambda url: True
+    )  # type: ignore[arg-type]
     assert costs.round() == 0 and pods.written == []
     targets[("shop", "web")] = Target(100, 1, 2, "http://p")
     assert costs.round() == 1 and pods.written == [("shop", "web-1", 7)]
@@ -104,6 +112,115 @@ def test_a_prometheus_answering_inf_nan_or_garbage_for_one_namespace_leaves_anot
     monkeypatch.setattr(scalein, "query", lambda url, headers: series)
     targets = {(ns, "web-api"): Target(100, 1, 2, "http://p") for ns in ("team-a", "team-b")}
     pods = Pods()
-    costs = DeletionCosts(pods, targets, period=1, rate=30, headers={}, may_write=lambda: True)  # type: ignore[arg-type]
+    costs = DeletionCosts(
+        pods, targets, period=1, rate=30, headers={}, may_write=lambda: True, allowed=lambda url: True
+    )  # type: ignore[arg-type]
     assert costs.round() == 2
     assert sorted(pods.written) == [("team-b", "web-api-1", 12), ("team-b", "web-api-2", 2**31 - 1)]
+
+
+class Prometheus:
+    """A real HTTP server on loopback that answers the scale-in query as it is told to (well or badly)."""
+
+    def __init__(self, handle: Any) -> None:
+        import http.server
+        import threading
+
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(dict(self.headers))
+                handle(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> Prometheus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def answer(handler: Any, body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> None:
+    handler.send_response(status)
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+OK = b'{"status": "success", "data": {"resultType": "vector", "result": []}}'
+
+
+def test_a_redirect_is_refused_and_the_admins_headers_never_reach_where_it_points() -> None:
+    import urllib.error
+
+    import pytest
+
+    with Prometheus(lambda h: answer(h, OK)) as elsewhere:
+        with Prometheus(lambda h: answer(h, b"", 302, {"Location": elsewhere.url + "/api/v1/query"})) as prom:
+            with pytest.raises(urllib.error.HTTPError, match="not followed"):
+                scalein.query(prom.url, {"Authorization": "Bearer s3cret"})
+            assert prom.hits and prom.hits[0]["Authorization"] == "Bearer s3cret"
+        assert elsewhere.hits == []
+
+
+def test_a_server_that_drips_its_answer_is_cut_off_within_twice_the_deadline() -> None:
+    import time
+
+    import pytest
+
+    def drip(h: Any) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "1000000")
+        h.end_headers()
+        try:
+            for _ in range(100):
+                h.wfile.write(b" ")
+                h.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    with Prometheus(drip) as prom:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            scalein.query(prom.url, {}, deadline=1.0)
+        assert time.monotonic() - start < 2.0
+
+
+def test_an_answer_larger_than_the_cap_is_refused_without_being_kept() -> None:
+    import pytest
+
+    def huge(h: Any) -> None:
+        h.send_response(200)
+        h.end_headers()
+        try:
+            block = b" " * 65536
+            for _ in range(scalein.MAX_ANSWER // len(block) + 2):
+                h.wfile.write(block)
+        except OSError:
+            pass
+
+    with Prometheus(huge) as prom, pytest.raises(ValueError, match="larger than"):
+        scalein.query(prom.url, {})
+
+
+def test_an_address_the_admin_does_not_allow_is_never_queried() -> None:
+    with Prometheus(lambda h: answer(h, OK)) as prom:
+        targets = {("team-a", "web-api"): Target(100, 1, 2, prom.url)}
+        costs = DeletionCosts(
+            Pods(), targets, period=1, rate=30, headers={"Authorization": "Bearer s3cret"},  # type: ignore[arg-type]
+            may_write=lambda: True, allowed=lambda url: False,
+        )  # fmt: skip
+        assert costs.round() == 0
+        assert prom.hits == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,7 @@ pytestmark = pytest.mark.cluster
 # Helm-style names as users have them: dots, dashes, 60 characters.
 LONG = "payments-gateway-primary-eu-west-1-canary-release-abc.v2-web"
 assert len(LONG) == 60
+ATTACKER = "https://attacker.example/x"
 
 
 def test_a_superscript_port_and_a_forged_status_stop_nothing_and_twenty_valid_deployments_after_them_inject(
@@ -36,3 +39,33 @@ def test_a_superscript_port_and_a_forged_status_stop_nothing_and_twenty_valid_de
     status = json.loads(kube.get("checkout.v2").metadata.annotations["tcp-exporter/status"])
     assert status["ports"] == [8080]
     assert operator.liveness() == 200
+
+
+def test_an_editor_cannot_point_the_operators_cluster_credentials_at_their_own_server(
+    operator: Operator, kube: Kube, cluster: Any, kubectl: Callable[..., str]
+) -> None:
+    operator.stop()
+    central = Operator(
+        cluster,
+        kubectl,
+        env={
+            "TCP_EXPORTER_OPERATOR_AUTHENTICATION_REF": "ClusterTriggerAuthentication/central-prom",
+            "TCP_EXPORTER_OPERATOR_AUTH_MODES": "bearer",
+        },
+        args=[f"--namespace={kube.ns}"],
+    )
+    try:
+        kube.create(deployment("web-api", {"tcp-exporter/port": "8080", "tcp-exporter/prometheus": ATTACKER}))
+        kube.create(deployment("checkout.v2", {"tcp-exporter/port": "8080"}))
+        wait_for(
+            lambda: "tcp-exporter" in kube.containers("checkout.v2"), 30, "the one on the admin's address injected"
+        )
+        so = kube.scaled_object("checkout.v2") or {}
+        assert so["spec"]["triggers"][0]["authenticationRef"]["kind"] == "ClusterTriggerAuthentication"
+        warned = wait_for(lambda: kube.events("web-api", "Warning"), 30, "a Warning on the attacker's one")
+        assert "TCP_EXPORTER_OPERATOR_AUTHENTICATION_REF" in warned[0].message, warned[0].message
+        assert kube.scaled_object("web-api") is None
+        assert "tcp-exporter" not in kube.containers("web-api")
+    finally:
+        central.close()
+        operator.start()

@@ -103,6 +103,9 @@ class KedaOptions:
     fallback_replicas: int = 1
     authentication_ref: dict[str, str] | None = None
     trigger_metadata: tuple[tuple[str, str], ...] = ()  # authModes, namespace, customHeaders, unsafeSsl
+    # Where credentials that are not the namespace's own come from (an operator setting, or a
+    # ClusterTriggerAuthentication): they may go only to an address the admin allows. None: none such.
+    cluster_credentials: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,12 +259,21 @@ def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, m
     fallback_replicas = number(A_FALLBACK_REPLICAS, cfg.fallback_replicas, 0, max_replicas)
     ref_text, ref_where = _setting(annotations, A_AUTH_REF, cfg.authentication_ref)
     ref = None
+    cluster_credentials = None
     if ref_text:
         kind, _, name = ref_text.rpartition("/")
         kind = kind or "TriggerAuthentication"
         if kind not in AUTH_KINDS or not _DNS_SUBDOMAIN.match(name):
             raise InvalidSpec(f"{ref_where}: {ref_text!r} is not NAME or ({'|'.join(AUTH_KINDS)})/NAME")
+        if kind == "ClusterTriggerAuthentication" and ref_where == A_AUTH_REF and not cfg.allow_cluster_trigger_auth:
+            raise InvalidSpec(
+                f"{A_AUTH_REF}: a ClusterTriggerAuthentication holds the cluster's credentials, and the operator "
+                f"setting {SETTING_PREFIX}ALLOW_CLUSTER_TRIGGER_AUTH does not let annotations name one; use a "
+                "TriggerAuthentication of this namespace"
+            )
         ref = {"name": name, "kind": kind}
+        if ref_where != A_AUTH_REF or kind == "ClusterTriggerAuthentication":
+            cluster_credentials = ref_where if ref_where != A_AUTH_REF else f"{kind}/{name}"
     metadata = []
     modes, where = _setting(annotations, A_AUTH_MODES, cfg.auth_modes)
     if modes:
@@ -287,6 +299,8 @@ def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, m
         if any(not _HEADER_NAME.match(k) for k, _ in pairs):
             raise InvalidSpec(f"{where}: {headers!r} has a header name with characters HTTP does not allow")
         metadata.append(("customHeaders", ",".join(f"{k}={v}" for k, v in pairs)))
+        if where != A_CUSTOM_HEADERS:
+            cluster_credentials = cluster_credentials or where
     unsafe, where = _setting(annotations, A_UNSAFE_SSL, "" if cfg.unsafe_ssl is None else str(cfg.unsafe_ssl).lower())
     if unsafe:
         if unsafe.lower() not in ("true", "false"):
@@ -300,12 +314,15 @@ def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, m
         fallback_replicas=min_replicas if fallback_replicas is None else fallback_replicas,
         authentication_ref=ref,
         trigger_metadata=tuple(metadata),
+        cluster_credentials=cluster_credentials,
     )
 
 
 def check_settings(cfg: Config) -> None:
     """The operator's settings, checked at start as the defaults of a Deployment that sets no annotation but its
     port would use them; raises InvalidSpec naming the setting."""
+    for entry in cfg.allowed_prometheus:
+        prometheus_address(entry, f"the operator setting {SETTING_PREFIX}ALLOWED_PROMETHEUS")
     parse_spec({"metadata": {"name": "settings", "annotations": {A_PORT: "1"}}}, cfg)
 
 
@@ -335,8 +352,26 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
     toggle = _boolean(annotations, A_SCALEDOBJECT, True)
     scale_in = _boolean(annotations, A_SCALE_IN, cfg.scale_in_by_connections)
     prometheus, where = _setting(annotations, A_PROMETHEUS, cfg.prometheus)
-    if not re.match(r"^https?://[^\s/]+", prometheus):
-        raise InvalidSpec(f"{where}: {prometheus!r} is not an http(s):// address")
+    prometheus = prometheus_address(prometheus, where)
+    keda = parse_keda(annotations, cfg, min_replicas, max_replicas)
+    if not address_allowed(prometheus, cfg):
+        if cfg.allowed_prometheus:
+            raise InvalidSpec(
+                f"{where}: {prometheus!r} is not among the addresses the operator setting "
+                f"{SETTING_PREFIX}ALLOWED_PROMETHEUS allows"
+            )
+        if keda.cluster_credentials:
+            raise InvalidSpec(
+                f"{where}: {prometheus!r} is not the operator's Prometheus, and the credentials of "
+                f"{keda.cluster_credentials} go only to it or to the addresses of the operator setting "
+                f"{SETTING_PREFIX}ALLOWED_PROMETHEUS"
+            )
+        if scale_in:
+            raise InvalidSpec(
+                f"{A_SCALE_IN}: the operator reads the connections from Prometheus itself, and only from its own "
+                f"({cfg.prometheus}) or from the addresses of the operator setting "
+                f"{SETTING_PREFIX}ALLOWED_PROMETHEUS; {where} names {prometheus!r}"
+            )
     image, where = _setting(annotations, A_IMAGE, cfg.sidecar_image)
     if not image or any(c.isspace() for c in image):
         raise InvalidSpec(f"{where}: {image!r} is not an image reference")
@@ -360,7 +395,7 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
         inputs=digest({key: annotations.get(key) for key in SIDECAR_INPUTS}),
         annotate="annotations" in cfg.discovery,
         pod_monitor_labels=parse_pod_monitor_labels(annotations, cfg),
-        keda=parse_keda(annotations, cfg, min_replicas, max_replicas),
+        keda=keda,
         ports=ports,
         method=method,
         image=image,
@@ -368,11 +403,42 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
         threshold=threshold,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
-        prometheus=prometheus.rstrip("/"),
+        prometheus=prometheus,
         scaled_object=toggle,
         scale_in_by_connections=scale_in,
         resources=resources,
     )
+
+
+# scheme://host[:port][/path]: no user, query or fragment (a `#` would cut off the path KEDA appends, sending the
+# request, credentials included, wherever the text before it points), no whitespace or backslash.
+_ADDRESS = re.compile(
+    r"^(https?://(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]))(:[0-9]{1,5})?((?:/[A-Za-z0-9._~%!$&'()*+;=:-]*)*)$",
+    re.IGNORECASE,
+)
+
+
+def prometheus_address(text: str, where: str) -> str:
+    """A Prometheus address as KEDA and the operator use it: scheme://host[:port][/path], without a trailing
+    slash; raises InvalidSpec for anything else (user info, a query, a fragment, a non-ASCII host)."""
+    match = _ADDRESS.match(text.strip().rstrip("/"))
+    if not match or (match.group(2) and not 1 <= int(match.group(2)[1:]) <= 65535):
+        raise InvalidSpec(
+            f"{where}: {text!r} is not an http(s)://host[:port][/path] address (no user, query or fragment)"
+        )
+    return match.group(1).lower() + (match.group(2) or "") + match.group(3)
+
+
+def address_allowed(address: str, cfg: Config) -> bool:
+    """The operator's own Prometheus, or an address of ALLOWED_PROMETHEUS: an entry ending in `/` allows the
+    paths under it, any other that address exactly."""
+    if address == prometheus_address(cfg.prometheus, "TCP_EXPORTER_OPERATOR_PROMETHEUS"):
+        return True
+    for entry in cfg.allowed_prometheus:
+        allowed = prometheus_address(entry, "TCP_EXPORTER_OPERATOR_ALLOWED_PROMETHEUS")
+        if address == allowed or (entry.endswith("/") and address.startswith(allowed + "/")):
+            return True
+    return False
 
 
 def digest(value: Any) -> str:

@@ -50,6 +50,11 @@ class Config:
     prometheus_namespace: str = ""
     custom_headers: str = ""
     unsafe_ssl: bool | None = None
+    # Multi-tenancy: the Prometheus addresses annotations may name beside `prometheus` (an entry ending in `/`
+    # allows the paths under it); empty: any, unless credentials of the operator's are involved (README).
+    allowed_prometheus: tuple[str, ...] = ()
+    # Whether an annotation may name a ClusterTriggerAuthentication (the cluster's credentials, in KEDA's namespace).
+    allow_cluster_trigger_auth: bool = False
     # Connection-aware scale-in (scalein.py): the default of the tcp-exporter/scale-in-by-connections annotation,
     # seconds between the Prometheus queries, and pod writes per second at most, over all Deployments.
     scale_in_by_connections: bool = False

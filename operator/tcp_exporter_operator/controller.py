@@ -22,7 +22,7 @@ from typing import Any
 import urllib3
 
 from tcp_exporter_operator import metrics
-from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, A_STATUS, InvalidSpec, parse_spec
+from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, A_STATUS, InvalidSpec, address_allowed, parse_spec
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import is_ours
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY, Event
@@ -137,6 +137,7 @@ class Controller:
             self.config.deletion_cost_rate,
             parse_headers(self.config.custom_headers),
             may_write=lambda: self.ready.is_set() and self.peering.wait_active(0),
+            allowed=lambda url: address_allowed(url, self.config),
         ).start()
         for i in range(WORKERS):
             threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True).start()

@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -47,7 +48,8 @@ QUERY = (
 MIN_STEP = 2  # connections: a smaller change is never material
 REL_STEP = 0.2  # of the written value: nor is a smaller relative one
 PER_DEPLOYMENT = 50  # pods written per Deployment per period at most
-QUERY_TIMEOUT = 10.0
+QUERY_TIMEOUT = 10.0  # seconds for the whole answer, not per socket read
+MAX_ANSWER = 64 * 2**20  # bytes: 20,000 pods' samples are about 4 MB
 URGENCY = 5  # while a scale-in is imminent somewhere, the period is this many times shorter (1 s at least)
 
 
@@ -101,13 +103,37 @@ class TokenBucket:
         return True
 
 
-def query(url: str, headers: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The query's instant vector from Prometheus' HTTP API."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: the request carries the admin's headers, and a redirect would take them elsewhere."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl[:200]} not followed", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
+
+
+def query(url: str, headers: Mapping[str, str], deadline: float = QUERY_TIMEOUT) -> list[dict[str, Any]]:
+    """The query's instant vector from Prometheus' HTTP API: no redirect followed, at most MAX_ANSWER bytes, and
+    a server that drips its answer cut off: no read waits more than `deadline` seconds and none starts after
+    `deadline` seconds in all, so an answer takes at most twice `deadline`."""
     request = urllib.request.Request(
         f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": QUERY}), headers=dict(headers)
     )
-    with urllib.request.urlopen(request, timeout=QUERY_TIMEOUT) as response:
-        body = json.load(response)
+    end = time.monotonic() + deadline
+    chunks, size = [], 0
+    with _OPENER.open(request, timeout=deadline) as response:
+        while True:
+            if time.monotonic() > end:
+                raise TimeoutError(f"Prometheus' answer took more than {deadline:g} s")
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise ValueError(f"Prometheus' answer is larger than {MAX_ANSWER} bytes")
+            chunks.append(chunk)
+    body = json.loads(b"".join(chunks))
     if not isinstance(body, dict) or body.get("status") != "success":
         raise ValueError(f"Prometheus did not answer success: {str(body)[:200]}")
     result = (body.get("data") or {}).get("result") if isinstance(body.get("data"), dict) else None
@@ -156,8 +182,10 @@ class DeletionCosts:
         rate: float,
         headers: Mapping[str, str],
         may_write: Callable[[], bool],
+        allowed: Callable[[str], bool],
     ) -> None:
         self.kube, self.targets, self.period, self.headers, self.may_write = kube, targets, period, headers, may_write
+        self.allowed = allowed  # the addresses the admin allows (the planner refuses others; checked again here)
         self.bucket = TokenBucket(rate)
         self.written: dict[tuple[str, str], dict[str, int]] = {}  # (namespace, deployment) -> pod -> cost
         self.urgent = False  # a scale-in is imminent somewhere: look again sooner
@@ -180,6 +208,9 @@ class DeletionCosts:
         targets = dict(self.targets)  # the watch thread updates it meanwhile
         counts: dict[tuple[str, str], dict[str, int]] = {}
         for url in {t.prometheus for t in targets.values()}:
+            if not self.allowed(url):
+                log.warning("not querying %s for the pods' connections: not an address the operator allows", url)
+                continue
             try:
                 series = query(url, self.headers)
                 metrics.DELETION_COST_QUERIES.labels("ok").inc()
