@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from harness.helpers import wait_for
-from harness.operator_proc import Kube, Operator, deployment
+from harness.operator_proc import Audit, Kube, Operator, deployment, operator_writes
 
 pytestmark = pytest.mark.cluster
 
@@ -69,3 +69,109 @@ def test_an_editor_cannot_point_the_operators_cluster_credentials_at_their_own_s
     finally:
         central.close()
         operator.start()
+
+
+def test_a_write_an_admission_policy_refuses_is_one_warning_and_not_retried_until_the_deployment_changes(
+    operator: Operator, kube: Kube, api: Any, audit: Audit
+) -> None:
+    from kubernetes import client
+
+    admission = client.AdmissionregistrationV1Api(api)
+    policy = f"no-sidecars-{kube.ns}"
+    admission.create_validating_admission_policy(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": policy},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["UPDATE"],
+                         "resources": ["deployments"]}
+                    ]
+                },
+                "validations": [
+                    {
+                        "expression": "!object.spec.template.spec.containers.exists(c, c.name == 'tcp-exporter')",
+                        "message": "no sidecars in this namespace",
+                    }
+                ],
+            },
+        }
+    )  # fmt: skip
+    admission.create_validating_admission_policy_binding(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": policy},
+            "spec": {
+                "policyName": policy,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": kube.ns}}},
+            },
+        }
+    )
+    try:
+        # A policy takes effect once the API server has compiled it: wait until it refuses a write of our own.
+        probe = kube.create(deployment("probe", {}))
+
+        def enforced() -> bool:
+            body = [{"op": "add", "path": "/spec/template/spec/containers/-",
+                     "value": {"name": "tcp-exporter", "image": "x"}}]  # fmt: skip
+            try:
+                kube.apps.patch_namespaced_deployment(
+                    probe["metadata"]["name"], kube.ns, body, _content_type="application/json-patch+json"
+                )
+            except client.ApiException as exc:
+                return exc.status == 422
+            kube.apps.patch_namespaced_deployment(
+                probe["metadata"]["name"], kube.ns, [{"op": "remove", "path": "/spec/template/spec/containers/1"}],
+                _content_type="application/json-patch+json",
+            )  # fmt: skip
+            return False
+
+        wait_for(enforced, 30, "the policy to be enforced")
+        mark = audit.mark()
+        kube.create(deployment("web-api", {"tcp-exporter/port": "8080"}))
+        warned = wait_for(lambda: kube.events("web-api", "Warning"), 30, "the WriteRefused Warning")
+        assert warned[0].reason == "WriteRefused" and "no sidecars in this namespace" in warned[0].message
+        # Watch events that change nothing the plan reads (a label, the controllers' status) bring no retry.
+        for i in range(3):
+            touched = kube.patch("web-api", {"metadata": {"labels": {"touched": str(i)}}})
+        skipped = f"skipped {kube.ns}/web-api at resourceVersion {touched.metadata.resource_version}: a write for it"
+        wait_for(lambda: skipped in operator.log(), 30, "the last label change to be seen and skipped")
+        patches = [w for w in operator_writes(audit, mark, kube.ns) if w == ("patch", "deployments", "web-api")]
+        assert len(patches) == 1, patches
+        assert [e.reason for e in kube.events("web-api", "Warning")] == ["WriteRefused"]
+        # A change of the Deployment is tried again.
+        kube.annotate("web-api", **{"tcp-exporter/threshold": "50"})
+        wait_for(
+            lambda: [w for w in operator_writes(audit, mark, kube.ns) if w == ("patch", "deployments", "web-api")][1:],
+            30,
+            "a retry after the change",
+        )
+    finally:
+        admission.delete_validating_admission_policy_binding(policy)
+        admission.delete_validating_admission_policy(policy)
+
+
+def test_the_api_servers_answer_to_a_failed_test_operation_is_told_apart_from_a_refusal(kube: Kube) -> None:
+    from kubernetes import client
+    from tcp_exporter_operator.kube import patch_did_not_apply
+
+    kube.create(deployment("checkout.v2", {}))
+    failed_test = [{"op": "test", "path": "/metadata/annotations", "value": {"x": "y"}},
+                   {"op": "add", "path": "/metadata/labels/x", "value": "y"}]  # fmt: skip
+    gone_path = [{"op": "replace", "path": "/metadata/annotations/nothing-here", "value": "y"}]
+    invalid = [{"op": "replace", "path": "/spec/replicas", "value": -1}]
+    answers = {}
+    for name, body in (("failed_test", failed_test), ("gone_path", gone_path), ("invalid", invalid)):
+        try:
+            kube.apps.patch_namespaced_deployment(
+                "checkout.v2", kube.ns, body, _content_type="application/json-patch+json"
+            )
+        except client.ApiException as exc:
+            assert exc.status == 422, (name, exc.body)
+            answers[name] = patch_did_not_apply(exc.body)
+    assert answers == {"failed_test": True, "gone_path": True, "invalid": False}

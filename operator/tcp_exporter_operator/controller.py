@@ -100,6 +100,9 @@ class Controller:
         self.indexes = Indexes()
         self.warned: dict[str, set[tuple[str, str]]] = {}  # uid -> the Warnings posted while they hold
         self.synced: dict[str, tuple[int, int]] = {}  # uid -> unchanged(): the Deployment as last found in sync
+        # uid -> unchanged(): the Deployment as it was when the API server refused a write for it. Not retried
+        # until it changes, or until the next full pass (an admin may have fixed a policy meanwhile).
+        self.refusals: dict[str, tuple[int, int]] = {}
         self.rollouts = Rollouts(config.max_concurrent_rollouts)
         self.awaiting: dict[str, tuple[str, float]] = {}  # uid -> (our write's resourceVersion, until when)
         self.peering = Peering(
@@ -251,6 +254,7 @@ class Controller:
             self.warned.pop(uid, None)
             self.awaiting.pop(uid, None)
             self.synced.pop(uid, None)
+            self.refusals.pop(uid, None)
             for namespace_, name_ in self.rollouts.forget(uid):
                 self.enqueue(namespace_, name_)
             return
@@ -335,6 +339,14 @@ class Controller:
                 body["metadata"].get("resourceVersion"),
             )
             return None
+        if self.refusals.get(uid) == unchanged(body):
+            log.debug(
+                "skipped %s/%s at resourceVersion %s: a write for it was refused and it has not changed since",
+                body["metadata"]["namespace"],
+                body["metadata"]["name"],
+                body["metadata"].get("resourceVersion"),
+            )
+            return None
         # The body is the watch's latest (the queue keeps only that): as fresh as a read would be. Should it be
         # behind anyway, the patch's preconditions fail (422) on exactly what changed, and the conflict reads it
         # afresh.
@@ -345,6 +357,7 @@ class Controller:
         child kind's watch had to list again (its CRD came back, or the watch was too far behind)."""
         if not self.ready.is_set():
             return  # the first reconcile of everything is still to come
+        self.refusals.clear()  # a refused write is tried again once per full pass
         for namespace, name in self.deployments.known_keys():
             self.enqueue(namespace, name)
 
@@ -416,6 +429,9 @@ class Controller:
             except Exception as exc:
                 if isinstance(exc, ApiError) and not (_transient(exc) and delay is not None):
                     self.refused(current or deployment, exc)
+                    if not _transient(exc):
+                        refused = current or deployment
+                        self.refusals[refused["metadata"].get("uid", "")] = unchanged(refused)
                     return "failed"
                 if not _transient(exc) or delay is None:
                     raise

@@ -51,6 +51,24 @@ class Conflict(Exception):
     """The object changed since it was read: read it again and re-plan."""
 
 
+def patch_did_not_apply(body: str) -> bool:
+    """Whether a 422 answer to a JSON patch says the patch itself did not apply (a failed `test` operation, or a
+    path that is gone: what it was planned on changed), as opposed to the patched object being refused
+    (validation, a ValidatingAdmissionPolicy). The API server reports the former as a bare Status of reason
+    Invalid, naming no kind, object or cause (apiserver's patch handler, NewGenericServerResponse); a refusal
+    names the kind and its causes, or the policy in its message."""
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(status, dict) or status.get("reason") != "Invalid":
+        return False
+    details = status.get("details") or {}
+    if not isinstance(details, dict):
+        return False
+    return not (details.get("kind") or details.get("name") or details.get("causes"))
+
+
 def load_configuration() -> client.Configuration:
     """In-cluster ServiceAccount, else KUBECONFIG or ~/.kube/config, in every form the official client reads."""
     configuration = client.Configuration()
@@ -174,10 +192,9 @@ class Kube:
                 write=("Deployment", "patch"),
             )
         except ApiError as exc:
-            # 422 is a failed `test` operation: what the patch replaces changed since it was read.
-            if exc.status in (409, 422):
+            if exc.status == 409 or (exc.status == 422 and patch_did_not_apply(exc.body)):
                 raise Conflict(f"deployment {namespace}/{name} changed") from exc
-            raise
+            raise  # a refusal: validation, an admission policy or webhook (the caller warns, and does not retry)
         return str(new["metadata"]["resourceVersion"]), int(new["metadata"].get("generation") or 0)
 
     # -- pods: only their deletion cost -------------------------------------------------------------
