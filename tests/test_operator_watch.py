@@ -103,6 +103,34 @@ def test_a_freed_rollout_slot_goes_to_the_next_deployment_still_waiting_not_to_o
     assert rollouts.progress("a", done) == [("ns", "c")]
 
 
+def test_no_deployment_holds_an_upgrade_slot_past_its_progress_deadline_or_the_cap_even_without_events() -> None:
+    from tcp_exporter_operator.rollouts import Rollouts, paced
+
+    now = [0.0]
+    rollouts = Rollouts(2, hold=600, clock=lambda: now[0])
+    stuck = {"metadata": {"namespace": "ns", "name": "stuck"}, "spec": {"progressDeadlineSeconds": 60}}
+    forged = {"metadata": {"namespace": "ns", "name": "forged"}, "spec": {"progressDeadlineSeconds": 10**9}}
+    for uid, deployment in (("stuck", stuck), ("forged", forged)):
+        assert rollouts.reserve(uid)
+        rollouts.started(uid, 5, deployment)
+    for uid in ("next-1", "next-2"):
+        assert not rollouts.reserve(uid)
+        rollouts.wait(uid, "ns", uid)
+    now[0] = 59.0
+    assert rollouts.expire() == []
+    now[0] = 61.0  # the stuck one's own deadline: its slot goes to the first waiting
+    assert rollouts.expire() == [("ns", "next-1")]
+    now[0] = 601.0  # a deadline of 10^9 s is capped by the setting
+    assert rollouts.expire() == [("ns", "next-2")]
+    # A reservation never started (the worker died between reserve and patch) is taken back too.
+    assert rollouts.reserve("reserved-only")
+    now[0] = 1202.0
+    rollouts.expire()
+    assert "reserved-only" not in rollouts.active
+    # A paused Deployment takes no slot: nothing rolls until its owner resumes it.
+    assert not paced({"spec": {"paused": True}}) and paced({"spec": {}})
+
+
 def test_the_event_poster_keeps_a_deployments_events_in_order_and_outlives_a_failed_post() -> None:
     from tcp_exporter_operator.events import Event
     from tcp_exporter_operator.kube import EventPoster

@@ -37,6 +37,8 @@ class Config:
     credentials_grace: int = 60  # seconds of refused credentials before liveness fails
     # Upgrade rollouts (the sidecar changes because the operator's image or defaults did) at once, at most.
     max_concurrent_rollouts: int = 3
+    # Seconds an upgrade rollout may hold its slot at most (less when the Deployment's progress deadline is less).
+    max_rollout_seconds: int = 600
     discovery: tuple[str, ...] = ("annotations", "podmonitor")
     pod_monitor_labels: str = ""  # key=value,key=value, e.g. release=kube-prometheus-stack
     # KEDA: the ScaledObject and its Prometheus trigger. Empty means "not set": KEDA's own default applies.
@@ -62,6 +64,10 @@ class Config:
     deletion_cost_rate: int = 20
 
     def __post_init__(self) -> None:
+        if self.max_rollout_seconds < 1:
+            raise ValueError(
+                f"{PREFIX}MAX_ROLLOUT_SECONDS={self.max_rollout_seconds}: give a number of seconds, 1 or more"
+            )
         unknown = [d for d in self.discovery if d not in DISCOVERY_PATHS]
         if unknown or not self.discovery:
             raise ValueError(

@@ -39,13 +39,14 @@ from tcp_exporter_operator.kube import (
     namespaces_lister,
 )
 from tcp_exporter_operator.plan import Plan, plan
-from tcp_exporter_operator.rollouts import Rollouts
+from tcp_exporter_operator.rollouts import Rollouts, paced
 from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
 from tcp_exporter_operator.watch import RESYNC, Informer, Item, Key, Peering, WorkQueue, newest, revision
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
 RESYNC_SECONDS = 300.0
+EXPIRY_TICK = 10.0  # seconds between checks for upgrade slots held past their limit
 # After its own patch, the operator skips the Deployment's watch events older than its write (they
 # would plan the same patch again), for at most this many seconds.
 CONSISTENCY_TIMEOUT = 10.0
@@ -103,7 +104,7 @@ class Controller:
         # uid -> unchanged(): the Deployment as it was when the API server refused a write for it. Not retried
         # until it changes, or until the next full pass (an admin may have fixed a policy meanwhile).
         self.refusals: dict[str, tuple[int, int]] = {}
-        self.rollouts = Rollouts(config.max_concurrent_rollouts)
+        self.rollouts = Rollouts(config.max_concurrent_rollouts, hold=config.max_rollout_seconds)
         self.awaiting: dict[str, tuple[str, float]] = {}  # uid -> (our write's resourceVersion, until when)
         self.peering = Peering(
             kube,
@@ -145,6 +146,7 @@ class Controller:
         for i in range(WORKERS):
             threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True).start()
         threading.Thread(target=self._resync_forever, name="resync", daemon=True).start()
+        threading.Thread(target=self._expire_rollouts_forever, name="rollout-expiry", daemon=True).start()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -367,6 +369,12 @@ class Controller:
         while not self.stopping.wait(RESYNC_SECONDS):
             self.full_pass()
 
+    def _expire_rollouts_forever(self) -> None:
+        """Take back upgrade slots held past their limit, even from Deployments that send no more events."""
+        while not self.stopping.wait(EXPIRY_TICK):
+            for namespace, name in self.rollouts.expire():
+                self.enqueue(namespace, name)
+
     # -- reconciling one Deployment --------------------------------------------------------------------
 
     def reconcile(self, deployment: Mapping[str, Any], fresh: bool = False) -> str:
@@ -389,7 +397,7 @@ class Controller:
                 facts = self.indexes.facts_for(current, hpas)
                 uid = current["metadata"].get("uid", "")
                 result = plan(current, facts, self.config)
-                if result.upgrade and not self.rollouts.reserve(uid):
+                if result.upgrade and paced(current) and not self.rollouts.reserve(uid):
                     result = result.deferred()
                     self.rollouts.wait(uid, namespace, name)
                 elif not result.upgrade:
@@ -450,8 +458,8 @@ class Controller:
         if plan.deployment_patch is not None:
             written, generation = kube.patch_deployment(meta["namespace"], meta["name"], plan.deployment_patch)
             self.awaiting[meta.get("uid")] = (written, time.monotonic() + CONSISTENCY_TIMEOUT)
-            if plan.upgrade:
-                self.rollouts.started(meta.get("uid", ""), generation)
+            if plan.upgrade and paced(deployment):
+                self.rollouts.started(meta.get("uid", ""), generation, deployment)
         events = list(plan.events)
         for write in plan.children:
             kind, child, action = write.kind, write.body, write.action
