@@ -366,6 +366,64 @@ def idle_clients(clients: int) -> dict[str, Any]:
             proc.wait(timeout=10)
 
 
+def hostile_clients(count: int) -> list[dict[str, Any]]:
+    """For each kind of hostile client (harness.hostile), `count` of them kept open against the metrics port
+    (re-opened as the server closes them) while real clients ask for /metrics and /healthz 20 times each."""
+    import socket
+    import urllib.request
+
+    from harness.hostile import KINDS, Flood
+
+    rows = []
+    for kind in KINDS:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        proc = subprocess.Popen(
+            [EXPORTER, f"--watch-port={WATCHED}", "--method=sockdiag", f"--listen-address=127.0.0.1:{port}",
+             "--log-level=error"],
+            preexec_fn=die_with_parent(),
+        )  # fmt: skip
+
+        def get(path: str, port: int = port) -> float:
+            started = time.perf_counter()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                response.read()
+            return (time.perf_counter() - started) * 1000
+
+        def up() -> bool:
+            try:
+                return get("/healthz") >= 0
+            except OSError:
+                return False
+
+        try:
+            wait_for(up, 30, "the exporter")
+            timings: dict[str, list[float]] = {"/metrics": [], "/healthz": []}
+            failures = 0
+            with Flood(kind, "127.0.0.1", port, count) as flood:
+                for _ in range(20):
+                    for path, taken in timings.items():
+                        try:
+                            taken.append(get(path))
+                        except OSError:
+                            failures += 1
+                rss, held = rss_mb(proc.pid), threads(proc.pid)
+            rows.append({
+                "kind": kind, "clients": count, "opened": flood.opened, "failures": failures,
+                "metrics_median_ms": statistics.median(timings["/metrics"] or [math.nan]),
+                "metrics_max_ms": max(timings["/metrics"] or [math.nan]),
+                "healthz_median_ms": statistics.median(timings["/healthz"] or [math.nan]),
+                "healthz_max_ms": max(timings["/healthz"] or [math.nan]),
+                "rss_mb": rss, "threads": held,
+            })  # fmt: skip
+            log(f"hostile {kind}: {rows[-1]}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    return rows
+
+
 def tracking_cost(round_trips: int = 20000, connections: int = 3000, reps: int = 3) -> list[dict[str, Any]]:
     """What switching connection tracking on costs a pod's traffic: TCP round trips on one connection, and
     connection setup and teardown, from a peer namespace, with tracking off (a fresh namespace) and on (the
@@ -470,6 +528,8 @@ def print_tables(results: dict[str, Any]) -> None:
             [[f"{row['idle_clients']:,}", fmt(row["rss_mb_before"]), fmt(row["rss_mb"]), str(row["threads"]),
               fmt(row["scrape_median_ms"]), fmt(row["scrape_max_ms"])]],
         )  # fmt: skip
+    if results.get("hostile"):
+        print_hostile(results["hostile"])
     if results.get("tracking"):
         table(
             "What switching connection tracking on costs the pod's traffic (best of 3)",
@@ -484,6 +544,17 @@ def print_tables(results: dict[str, Any]) -> None:
             [[r["method"], str(r["scrapers"]), fmt(r["seconds"], 0), f"{r['scrapes']:,}", str(r["failures"]),
               fmt(r["p50_ms"]), fmt(r["p99_ms"]), f"{r['churned_connections']:,}"] for r in results["reliability"]],
         )  # fmt: skip
+
+
+def print_hostile(rows: list[dict[str, Any]]) -> None:
+    table(
+        "Sidecar: hostile clients against the metrics port, re-opened as the server closes them",
+        ["kind", "clients", "opened", "failed requests", "/metrics median ms", "/metrics max ms",
+         "/healthz median ms", "/healthz max ms", "RSS MB", "threads"],
+        [[r["kind"], f"{r['clients']:,}", f"{r['opened']:,}", str(r["failures"]), fmt(r["metrics_median_ms"]),
+          fmt(r["metrics_max_ms"]), fmt(r["healthz_median_ms"]), fmt(r["healthz_max_ms"]), fmt(r["rss_mb"]),
+          str(r["threads"])] for r in rows],
+    )  # fmt: skip
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -501,6 +572,7 @@ def main() -> int:
     parser.add_argument("--reliability-seconds", type=float, default=30.0)
     parser.add_argument("--reliability-connections", type=int, default=10000)
     parser.add_argument("--idle-clients", type=int, default=3000, help="0: skip that row")
+    parser.add_argument("--hostile-clients", type=int, default=1000, help="of each kind; 0: skip those rows")
     parser.add_argument("--tracking-cost", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", default=str(RESULTS / "sidecar.json"))
     args = parser.parse_args()
@@ -514,6 +586,8 @@ def main() -> int:
         results["reliability"] = reliability(args.reliability_connections, args.reliability_seconds)
     if args.idle_clients > 0:
         results["idle"] = idle_clients(args.idle_clients)
+    if args.hostile_clients > 0:
+        results["hostile"] = hostile_clients(args.hostile_clients)
     if args.tracking_cost:
         results["tracking"] = tracking_cost()
     print_tables(results)

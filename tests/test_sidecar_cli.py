@@ -20,6 +20,7 @@ import pytest
 
 from harness.exporter_proc import EXPORTER
 from harness.helpers import die_with_parent, wait_for
+from harness.hostile import KINDS, Flood
 
 
 def free_port() -> int:
@@ -243,6 +244,61 @@ def test_a_client_that_sends_nothing_is_disconnected_after_the_header_timeout() 
             started = time.monotonic()
             assert s.recv(1) == b""  # closed by the server, not by us
             assert 4 <= time.monotonic() - started < 15
+    finally:
+        proc.proc.terminate()
+        proc.finish()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_thousand_hostile_clients_of_each_kind_leave_metrics_and_healthz_answered_within_a_second(
+    kind: str, watched: tuple[int, socket.socket]
+) -> None:
+    port, _server = watched
+    listen = free_port()
+    proc = Proc([f"--listen-address=127.0.0.1:{listen}", f"--watch-port={port}", "--method=sockdiag"])
+    proc.wait_serving(listen)
+    latencies: dict[str, list[float]] = {"/metrics": [], "/healthz": []}
+    try:
+        with Flood(kind, "127.0.0.1", listen, 1000) as flood:
+            for _ in range(10):
+                for path, taken in latencies.items():
+                    started = time.monotonic()
+                    status, body = get(listen, path)
+                    taken.append(time.monotonic() - started)
+                    assert status == 200, (path, status, body)
+            threads, rss = threads_and_rss_mb(proc.proc.pid)
+            assert flood.opened >= 1000
+        for path, taken in latencies.items():
+            taken.sort()
+            assert taken[len(taken) // 2] < 1.0, f"{path}: median {taken[len(taken) // 2]:.2f} s under {kind}"
+        assert threads <= 8, f"{threads} threads under 1,000 {kind} clients"
+        assert rss <= 64, f"{rss:.1f} MB RSS under 1,000 {kind} clients"
+    finally:
+        proc.proc.terminate()
+        proc.finish()
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 36\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_a_request_body_is_refused_and_never_parsed_as_the_next_request(request_: bytes) -> None:
+    listen = free_port()
+    proc = Proc([f"--listen-address=127.0.0.1:{listen}", "--watch-port=9", "--method=sockdiag"])
+    proc.wait_serving(listen)
+    try:
+        with socket.create_connection(("127.0.0.1", listen)) as s:
+            s.settimeout(10)
+            s.sendall(request_)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+        assert answer.count(b"HTTP/1.1 ") == 1, answer  # closed after it: the body was not a second request
     finally:
         proc.proc.terminate()
         proc.finish()

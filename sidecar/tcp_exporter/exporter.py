@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -204,7 +205,7 @@ def routes(registry: CollectorRegistry, collector: ConnectionCollector, landing:
 def parse_listen_address(value: str) -> tuple[str, int]:
     """`:9100`, `0.0.0.0:9100`, `[::1]:9100` -> (host, port); raises ValueError."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port_text):
         raise ValueError(f"listen address {value!r} is not HOST:PORT (for example :9100)")
     port = int(port_text)
     if not 0 < port < 65536:
@@ -222,4 +223,9 @@ def serve(
     max_connections: int = 64,
 ) -> Server:
     """Bind and start serving in a thread; raises OSError if the address cannot be bound."""
-    return Server(listening_socket(*listen), routes(registry, collector, landing), max_connections=max_connections)
+    return Server(
+        listening_socket(*listen),
+        routes(registry, collector, landing),
+        max_connections=max_connections,
+        inline=frozenset({c.HEALTH_PATH, "/"}),  # cheap (no count): answered even while every count thread is busy
+    )

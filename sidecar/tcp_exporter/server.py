@@ -1,17 +1,24 @@
 """The sidecar's HTTP server: bounded whatever its clients do.
 
-Any pod of the cluster can reach the metrics port, so a client that connects and sends nothing, or half a
-request, must cost next to nothing and must not keep Prometheus out. One asyncio loop serves every
-connection (an idle one costs a few kilobytes, not a thread); counting runs on a small fixed pool; a request
-head must arrive within `header_timeout` and a kept-alive connection closes after `idle_timeout`; at
-`max_connections`, a new connection closes the oldest one that is waiting for a request, so a flood of idle
-clients cannot lock out a scraper.
+Any pod of the cluster can reach the metrics port, so no client may cost more than a bounded share, nor keep
+Prometheus or the kubelet's probes out:
+- one asyncio loop serves every connection (an idle one costs a few kilobytes, not a thread); counting runs on a
+  small fixed pool, and cheap routes (`/healthz`) on the loop itself, never queued behind a count;
+- a request head must arrive within `header_timeout` and fit in MAX_HEAD bytes; a kept-alive connection closes
+  after `idle_timeout` or MAX_REQUESTS requests; an answer must be taken by the client within `write_timeout`;
+- requests are read one at a time: a pipelined request is read only once the previous answer is sent, and a
+  request with a body is refused and the connection closed (a body is never parsed as the next request);
+- at `max_connections`, a new connection is always admitted. It closes, first, the connection that has kept
+  the server waiting on its client longest, once that is more than GRACE seconds (idle clients, half requests,
+  endless headers, clients that do not read their answers); else the one that has asked the most requests
+  (a client pipelining); else one waiting on its client before one waiting on us, the longest first. A
+  scraper that has just connected or is being answered goes last, and old connections can never hold every
+  slot. A request whose connection was closed while it waited for a counting thread is dropped unanswered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import threading
@@ -21,7 +28,9 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 MAX_HEAD = 8192  # bytes of request line and headers; Prometheus sends a few hundred
+MAX_REQUESTS = 100  # per kept-alive connection (Prometheus reuses one per scrape interval: ~4 a minute)
 COUNT_THREADS = 2
+GRACE = 0.5  # seconds a new or kept-alive connection may wait for its next request before it is first to go
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,14 @@ class Response:
     body: bytes
 
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    503: "Service Unavailable",
+}
 # A route: given the request's headers (lower-cased names), the response. Routes run on the counting pool.
 Route = Callable[[dict[str, str]], Response]
 
@@ -69,15 +85,19 @@ class Server:
         max_connections: int = 64,
         header_timeout: float = 5.0,
         idle_timeout: float = 30.0,
+        write_timeout: float = 10.0,
+        inline: frozenset[str] = frozenset(),
     ) -> None:
         self.sock = sock
         self.routes = routes
+        self.inline = inline  # paths whose route is cheap: run on the loop, not queued on the counting pool
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
         self.pool = ThreadPoolExecutor(COUNT_THREADS, thread_name_prefix="count")
-        # Connections in arrival order -> whether each is waiting for a request (evictable) or being answered.
-        self.connections: dict[asyncio.StreamWriter, bool] = {}
+        # Each connection -> (waiting on its client, requests read, since when in that state): eviction's order.
+        self.connections: dict[asyncio.StreamWriter, tuple[bool, int, float]] = {}
         self.loop = asyncio.new_event_loop()
         self.started = threading.Event()
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
@@ -102,65 +122,87 @@ class Server:
         self.thread.join(timeout=2)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+    def _admit(self, writer: asyncio.StreamWriter) -> None:
+        """Always admitted: when full, another goes (see the module's docstring for which)."""
         if len(self.connections) >= self.max_connections:
-            idle = next((w for w, waiting in self.connections.items() if waiting), None)
-            if idle is None:
-                return False
-            del self.connections[idle]
-            idle.close()
-        self.connections[writer] = True
-        return True
+            now = self.loop.time()
+            victim = min(self.connections, key=lambda w: self._eviction_order(now, *self.connections[w]))
+            del self.connections[victim]
+            victim.transport.abort()  # at once: close() would wait to flush to a client that may never read
+        self.connections[writer] = (True, 0, self.loop.time())
+
+    @staticmethod
+    def _eviction_order(now: float, on_client: bool, served: int, since: float) -> tuple[bool, int, bool, float]:
+        stale = on_client and now - since > GRACE
+        return (not stale, -served if served > 1 else 0, not on_client, since)
+
+    def _note(self, writer: asyncio.StreamWriter, on_client: bool, served: int) -> None:
+        """The connection's state: waiting on its client (for a request, or to take an answer) or on us."""
+        if writer in self.connections:
+            self.connections[writer] = (on_client, served, self.loop.time())
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._admit(writer):
-            writer.close()
-            return
+        self._admit(writer)
         timeout = self.header_timeout
         try:
-            while True:
-                self.connections[writer] = True  # waiting for a request: the first to go under pressure
+            for served in range(1, MAX_REQUESTS + 1):
                 try:
                     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
                 except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                     return
                 if writer not in self.connections:
                     return  # evicted meanwhile
-                self.connections[writer] = False
-                keep_alive = await self._respond(head, writer)
-                if not keep_alive:
+                self._note(writer, on_client=False, served=served)
+                keep_alive = await self._respond(head, writer, served, last=served == MAX_REQUESTS)
+                if not keep_alive or writer not in self.connections:
                     return
+                self._note(writer, on_client=True, served=served)
                 timeout = self.idle_timeout
         finally:
             self.connections.pop(writer, None)
             writer.close()
 
-    async def _respond(self, head: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def _respond(self, head: bytes, writer: asyncio.StreamWriter, served: int = 1, last: bool = False) -> bool:
+        """Answer one request; whether the connection stays open for the next."""
         try:
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
             method, target, version = request_line.split(" ")
             headers = {}
             for line in header_lines:
                 if line:
-                    name, _, value = line.partition(":")
+                    name, sep, value = line.partition(":")
+                    if not sep:
+                        raise ValueError(line)
                     headers[name.strip().lower()] = value.strip()
         except ValueError:
-            await self._write(writer, Response(400, "text/plain; charset=utf-8", b"bad request\n"), False, False)
-            return False
-        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+            return await self._write(writer, Response(400, "text/plain; charset=utf-8", b"bad request\n"), False, False)
+        if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+            # Nothing here takes a body; not reading it would parse it as the next request.
+            response = Response(413, "text/plain; charset=utf-8", b"request bodies are not accepted\n")
+            return await self._write(writer, response, False, False)
+        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close" and not last
+        path = target.split("?", 1)[0]
+        route = self.routes.get(path)
         if method not in ("GET", "HEAD"):
             response = Response(405, "text/plain; charset=utf-8", b"method not allowed\n")
+        elif route is None:
+            response = Response(404, "text/plain; charset=utf-8", b"not found\n")
+        elif path in self.inline:
+            response = route(headers)
         else:
-            route = self.routes.get(target.split("?", 1)[0])
-            if route is None:
-                response = Response(404, "text/plain; charset=utf-8", b"not found\n")
-            else:
-                response = await self.loop.run_in_executor(self.pool, route, headers)
-        await self._write(writer, response, keep_alive, method == "HEAD")
-        return keep_alive
+            response = await self.loop.run_in_executor(self.pool, self._unless_gone, writer, route, headers)
+        self._note(writer, on_client=True, served=served)  # from here the client has to take the answer
+        return await self._write(writer, response, keep_alive, method == "HEAD")
 
     @staticmethod
-    async def _write(writer: asyncio.StreamWriter, response: Response, keep_alive: bool, head_only: bool) -> None:
+    def _unless_gone(writer: asyncio.StreamWriter, route: Route, headers: dict[str, str]) -> Response:
+        """On the pool: the route, unless its connection was evicted while the request waited for a thread."""
+        if writer.transport.is_closing():
+            return Response(503, "text/plain; charset=utf-8", b"")
+        return route(headers)
+
+    async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool, head_only: bool) -> bool:
+        """Send the answer; whether the connection may stay open (False when the client did not take it in time)."""
         lines = [
             f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}",
             f"Content-Type: {response.content_type}",
@@ -169,6 +211,12 @@ class Server:
             "",
             "",
         ]
+        if writer.is_closing():
+            return False  # evicted while its answer was being made
         writer.write("\r\n".join(lines).encode("latin-1") + (b"" if head_only else response.body))
-        with contextlib.suppress(ConnectionError):  # the client left; nothing to tell it
-            await writer.drain()
+        try:
+            await asyncio.wait_for(writer.drain(), self.write_timeout)
+        except (TimeoutError, ConnectionError):
+            writer.transport.abort()  # the client does not read (or left): dropped, unsent answer and all
+            return False
+        return keep_alive
