@@ -135,3 +135,17 @@ def test_connection_aware_scale_in_reads_only_from_an_address_the_admin_allows()
 def test_a_malformed_allow_list_entry_stops_the_operator_at_start_naming_the_setting() -> None:
     with pytest.raises(InvalidSpec, match="TCP_EXPORTER_OPERATOR_ALLOWED_PROMETHEUS"):
         check_settings(Config(allowed_prometheus=("https://ok.example", "attacker.example#")))
+
+
+def test_a_host_network_deployment_gets_a_warning_and_no_injection() -> None:
+    deployment: dict[str, Any] = {
+        "metadata": {
+            "name": "edge-proxy",
+            "namespace": "team-a",
+            "uid": "u2",
+            "annotations": {"tcp-exporter/port": "443"},
+        },
+        "spec": {"template": {"spec": {"hostNetwork": True, "containers": [{"name": "proxy", "image": "p:1"}]}}},
+    }
+    result = plan(deployment, Facts(), Config())
+    assert "hostNetwork" in refused(result)

@@ -320,6 +320,46 @@ def test_asking_for_conntrack_without_net_admin_exits_1_with_the_reason(ns: Pair
     assert "CAP_NET_ADMIN" in exporter.output()
 
 
+def test_injected_conntrack_without_net_admin_falls_back_to_sockdiag_and_counts_exactly(ns: Pair) -> None:
+    # As the operator injects it: a policy that strips NET_ADMIN must not crash-loop the container.
+    args = [
+        f"--watch-port={WATCHED}",
+        "--method=conntrack",
+        "--on-unavailable=fallback",
+        "--listen-address=127.0.0.1:9100",
+    ]
+    with Exporter(ns.pod, args, prefix=WITHOUT_NET_ADMIN) as exporter:
+        exporter.wait_ready()
+        assert exporter.method() == "sockdiag"
+        (labels,) = exporter.samples()["tcp_exporter_method_info"]
+        assert "CAP_NET_ADMIN" in dict(labels)["reason"]  # says why conntrack was not used
+        server = listener(ns.pod, WATCHED)
+        clients = connect(ns.peer, ns.pod_v4, WATCHED, 4)
+        assert exporter.established(WATCHED) == 4
+        assert len(accept(server, 4)) == len(clients)
+
+
+def test_injected_sidecar_where_no_method_opens_keeps_serving_with_count_success_0_and_the_reason(ns: Pair) -> None:
+    # sock_diag and /proc's socket table both withheld (a sandboxed runtime): it stays up, Ready and live,
+    # and says why it cannot count, instead of exiting and holding the app's pod out of its Service.
+    args = [
+        f"--watch-port={WATCHED}",
+        "--method=sockdiag",
+        "--on-unavailable=fallback",
+        "--listen-address=127.0.0.1:9100",
+    ]
+    # /proc/<pid>/net hidden under an empty tmpfs, in the private mount namespace `ip netns exec` gives it.
+    hide_proc_net = ["sh", "-c", 'mount -t tmpfs none /proc/$$/net && exec "$@"', "sh"]
+    with Exporter(ns.pod, args, prefix=hide_proc_net, seccomp_no_netlink=True) as exporter:
+        exporter.wait_ready()
+        samples = exporter.samples()
+        assert samples["tcp_exporter_count_success"] == {(): 0.0}
+        (labels,) = samples["tcp_exporter_method_info"]
+        assert dict(labels)["method"] == "none" and "sockdiag" in dict(labels)["reason"]
+        assert exporter.proc.poll() is None
+        assert exporter.get("/healthz") == "ok\n"
+
+
 @pytest.mark.parametrize("method", ["conntrack", "sockdiag"])
 def test_fifty_concurrent_scrapers_during_churn_never_fail(ns: Pair, method: str) -> None:
     server = listener(ns.pod, WATCHED)

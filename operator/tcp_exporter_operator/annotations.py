@@ -329,6 +329,12 @@ def check_settings(cfg: Config) -> None:
 def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
     """The validated Spec of an annotated Deployment; raises InvalidSpec with a message for the user."""
     annotations = annotations_of(deployment)
+    if (template_of(deployment).get("spec") or {}).get("hostNetwork") is True:
+        raise InvalidSpec(
+            "the pods run in the node's network namespace (hostNetwork): a sidecar there would count every "
+            "connection of the node to the port and take the node's metrics port (node_exporter's 9100); "
+            "not injected"
+        )
     ports = _resolve_ports(annotations[A_PORT], deployment)
     method, where = _setting(annotations, A_METHOD, cfg.method)
     if method not in INJECTABLE_METHODS:

@@ -15,7 +15,7 @@ from tcp_exporter import __version__
 from tcp_exporter import contract as c
 from tcp_exporter.exporter import LANDING, ConnectionCollector, make_registry, parse_listen_address, serve
 from tcp_exporter.logs import TEXT_FORMAT, JsonFormatter
-from tcp_exporter.methods import Options, Unavailable, select
+from tcp_exporter.methods import Options, Unavailable, fallback, select
 
 log = logging.getLogger("tcp_exporter")
 
@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(the first available in that order; default)",
     )
     parser.add_argument(
+        "--on-unavailable",
+        choices=c.ON_UNAVAILABLE,
+        default=None,
+        help="when the method cannot open here: exit 1 (default), or fall back to the next that opens, else keep "
+        "serving with tcp_exporter_count_success 0 and the reason (the operator injects it so)",
+    )
+    parser.add_argument(
         "--resync-interval",
         type=non_negative,
         default=None,
@@ -107,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=positive_int,
         default=None,
-        help="open connections to the metrics port at most; past it the oldest idle one closes (default 64)",
+        help="open connections to the metrics port at most; past it a new one closes the one that has kept the "
+        "server waiting longest (default 64)",
     )
     parser.add_argument(
         "--share-window",
@@ -122,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative,
         default=None,
         metavar="SECONDS",
-        help="/healthz fails once counting has failed for this long without a success (default 300)",
+        help="/healthz fails once counting has failed for this long without a success; 0 (default): never, "
+        "so a liveness probe restarts only a server that does not answer",
     )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None, help="default info")
     parser.add_argument("--log-format", choices=("text", "json"), default=None, help="default text")
@@ -170,6 +179,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
         parser.error(f"no port to watch: give --watch-port (or {c.env_name('--watch-port')})")
     if args.method is None:
         args.method = from_env("--method", choice(c.METHODS), "auto")
+    if args.on_unavailable is None:
+        args.on_unavailable = from_env("--on-unavailable", choice(c.ON_UNAVAILABLE), "exit")
     if args.resync_interval is None:
         args.resync_interval = from_env("--resync-interval", non_negative, 60.0)
     if args.max_connections is None:
@@ -177,7 +188,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
     if args.share_window is None:
         args.share_window = from_env("--share-window", non_negative, 1.0)
     if args.unhealthy_after is None:
-        args.unhealthy_after = from_env("--unhealthy-after", non_negative, 300.0)
+        args.unhealthy_after = from_env("--unhealthy-after", non_negative, 0.0)
     if args.deployment is None:
         args.deployment = from_env("--deployment", label_value, None)
     if args.log_level is None:
@@ -199,11 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv, dict(os.environ))
     setup_logging(args.log_level, args.log_format)
     ports = sorted(set(args.watch_port))
+    options = Options(resync_interval=args.resync_interval)
     try:
-        method, reason = select(args.method, ports, Options(resync_interval=args.resync_interval))
+        method, reason = select(args.method, ports, options)
     except Unavailable as exc:
-        log.error("cannot count with method %s: %s", args.method, exc)
-        return EXIT_FAILURE
+        if args.on_unavailable == "exit":
+            log.error("cannot count with method %s: %s", args.method, exc)
+            return EXIT_FAILURE
+        method, reason = fallback(args.method, exc, ports, options)
+        log.warning("cannot count with method %s: %s; %s", args.method, exc, reason)
     log.info(
         "counting ESTABLISHED inbound connections on port(s) %s with %s: %s",
         ",".join(map(str, ports)),

@@ -14,6 +14,9 @@ METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 
 METHODS = ("auto", "conntrack", "sockdiag", "psutil")
+# What the sidecar does when the method asked for cannot open: exit 1 (standalone default), or fall back to the
+# next method that opens, else keep serving with tcp_exporter_count_success 0 and the reason (the operator's).
+ON_UNAVAILABLE = ("exit", "fallback")
 # Linux capabilities each method needs; the others need none.
 METHOD_CAPABILITIES: dict[str, tuple[str, ...]] = {"conntrack": ("NET_ADMIN",)}
 
@@ -48,5 +51,7 @@ def sidecar_args(
         f"--listen-address=:{metrics_port}",
         *(f"--watch-port={port}" for port in ports),
         f"--method={method}",
+        # Injected: a method that cannot open here must not crash-loop the container and stall the app's rollout.
+        "--on-unavailable=fallback",
         *([f"--deployment={deployment}"] if deployment else []),
     ]

@@ -80,7 +80,7 @@ class ConnectionCollector(Collector):
         reason: str,
         deployment: str | None = None,
         share_window: float = 0.0,
-        unhealthy_after: float = 300.0,
+        unhealthy_after: float = 0.0,  # 0: never unhealthy for a failed count
     ) -> None:
         self.method = method
         self.reason = reason
@@ -191,7 +191,7 @@ def routes(registry: CollectorRegistry, collector: ConnectionCollector, landing:
 
     def health(_headers: dict[str, str]) -> Response:
         failing = collector.failing_for()
-        if failing > collector.unhealthy_after:
+        if collector.unhealthy_after and failing > collector.unhealthy_after:
             return Response(503, "text/plain; charset=utf-8", f"counting has failed for {failing:.0f} s\n".encode())
         return Response(200, "text/plain; charset=utf-8", b"ok\n")
 

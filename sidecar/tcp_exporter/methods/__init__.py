@@ -64,3 +64,43 @@ def select(name: str, ports: Iterable[int], options: Options | None = None) -> t
         reason = f"auto chose {candidate}" + (f" ({'; '.join(skipped)})" if skipped else "")
         return method, reason
     raise Unavailable("no counting method is available: " + "; ".join(skipped))
+
+
+class Unopened:
+    """No method could open: every count fails with the reason, so the exporter keeps serving (count_success 0,
+    the reason in tcp_exporter_method_info) instead of exiting and taking the pod's readiness with it."""
+
+    name = "none"
+    exact_accepted = False
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def count(self) -> Counts:
+        raise Unavailable(self.reason)
+
+    def close(self) -> None:
+        pass
+
+
+def fallback(
+    failed: str, error: Unavailable, ports: Iterable[int], options: Options | None = None
+) -> tuple[Method, str]:
+    """After `failed` could not open: the next method of auto's order that opens (conntrack only where the
+    namespace already tracks connections), else `Unopened`. Never raises."""
+    port_tuple = tuple(sorted(set(ports)))
+    options = options or Options()
+    skipped = [f"{failed}: {error}"]
+    for candidate in AUTO_ORDER:
+        if candidate == failed:
+            continue
+        if candidate == "conntrack" and not tracking_active():
+            skipped.append("conntrack: connection tracking is off in this namespace")
+            continue
+        try:
+            opts = Options(options.resync_interval, switch_on_tracking=False) if candidate == "conntrack" else options
+            return REGISTRY[candidate](port_tuple, opts), f"fell back to {candidate} ({'; '.join(skipped)})"
+        except Unavailable as exc:
+            skipped.append(f"{candidate}: {exc}")
+    why = "; ".join(skipped)
+    return Unopened(f"no counting method could open: {why}"), f"no method opened ({why})"
