@@ -27,7 +27,7 @@ from bench.common import RESULTS, kubectl_for, log, write_results
 from harness.helpers import wait_for
 from harness.localkube import cluster as localkube
 from harness.netns import lan
-from harness.operator_proc import REPO, Audit, Kube, Operator, deployment, injected
+from harness.operator_proc import Audit, Kube, Operator, deployment, injected, install
 from harness.podsim import Kubelet, RunningPod
 from harness.promstack import Prometheus, documented_jobs
 
@@ -52,7 +52,7 @@ def run(trials: int, settle: float, scrape: str, steady_seconds: float) -> dict[
     rng = random.Random(7)
     try:
         run_kubectl = kubectl_for(cluster.kubeconfig)
-        run_kubectl("apply", "-k", str(REPO / "manifests"))
+        install(run_kubectl, components=("scale-in",))
         api = config.new_client_from_config(config_file=cluster.kubeconfig)
         namespace = "bench-scalein"
         client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})

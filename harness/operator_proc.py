@@ -180,6 +180,18 @@ class Operator:
         )
 
 
+def install(kubectl: Callable[..., str], components: tuple[str, ...] = ()) -> None:
+    """`kubectl apply -k manifests/` as a user does it, with these optional components enabled in its
+    kustomization.yaml (e.g. "scale-in"), on a copy."""
+    with tempfile.TemporaryDirectory(prefix="tcpx-manifests-") as tmp:
+        manifests = Path(tmp) / "manifests"
+        shutil.copytree(REPO / "manifests", manifests)
+        if components:
+            with open(manifests / "kustomization.yaml", "a") as f:
+                f.write("components:\n" + "".join(f"  - {c}\n" for c in components))
+        kubectl("apply", "-k", str(manifests))
+
+
 def deployment(
     name: str,
     annotations: dict[str, str] | None = None,

@@ -101,9 +101,9 @@ def namespace(api: Any) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def operator(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
     """The real operator, installed from manifests/ and running as its ServiceAccount."""
-    from harness.operator_proc import REPO, Operator
+    from harness.operator_proc import Operator, install
 
-    kubectl("apply", "-k", str(REPO / "manifests"))
+    install(kubectl, components=("scale-in",))  # connection-aware scale-in's tests need its pod rights
     op = Operator(cluster, kubectl)
     yield op
     op.close()

@@ -65,9 +65,6 @@ def test_the_charts_defaults_make_the_same_kinds_and_rbac_as_the_kustomize_insta
     (chart_role,) = [d for d in chart if d["kind"] == "ClusterRole"]
     (kustomize_role,) = [d for d in kustomize if d["kind"] == "ClusterRole"]
     assert chart_role["rules"] == kustomize_role["rules"]
-    (chart_vap,) = [d for d in chart if d["kind"] == "ValidatingAdmissionPolicy"]
-    (kustomize_vap,) = [d for d in kustomize if d["kind"] == "ValidatingAdmissionPolicy"]
-    assert chart_vap["spec"] == kustomize_vap["spec"]  # the same account in the same namespace
     (chart_cm,) = [d for d in chart if d["kind"] == "ConfigMap"]
     (kustomize_cm,) = [d for d in kustomize if d["kind"] == "ConfigMap"]
     assert kustomize_cm["data"].items() <= chart_cm["data"].items()
@@ -82,18 +79,37 @@ def test_the_charts_defaults_make_the_same_kinds_and_rbac_as_the_kustomize_insta
     assert chart_c["image"] == kustomize_c["image"]
 
 
+def test_without_scale_in_neither_install_grants_any_right_on_pods_and_with_it_the_policy_comes_along() -> None:
+    for docs in (render(), kustomized()):
+        rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+        assert not [r for r in rules if "pods" in r["resources"]], rules
+        assert not [d for d in docs if d["kind"].startswith("ValidatingAdmissionPolicy")]
+    enabled = render("--set", "scaleIn.enabled=true", namespace="platform-x")
+    kinds = sorted(
+        d["kind"] for d in enabled if "scale-in" in d["metadata"]["name"] or "deletion-cost" in d["metadata"]["name"]
+    )
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ]
+    (policy,) = [d for d in enabled if d["kind"] == "ValidatingAdmissionPolicy"]
+    assert "system:serviceaccount:platform-x:" in policy["spec"]["matchConditions"][0]["expression"]
+
+
 def test_the_optional_parts_match_their_kustomize_components(tmp_path: Path) -> None:
     import shutil
 
     manifests = tmp_path / "manifests"
     shutil.copytree(REPO / "manifests", manifests)
     with open(manifests / "kustomization.yaml", "a") as f:
-        f.write("components:\n  - peering\n  - monitoring\n")
+        f.write("components:\n  - peering\n  - monitoring\n  - scale-in\n")
     kustomize = kustomized(manifests)
     chart = render(
         "--set",
         "peering.enabled=true,monitoring.podMonitor.enabled=true,monitoring.prometheusRule.enabled=true,"
-        "monitoring.dashboard.enabled=true",
+        "monitoring.dashboard.enabled=true,scaleIn.enabled=true",
     )
     assert sorted(d["kind"] for d in chart) == sorted(d["kind"] for d in kustomize if d["kind"] != "Namespace")
     (chart_rule,) = [d for d in chart if d["kind"] == "PrometheusRule"]
@@ -105,6 +121,13 @@ def test_the_optional_parts_match_their_kustomize_components(tmp_path: Path) -> 
         return role["rules"]
 
     assert peering(chart) == peering(kustomize)
+
+    def scale_in(docs: list[dict[str, Any]]) -> Any:
+        (role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-scale-in")]
+        (policy,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+        return role["rules"], policy["spec"]
+
+    assert scale_in(chart) == scale_in(kustomize)
     (operator,) = [d for d in chart if d["kind"] == "Deployment"]
     assert operator["spec"]["replicas"] == 2
     assert "--peering=tcp-exporter" in operator["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -15,7 +15,11 @@ ATTACKER = "https://attacker.example/x"
 CENTRAL = Config(authentication_ref="ClusterTriggerAuthentication/central-prom", auth_modes="bearer")
 
 
-def planned(annotations: dict[str, str], cfg: Config) -> Plan:
+def plan_with(annotations: dict[str, str], facts: Facts) -> Plan:
+    return planned(annotations, Config(), facts)
+
+
+def planned(annotations: dict[str, str], cfg: Config, facts: Facts | None = None) -> Plan:
     deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -35,7 +39,7 @@ def planned(annotations: dict[str, str], cfg: Config) -> Plan:
             },
         },
     }
-    return plan(deployment, Facts(), cfg)
+    return plan(deployment, facts or Facts(), cfg)
 
 
 def refused(result: Plan) -> str:
@@ -149,3 +153,11 @@ def test_a_host_network_deployment_gets_a_warning_and_no_injection() -> None:
     }
     result = plan(deployment, Facts(), Config())
     assert "hostNetwork" in refused(result)
+
+
+def test_asking_for_scale_in_where_it_is_not_installed_injects_with_a_warning() -> None:
+    deployment = {"tcp-exporter/scale-in-by-connections": "true"}
+    result = plan_with(deployment, Facts(scale_in_installed=False))
+    assert result.deployment_patch is not None
+    assert [e.reason for e in result.events if e.type == "Warning"] == ["ScaleInNotInstalled"]
+    assert "ScaleInNotInstalled" not in [e.reason for e in plan_with(deployment, Facts()).events]

@@ -83,6 +83,8 @@ def test_scaled_in_from_6_to_3_the_replicaset_removes_the_3_least_connected_pods
                     raise AssertionError(
                         f"{exc}\n{costs(kube, f'app={NAME}')} != {want}\n{fast.log()[-4000:]}"
                     ) from None
+                # Checked before the first write: the admission policy installed with the grant is in force.
+                assert fast.metric("tcp_exporter_operator_pod_patches_confined") == 1
 
                 kube.apps.patch_namespaced_deployment_scale(NAME, kube.ns, {"spec": {"replicas": 3}})
                 left = wait_for(lambda: when(c := costs(kube, f"app={NAME}"), len(c) == 3), 60, "3 pods to be left")

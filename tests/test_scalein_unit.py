@@ -46,6 +46,9 @@ class Pods:
     def __init__(self) -> None:
         self.written: list[tuple[str, str, int]] = []
 
+    def pod_patches_confined(self, namespace: str, name: str) -> bool:
+        return True
+
     def set_deletion_cost(self, namespace: str, name: str, cost: int) -> bool:
         self.written.append((namespace, name, cost))
         return True

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import urllib3
@@ -104,6 +105,7 @@ class Controller:
         # uid -> unchanged(): the Deployment as it was when the API server refused a write for it. Not retried
         # until it changes, or until the next full pass (an admin may have fixed a policy meanwhile).
         self.refusals: dict[str, tuple[int, int]] = {}
+        self.scale_in_installed = True  # until check_scale_in has asked the API server
         self.rollouts = Rollouts(config.max_concurrent_rollouts, hold=config.max_rollout_seconds)
         self.awaiting: dict[str, tuple[str, float]] = {}  # uid -> (our write's resourceVersion, until when)
         self.peering = Peering(
@@ -128,6 +130,7 @@ class Controller:
             informer.start()
 
         def ready() -> None:
+            self.check_scale_in()
             for informer in self.informers.values():
                 informer.synced.wait()
             log.info("every watch has listed: reconciling Deployments")
@@ -238,7 +241,7 @@ class Controller:
             spec = parse_spec(body, self.config)
         except InvalidSpec:
             spec = None
-        if spec is None or not spec.scale_in_by_connections:
+        if spec is None or not spec.scale_in_by_connections or not self.scale_in_installed:
             targets.pop(key, None)
             return
         replicas = int((body.get("spec") or {}).get("replicas", 1))
@@ -360,8 +363,21 @@ class Controller:
         if not self.ready.is_set():
             return  # the first reconcile of everything is still to come
         self.refusals.clear()  # a refused write is tried again once per full pass
+        self.check_scale_in()
         for namespace, name in self.deployments.known_keys():
             self.enqueue(namespace, name)
+
+    def check_scale_in(self) -> None:
+        """Whether connection-aware scale-in is installed (this account may patch pods): read at start and at
+        each full pass, so that installing or removing the component is noticed without a restart."""
+        try:
+            installed = self.kube.may_patch_pods()
+        except Exception as exc:  # unknown: keep what was known
+            log.warning("checking whether the operator may patch pods: %s", exc)
+            return
+        if installed != self.scale_in_installed:
+            log.info("connection-aware scale-in is %s", "installed" if installed else "not installed (no pod rights)")
+        self.scale_in_installed = installed
 
     def _resync_forever(self) -> None:
         """Every few minutes, reconcile every tracked Deployment: a safety net for failures that outlasted the
@@ -394,7 +410,7 @@ class Controller:
                 if current is None or current["metadata"].get("deletionTimestamp"):
                     self.rollouts.unreserve(deployment["metadata"].get("uid", ""))
                     return "in_sync"
-                facts = self.indexes.facts_for(current, hpas)
+                facts = replace(self.indexes.facts_for(current, hpas), scale_in_installed=self.scale_in_installed)
                 uid = current["metadata"].get("uid", "")
                 result = plan(current, facts, self.config)
                 if result.upgrade and paced(current) and not self.rollouts.reserve(uid):

@@ -199,6 +199,40 @@ class Kube:
 
     # -- pods: only their deletion cost -------------------------------------------------------------
 
+    def may_patch_pods(self) -> bool:
+        """Whether this account may patch pods cluster-wide (the scale-in component or chart value is installed):
+        a SelfSubjectAccessReview, which every authenticated account may create."""
+        review = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(verb="patch", resource="pods", group="")
+            )
+        )
+        answer = self.call(
+            lambda api: self._json(
+                client.AuthorizationV1Api(api).create_self_subject_access_review(
+                    review, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
+        )
+        return bool((answer.get("status") or {}).get("allowed"))
+
+    def pod_patches_confined(self, namespace: str, name: str) -> bool | None:
+        """Whether the admission policy that confines the operator's pod patches to their deletion cost is in
+        force: a dry-run patch of another annotation of this pod must be refused. None if the pod is gone."""
+        body = {"metadata": {"annotations": {"tcp-exporter.dev/policy-check": "must-be-refused"}}}
+        try:
+            self.call(
+                lambda api: client.CoreV1Api(api).patch_namespaced_pod(
+                    name, namespace, body, dry_run="All", _content_type=MERGE_PATCH, _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )  # fmt: skip
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            return exc.status in (403, 422)
+        return False
+
     def set_deletion_cost(self, namespace: str, name: str, cost: int) -> bool:
         """Set a pod's controller.kubernetes.io/pod-deletion-cost (a merge patch of that one annotation: the
         admission policy in manifests/rbac lets the operator change nothing else of a pod). False if it is gone."""

@@ -6,7 +6,9 @@ durations are histograms in seconds, and the process metrics are prometheus_clie
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from tcp_exporter.server import Response, Server, listening_socket
 
 RECONCILES = Counter(
     "tcp_exporter_operator_reconciles_total",
@@ -42,6 +44,11 @@ INFORMER_SYNCED = Gauge(
     "1 once the operator's watch of this resource has listed every scope, else 0 (client-go's HasSynced)",
     ["resource"],
 )
+POD_PATCHES_CONFINED = Gauge(
+    "tcp_exporter_operator_pod_patches_confined",
+    "1 when the admission policy that confines the operator's pod patches to their deletion cost was found in "
+    "force (a dry-run patch of anything else refused), 0 when it was not; checked before the first such write",
+)
 DELETION_COST_QUERIES = Counter(
     "tcp_exporter_operator_deletion_cost_queries_total",
     "Prometheus queries for the pods' connections (connection-aware scale-in), by result",
@@ -60,9 +67,17 @@ def write_result(status: int | None) -> str:
     return "ok"
 
 
-def serve(address: str) -> None:
-    """Serve /metrics on host:port (":9102" for every address); an empty address serves nothing."""
+def serve(address: str) -> Server | None:
+    """Serve /metrics on host:port (":8081" for every address); an empty address serves nothing. The sidecar's
+    server (tcp_exporter.server): one event loop, bounded whatever any pod that can reach the port does."""
     if not address:
-        return
+        return None
     host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{port!r} is not a port number")
+
+    def metrics(headers: dict[str, str]) -> Response:
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        return Response(200, content_type, encoder(REGISTRY))
+
+    return Server(listening_socket(host.strip("[]"), int(port)), {"/metrics": metrics})

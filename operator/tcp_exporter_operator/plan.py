@@ -13,6 +13,7 @@ from typing import Any
 from tcp_exporter_operator.annotations import (
     A_METHOD,
     A_PORT,
+    A_SCALE_IN,
     A_SCALEDOBJECT,
     CONTAINER,
     InvalidSpec,
@@ -58,6 +59,9 @@ class Facts:
     # Whether the installed KEDA knows fallback.behavior (2.17+). An older one would drop the field and apply
     # its fixed behavior, scaling to fallback.replicas: there the operator writes no fallback at all.
     keda_fallback_behavior: bool = True
+    # Whether the operator may patch pods (the scale-in component, or the chart's scaleIn.enabled): without it a
+    # Deployment that asks for connection-aware scale-in is still injected and scaled, with a Warning.
+    scale_in_installed: bool = True
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,17 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     meshed = mesh_note(deployment, spec)
     if meshed is not None:
         result.events.append(meshed)
+    if spec.scale_in_by_connections and not facts.scale_in_installed:
+        result.events.append(
+            Event(
+                "Warning",
+                "ScaleInNotInstalled",
+                f"{A_SCALE_IN} asks for connection-aware scale-in, but it is not installed: the operator may not "
+                "set pods' deletion cost (install the scale-in component of manifests/, or the chart with "
+                "scaleIn.enabled=true). The Deployment is scaled on its connections; scale-in removes pods as "
+                "the ReplicaSet controller chooses",
+            )
+        )
 
     added = injection(deployment, spec, recorded)
     desired = inject(deployment, added, recorded)

@@ -50,6 +50,7 @@ REL_STEP = 0.2  # of the written value: nor is a smaller relative one
 PER_DEPLOYMENT = 50  # pods written per Deployment per period at most
 QUERY_TIMEOUT = 10.0  # seconds for the whole answer, not per socket read
 MAX_ANSWER = 64 * 2**20  # bytes: 20,000 pods' samples are about 4 MB
+RECHECK_SECONDS = 600  # between checks of the pod admission policy, while it is not found in force
 URGENCY = 5  # while a scale-in is imminent somewhere, the period is this many times shorter (1 s at least)
 
 
@@ -189,9 +190,32 @@ class DeletionCosts:
         self.bucket = TokenBucket(rate)
         self.written: dict[tuple[str, str], dict[str, int]] = {}  # (namespace, deployment) -> pod -> cost
         self.urgent = False  # a scale-in is imminent somewhere: look again sooner
+        self.confined = False  # the pod admission policy found in force (checked before writes until it is)
+        self.check_after = 0.0
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="deletion-costs", daemon=True).start()
+
+    def check_confined(self, namespace: str, pod: str) -> None:
+        """Before the first pod write (and until it holds): is the admission policy that lets this account change
+        nothing of a pod but its deletion cost in force? Said in a metric, and in an error log when it is not
+        (then asked again every RECHECK_SECONDS)."""
+        try:
+            confined = self.kube.pod_patches_confined(namespace, pod)
+        except (ApiError, OSError) as exc:
+            log.warning("checking the pod admission policy on %s/%s: %s", namespace, pod, exc)
+            return
+        if confined is None:
+            return  # the pod is gone: the next write checks again
+        self.confined = confined
+        self.check_after = time.monotonic() + RECHECK_SECONDS  # not found in force: looked for again that much later
+        metrics.POD_PATCHES_CONFINED.set(1 if confined else 0)
+        if not confined:
+            log.error(
+                "the admission policy tcp-exporter-operator-pod-deletion-cost-only is not in force: this operator "
+                "could change any field of any pod it may patch, not only its deletion cost; install the scale-in "
+                "component (or the chart) whole, on Kubernetes 1.30+"
+            )
 
     def _run(self) -> None:
         while True:
@@ -240,6 +264,8 @@ class DeletionCosts:
             for pod, cost in decide(pods, written, exact)[:PER_DEPLOYMENT]:
                 if not self.bucket.take():
                     return writes  # the overall limit: the rest next period
+                if not self.confined and time.monotonic() >= self.check_after:
+                    self.check_confined(key[0], pod)
                 try:
                     found = self.kube.set_deletion_cost(key[0], pod, cost)
                 except ApiError as exc:  # refused (RBAC, the admission policy): counted; the others still go
