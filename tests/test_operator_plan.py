@@ -69,6 +69,18 @@ def test_render_refuses_a_wrong_annotation_with_exit_1(tmp_path: Path) -> None:
     assert out.stdout == ""
 
 
+def test_the_clis_answer_a_missing_or_malformed_file_and_missing_credentials_in_words(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    for name, said in (("missing.yaml", "cannot read"), ("bad.yaml", "is not valid YAML"), ("list.yaml", "object")):
+        out = subprocess.run([RENDER, "render", "-f", str(tmp_path / name)], capture_output=True, text=True)
+        assert (out.returncode, out.stdout) == (2, ""), out
+        assert said in out.stderr and "Traceback" not in out.stderr, out.stderr
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "none"), "KUBERNETES_SERVICE_HOST": ""}
+    out = subprocess.run([RENDER, "uninstall", "--dry-run"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "no cluster credentials" in out.stderr and "Traceback" not in out.stderr, out
+
+
 def test_rendered_sidecar_args_are_accepted_by_the_real_sidecar_cli() -> None:
     docs = list(yaml.safe_load_all(render("named-ports", None).stdout))
     (sidecar,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "tcp-exporter"]

@@ -161,3 +161,12 @@ def test_asking_for_scale_in_where_it_is_not_installed_injects_with_a_warning() 
     assert result.deployment_patch is not None
     assert [e.reason for e in result.events if e.type == "Warning"] == ["ScaleInNotInstalled"]
     assert "ScaleInNotInstalled" not in [e.reason for e in plan_with(deployment, Facts()).events]
+
+
+def test_a_misspelled_key_is_a_warning_naming_the_closest_known_one_and_the_rest_still_applies() -> None:
+    result = planned({"tcp-exporter/threshhold": "50", "tcp-exporter/colour": "blue"}, Config())
+    assert result.deployment_patch is not None
+    warnings = sorted(e.message for e in result.events if e.reason == "UnknownAnnotation")
+    assert len(warnings) == 2
+    assert warnings[0] == "'tcp-exporter/colour' is not an annotation of tcp-exporter and is ignored"
+    assert warnings[1].endswith("did you mean tcp-exporter/threshold?")

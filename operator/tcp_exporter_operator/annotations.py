@@ -7,6 +7,7 @@ typed values or raises `InvalidSpec` with the message the user reads in a Warnin
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -48,6 +49,8 @@ A_PROMETHEUS_NAMESPACE = PREFIX + "prometheus-namespace"
 A_CUSTOM_HEADERS = PREFIX + "custom-headers"
 A_UNSAFE_SSL = PREFIX + "unsafe-ssl"
 A_SCALE_IN = PREFIX + "scale-in-by-connections"
+# Every tcp-exporter/* key the operator reads: any other under the prefix is a mistake the user is told of.
+KNOWN_KEYS = frozenset(value for name, value in dict(globals()).items() if name.startswith("A_"))
 # The annotations that shape the injected sidecar (not the ScaledObject): a change of one of them is the user's.
 SIDECAR_INPUTS = (
     A_PORT,
@@ -445,6 +448,18 @@ def address_allowed(address: str, cfg: Config) -> bool:
         if address == allowed or (entry.endswith("/") and address.startswith(allowed + "/")):
             return True
     return False
+
+
+def unknown_keys(annotations: Mapping[str, str]) -> list[str]:
+    """One message per `tcp-exporter/*` key the operator does not know (a typo is otherwise silently ignored),
+    naming the closest known key."""
+    messages = []
+    for key in sorted(k for k in annotations if k.startswith(PREFIX) and k not in KNOWN_KEYS):
+        names = sorted(k.removeprefix(PREFIX) for k in KNOWN_KEYS)
+        close = difflib.get_close_matches(key.removeprefix(PREFIX), names, n=1, cutoff=0.75)
+        hint = f"; did you mean {PREFIX}{close[0]}?" if close else ""
+        messages.append(f"{key[:100]!r} is not an annotation of tcp-exporter and is ignored{hint}")
+    return messages
 
 
 def digest(value: Any) -> str:

@@ -101,8 +101,18 @@ RENDER_ERRORS = ("InvalidAnnotation", "ContainerConflict", "AutoscalerConflict")
 def render(path: str, psa_level: str | None, cfg: Config) -> int:
     """What the operator would do to each annotated Deployment of a manifest, printed: the same `plan`, with the
     facts a cluster would give assumed (KEDA installed, no PodMonitor CRD, no other autoscaler)."""
-    text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
-    documents = [d for d in yaml.safe_load_all(text) if d]
+    try:
+        text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
+        documents = [d for d in yaml.safe_load_all(text) if d]
+    except OSError as exc:
+        print(f"tcp-exporter-operator: render: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as exc:
+        print(f"tcp-exporter-operator: render: {path} is not valid YAML: {exc}", file=sys.stderr)
+        return 2
+    if not all(isinstance(d, dict) for d in documents):
+        print(f"tcp-exporter-operator: render: {path}: every document must be a Kubernetes object", file=sys.stderr)
+        return 2
     out: list[dict[str, Any]] = []
     failed = False
     for doc in documents:
@@ -146,12 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "render":
         return render(args.filename, args.psa_level, cfg)
     if args.command == "uninstall":
+        from kubernetes.config import ConfigException
+
         from tcp_exporter_operator.kube import ApiError, Kube
         from tcp_exporter_operator.uninstall import uninstall
 
         try:
             _, failed = uninstall(Kube(), tuple(args.namespace), args.dry_run)
-        except ApiError as exc:
+        except ConfigException as exc:
+            print(f"tcp-exporter-operator: uninstall: no cluster credentials: {exc}", file=sys.stderr)
+            return 1
+        except (ApiError, OSError) as exc:
             print(f"tcp-exporter-operator: uninstall: {exc}", file=sys.stderr)
             return 1
         return 1 if failed else 0

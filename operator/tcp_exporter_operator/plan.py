@@ -24,6 +24,7 @@ from tcp_exporter_operator.annotations import (
     parse_spec,
     recorded_status,
     template_of,
+    unknown_keys,
 )
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import (
@@ -212,6 +213,8 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     meshed = mesh_note(deployment, spec)
     if meshed is not None:
         result.events.append(meshed)
+    for message in unknown_keys(annotations):
+        result.events.append(Event("Warning", "UnknownAnnotation", message))
     if spec.scale_in_by_connections and not facts.scale_in_installed:
         result.events.append(
             Event(
