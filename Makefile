@@ -113,6 +113,18 @@ clean: cluster-down
 lock:
 	rm -rf /tmp/tcp-exporter-lock && $(PYTHON) -m venv /tmp/tcp-exporter-lock
 	/tmp/tcp-exporter-lock/bin/pip install -q '.[dev]' setuptools
-	{ echo "# Every dependency pinned, transitive ones included; used by the Makefile (PIP_CONSTRAINT) and both Dockerfiles."; \
+	{ echo "# Every dependency pinned, transitive ones included; used by the Makefile (PIP_CONSTRAINT). The images install"; \
+	  echo "# requirements/{sidecar,operator}.txt instead: the same pins, with hashes."; \
 	  echo "# Regenerate: make lock"; \
 	  /tmp/tcp-exporter-lock/bin/pip freeze --all | grep -v -e '^tcp-exporter' -e '^pip==' | sort -f; } > constraints.txt
+	@for extra in sidecar operator; do \
+	  rm -rf /tmp/tcp-exporter-lock-$$extra && $(PYTHON) -m venv /tmp/tcp-exporter-lock-$$extra && \
+	  PIP_CONSTRAINT=constraints.txt /tmp/tcp-exporter-lock-$$extra/bin/pip install -q ".[$$extra]" && \
+	  $(PY) -m harness.lock /tmp/tcp-exporter-lock-$$extra/bin/python $$extra requirements/$$extra.txt || exit 1; \
+	done
+
+	@for extra in sidecar operator; do \
+	  rm -rf /tmp/tcp-exporter-lock-$$extra && $(PYTHON) -m venv /tmp/tcp-exporter-lock-$$extra && \
+	  PIP_CONSTRAINT=constraints.txt /tmp/tcp-exporter-lock-$$extra/bin/pip install -q ".[$$extra]" && \
+	  $(PY) -m harness.lock /tmp/tcp-exporter-lock-$$extra/bin/python $$extra requirements/$$extra.txt || exit 1; \
+	done

@@ -35,3 +35,19 @@ def test_every_dependency_in_the_lock_is_pinned_to_one_version() -> None:
     assert lines
     for line in lines:
         assert re.fullmatch(r"[A-Za-z0-9_.-]+==[A-Za-z0-9_.+!-]+", line), line
+
+
+def test_each_images_requirements_carry_hashes_and_the_locks_pins_and_its_dockerfile_requires_them() -> None:
+    locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "constraints.txt").read_text(), re.M))
+    locked = {name.lower().replace("_", "-"): version for name, version in locked.items()}
+    for image in ("sidecar", "operator"):
+        text = (REPO / "requirements" / f"{image}.txt").read_text()
+        entries = re.findall(
+            r"^([A-Za-z0-9_.-]+)==(\S+) \\\n((?:    --hash=sha256:[0-9a-f]{64}(?: \\\n)?)+)", text, re.M
+        )
+        assert entries and len(entries) == len(re.findall(r"^\S+==", text, re.M)), f"{image}: an entry without hashes"
+        for name, version, _hashes in entries:
+            assert locked[name.lower().replace("_", "-")] == version, f"{image}: {name} {version} is not the lock's"
+        dockerfile = (REPO / f"Dockerfile.{image}").read_text()
+        assert f"--require-hashes --no-deps -r requirements/{image}.txt" in dockerfile
+        assert "--no-build-isolation --no-index ." in dockerfile  # the project itself, from the source only
