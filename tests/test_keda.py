@@ -87,6 +87,13 @@ def test_keda_and_the_hpa_scale_out_scale_in_and_hold_on_missing_data(
                 return any(c["type"] == "Fallback" and c["status"] == "True" for c in status.get("conditions", []))
 
             wait_for(fallback_active, 120, "KEDA's Fallback condition", 1)
+            # Told on the Deployment, with KEDA's own reason.
+            warned = wait_for(
+                lambda: [e for e in kube.events(NAME, "Warning") if e.reason == "ScaledObjectFallback"],
+                30,
+                "the ScaledObjectFallback Warning on the Deployment",
+            )
+            assert "holds the replicas at its fallback" in warned[0].message
             held_until = time.monotonic() + 30  # two more HPA periods on the fallback
             while time.monotonic() < held_until:
                 assert int(kube.get(NAME).spec.replicas) == 2, "the replica count dropped on missing data"

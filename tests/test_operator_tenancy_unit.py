@@ -170,3 +170,21 @@ def test_a_misspelled_key_is_a_warning_naming_the_closest_known_one_and_the_rest
     assert len(warnings) == 2
     assert warnings[0] == "'tcp-exporter/colour' is not an annotation of tcp-exporter and is ignored"
     assert warnings[1].endswith("did you mean tcp-exporter/threshold?")
+
+
+def test_kedas_ready_false_and_fallback_true_on_our_scaledobject_become_warnings_with_kedas_message() -> None:
+    so = scaled_object(planned({}, Config()))
+    so["status"] = {
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "ScaledObjectCheckFailed", "message": "name too long"},
+            {"type": "Active", "status": "False"},
+            {"type": "Fallback", "status": "True", "reason": "FallbackExists", "message": "query returned nothing"},
+        ]
+    }
+    result = planned({}, Config(), Facts(scaled_object=so))
+    warnings = {e.reason: e.message for e in result.events if e.type == "Warning"}
+    assert set(warnings) == {"ScaledObjectNotReady", "ScaledObjectFallback"}
+    assert "name too long" in warnings["ScaledObjectNotReady"]
+    assert "query returned nothing" in warnings["ScaledObjectFallback"]
+    so["status"]["conditions"] = [{"type": "Ready", "status": "True"}, {"type": "Fallback", "status": "False"}]
+    assert not [e for e in planned({}, Config(), Facts(scaled_object=so)).events if e.type == "Warning"]

@@ -27,7 +27,7 @@ from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, A_STATUS, Inva
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import is_ours
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY, Event
-from tcp_exporter_operator.indexes import KEDA_CRD, PODMONITOR_CRD, Indexes
+from tcp_exporter_operator.indexes import KEDA_CRD, PODMONITOR_CRD, Indexes, surfaced_conditions
 from tcp_exporter_operator.kube import (
     ApiError,
     Conflict,
@@ -195,10 +195,15 @@ class Controller:
 
     def child_seen(self, kind: str, type: str, obj: Mapping[str, Any]) -> bool:
         """A ScaledObject or PodMonitor event: indexed; and one of ours deleted or edited by hand (a new generation;
-        KEDA's frequent status updates are not) is put back by reconciling its Deployment."""
+        KEDA's frequent status updates are not) is put back by reconciling its Deployment, which is also
+        reconciled when KEDA's Ready or Fallback condition changes (its Warnings follow them)."""
         previous, kept = self.indexes.children(kind).update(type, obj)
         meta = obj.get("metadata") or {}
-        if previous is None or (type != "DELETED" and previous["metadata"].get("generation") == meta.get("generation")):
+        if previous is None:
+            return kept
+        same_spec = previous["metadata"].get("generation") == meta.get("generation")
+        same_conditions = (previous.get("status") or {}).get("conditions") == surfaced_conditions(obj)
+        if type != "DELETED" and same_spec and same_conditions:
             return kept
         if previous["metadata"]["labels"].get("app.kubernetes.io/managed-by") != MANAGED_BY:
             return kept
@@ -511,10 +516,14 @@ class Controller:
         warnings = {(e.reason, e.message) for e in events if e.type == "Warning"}
         # A Warning is posted once while it holds, not on every watch event of the Deployment.
         already = self.warned.get(uid, set())
-        self.events.post(
-            deployment, [e for e in events if not (e.type == "Warning" and (e.reason, e.message) in already)]
-        )
+        self.post(deployment, [e for e in events if not (e.type == "Warning" and (e.reason, e.message) in already)])
         self.warned[uid] = warnings
+
+    def post(self, deployment: Mapping[str, Any], events: list[Event]) -> None:
+        for event in events:
+            if event.type == "Warning":
+                metrics.WARNINGS.labels(event.reason).inc()
+        self.events.post(deployment, events)
 
     def refused(self, deployment: Mapping[str, Any], exc: ApiError) -> None:
         """A write the API server refused (RBAC, a webhook, validation): one Warning on the Deployment, posted once
@@ -533,7 +542,7 @@ class Controller:
         warned = self.warned.setdefault(deployment["metadata"].get("uid", ""), set())
         if (event.reason, event.message) not in warned:
             warned.add((event.reason, event.message))
-            self.events.post(deployment, [event])
+            self.post(deployment, [event])
 
     def health(self) -> dict[str, Any]:
         """What the liveness probe reports: whether every watch has listed (client-go's HasSynced), and how long

@@ -45,7 +45,20 @@ def child_summary(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
             "ownerReferences": owners,
         },
         "spec": copy.deepcopy(spec),
+        "status": {"conditions": surfaced_conditions(obj)},
     }
+
+
+SURFACED = ("Ready", "Fallback")  # KEDA's conditions a Deployment's owner is told of
+
+
+def surfaced_conditions(obj: Mapping[str, Any]) -> list[dict[str, str]]:
+    """KEDA's Ready and Fallback conditions of a ScaledObject, bounded (KEDA's message can quote a long error)."""
+    out = []
+    for condition in ((obj.get("status") or {}).get("conditions") or [])[:20]:
+        if isinstance(condition, Mapping) and condition.get("type") in SURFACED:
+            out.append({k: str(condition.get(k) or "")[:500] for k in ("type", "status", "reason", "message")})
+    return out
 
 
 def child_keys(namespace: str, name: str) -> list[Hashable]:

@@ -44,6 +44,12 @@ INFORMER_SYNCED = Gauge(
     "1 once the operator's watch of this resource has listed every scope, else 0 (client-go's HasSynced)",
     ["resource"],
 )
+WARNINGS = Counter(
+    "tcp_exporter_operator_warnings_total",
+    "Warning Events posted on Deployments, by reason (each once while it holds): InvalidAnnotation, "
+    "ScaledObjectNotReady, ScaledObjectFallback, WriteRefused, ...",
+    ["reason"],
+)
 POD_PATCHES_CONFINED = Gauge(
     "tcp_exporter_operator_pod_patches_confined",
     "1 when the admission policy that confines the operator's pod patches to their deletion cost was found in "

@@ -163,6 +163,28 @@ def mesh_note(deployment: Mapping[str, Any], spec: Spec) -> Event | None:
     )
 
 
+def keda_conditions(scaled_object: Mapping[str, Any] | None) -> list[Event]:
+    """KEDA's refusals of our ScaledObject, told on the Deployment: Ready=False (KEDA will not scale it, e.g. a
+    name KEDA rejects) and Fallback=True (the query failed: replicas held at the fallback). The Warning is posted
+    once while the condition holds, and again if it comes back."""
+    events = []
+    for condition in ((scaled_object or {}).get("status") or {}).get("conditions") or []:
+        kind, status = condition.get("type"), condition.get("status")
+        detail = f"{condition.get('reason') or 'no reason'}: {condition.get('message') or 'no message'}"
+        if kind == "Ready" and status == "False":
+            events.append(Event("Warning", "ScaledObjectNotReady", f"KEDA does not scale this Deployment ({detail})"))
+        elif kind == "Fallback" and status == "True":
+            events.append(
+                Event(
+                    "Warning",
+                    "ScaledObjectFallback",
+                    f"KEDA cannot read the connection count and holds the replicas at its fallback ({detail}); "
+                    "see the README's troubleshooting of a query that returns nothing",
+                )
+            )
+    return events
+
+
 def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     """Every write (and Event) that brings this Deployment to what its annotations ask for."""
     result = Plan()
@@ -213,6 +235,7 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     meshed = mesh_note(deployment, spec)
     if meshed is not None:
         result.events.append(meshed)
+    result.events += keda_conditions(facts.scaled_object) if spec.scaled_object else []
     for message in unknown_keys(annotations):
         result.events.append(Event("Warning", "UnknownAnnotation", message))
     if spec.scale_in_by_connections and not facts.scale_in_installed:
