@@ -30,7 +30,13 @@ def test_injection_is_one_patch_one_create_and_one_rollout(operator: Operator, k
         ("patch", "deployments", NAME),
     ]
     sidecar = kube.containers(NAME)["tcp-exporter"]
-    assert sidecar.args == ["--listen-address=:9100", "--watch-port=8080", "--method=sockdiag", f"--deployment={NAME}"]
+    assert sidecar.args == [
+        "--listen-address=:9100",
+        "--watch-port=8080",
+        "--method=sockdiag",
+        "--on-unavailable=fallback",  # a method that cannot open must not crash-loop the app's pods
+        f"--deployment={NAME}",
+    ]
     assert sidecar.image == "example.test/tcp-exporter:test"
     assert sidecar.security_context.capabilities.drop == ["ALL"] and not sidecar.security_context.capabilities.add
     assert sidecar.security_context.run_as_non_root and sidecar.security_context.read_only_root_filesystem
