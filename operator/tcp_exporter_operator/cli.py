@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the namespace's Pod Security Admission enforce level",
     )
+    show = sub.add_parser(
+        "status",
+        help="one line per annotated Deployment: version and method injected, KEDA's conditions, replicas, the "
+        "last Warning; exits 1 when one needs attention",
+    )
+    show.add_argument(
+        "--namespace", "-n", action="append", default=[], help="only in this namespace (repeatable); default: all"
+    )
+    show.add_argument("--output", "-o", choices=("text", "json"), default="text", help="default text")
     remove = sub.add_parser(
         "uninstall",
         help="remove what the operator injected (sidecars, their annotations, ScaledObjects, PodMonitors); "
@@ -155,6 +164,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "render":
         return render(args.filename, args.psa_level, cfg)
+    if args.command == "status":
+        from kubernetes.config import ConfigException
+
+        from tcp_exporter_operator.kube import ApiError, Kube
+        from tcp_exporter_operator.status import status
+
+        try:
+            return status(Kube(), tuple(args.namespace), args.output)
+        except ConfigException as exc:
+            print(f"tcp-exporter-operator: status: no cluster credentials: {exc}", file=sys.stderr)
+            return 2
+        except (ApiError, OSError) as exc:
+            print(f"tcp-exporter-operator: status: {exc}", file=sys.stderr)
+            return 2
     if args.command == "uninstall":
         from kubernetes.config import ConfigException
 
