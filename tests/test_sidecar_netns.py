@@ -249,6 +249,24 @@ def test_auto_uses_conntrack_where_the_namespace_already_tracks_and_adds_nothing
     assert len(accept(server, 5)) == len(clients)
 
 
+def test_auto_does_not_trust_stale_tracking_entries_and_counts_every_new_connection(ns: Pair) -> None:
+    # Entries without the rules that made conntrack track (they outlive them): new connections go unseen by
+    # conntrack, and auto used to choose it and report 0 of them until its resync a minute later.
+    stale = ["conntrack", "-I", "-p", "tcp", "-s", ns.peer_v4, "-d", ns.pod_v4, "--sport", "40000",
+             "--dport", "9", "--state", "ESTABLISHED", "-t", "600", "-u", "ASSURED"]  # fmt: skip
+    subprocess.run(ns.exec(ns.pod, *stale), check=True, capture_output=True)
+    assert "dport=9 " in conntrack_entries(ns)
+    server = listener(ns.pod, WATCHED)
+    with Exporter(ns.pod, [f"--watch-port={WATCHED}", "--listen-address=127.0.0.1:9100"]) as exporter:
+        exporter.wait_ready()
+        assert exporter.method() == "sockdiag"
+        (labels,) = exporter.samples()["tcp_exporter_method_info"]
+        assert "stale entries" in dict(labels)["reason"]
+        clients = connect(ns.peer, ns.pod_v4, WATCHED, 5)
+        assert exporter.established(WATCHED) == 5
+    assert len(accept(server, 5)) == len(clients)
+
+
 class PoolingProxy:
     """A mesh's inbound proxy in miniature: clients' connections, redirected to it, end here; it holds a pool of
     `pool` connections of its own to the app's port on loopback (as an HTTP proxy pools them)."""

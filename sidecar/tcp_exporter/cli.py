@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=c.METHODS,
         default=None,
-        help="how to count: conntrack (needs CAP_NET_ADMIN), sockdiag, psutil, or auto "
-        "(the first available in that order; default)",
+        help="how to count: conntrack (needs CAP_NET_ADMIN), sockdiag, psutil, or auto (default): conntrack where "
+        "the namespace already tracks connections and a connection of its own proves it tracks new ones (never "
+        "switching tracking on), else sockdiag, else psutil",
     )
     parser.add_argument(
         "--on-unavailable",

@@ -30,9 +30,9 @@ REGISTRY: dict[str, Opener] = {
     "psutil": psutil_method.open_method,
 }
 NAMES = tuple(name for name in contract.METHODS if name != "auto")  # the one list: contract.METHODS
-# auto's order, stated here and nowhere else: conntrack where connection tracking is already on (it sees clients
-# behind a mesh's redirect by their original destination), else the socket table through netlink (fast, no
-# privilege), else psutil (slow, but needs only /proc).
+# auto's order, stated here and nowhere else: conntrack where connection tracking is already on and verified to
+# follow new connections (it sees clients behind a mesh's redirect by their original destination), else the
+# socket table through netlink (fast, no privilege), else psutil (slow, but needs only /proc).
 AUTO_ORDER = ("conntrack", "sockdiag", "psutil")
 if set(REGISTRY) != set(NAMES) or set(AUTO_ORDER) != set(NAMES):
     raise ImportError(f"the method registry {sorted(REGISTRY)} and auto's order disagree with contract.METHODS")
@@ -60,6 +60,13 @@ def select(name: str, ports: Iterable[int], options: Options | None = None) -> t
         except Unavailable as exc:
             skipped.append(f"{candidate}: {exc}")
             log.info("method %s unavailable: %s", candidate, exc)
+            continue
+        if candidate == "conntrack" and not conntrack.tracks_new_connections():
+            method.close()
+            skipped.append(
+                "conntrack: the namespace has tracking entries but does not track new connections (stale entries), "
+                "so its count would miss them"
+            )
             continue
         reason = f"auto chose {candidate}" + (f" ({'; '.join(skipped)})" if skipped else "")
         return method, reason
@@ -99,8 +106,14 @@ def fallback(
             continue
         try:
             opts = Options(options.resync_interval, switch_on_tracking=False) if candidate == "conntrack" else options
-            return REGISTRY[candidate](port_tuple, opts), f"fell back to {candidate} ({'; '.join(skipped)})"
+            method = REGISTRY[candidate](port_tuple, opts)
         except Unavailable as exc:
             skipped.append(f"{candidate}: {exc}")
+            continue
+        if candidate == "conntrack" and not conntrack.tracks_new_connections():
+            method.close()
+            skipped.append("conntrack: tracking entries, but new connections are not tracked")
+            continue
+        return method, f"fell back to {candidate} ({'; '.join(skipped)})"
     why = "; ".join(skipped)
     return Unopened(f"no counting method could open: {why}"), f"no method opened ({why})"

@@ -293,32 +293,7 @@ class Conntrack:
     def _dump(self) -> tuple[list[tuple[bytes, bytes, int, int]], bool]:
         """The (src, dst, sport, dport) of every ESTABLISHED conntrack entry, and whether any to a watched port is
         redirected. Keyed by the caller, once it knows whether the namespace redirects."""
-        flows: list[tuple[bytes, bytes, int, int]] = []
-        redirected = False
-        sock = netlink.Socket(netlink.NETLINK_NETFILTER)
-        try:
-            request = netlink.nlmsg(
-                (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
-                netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
-                sock.next_seq(),
-                struct.pack("=BBH", socket.AF_UNSPEC, 0, 0),
-            )
-            for buf in sock.dump(request):
-                messages, done = netlink.walk(buf, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW)
-                for payload, end in messages:
-                    event = parse_event(buf, payload + 4, end)
-                    if event is None or event[4] != ESTABLISHED:
-                        continue
-                    src, dst, sport, dport, _state = event
-                    if not redirected and dport in self.port_set:
-                        answering = reply_source_port(buf, payload + 4, end)
-                        redirected = answering is not None and answering != dport
-                    flows.append((src, dst, sport, dport))
-                if done:
-                    break
-        finally:
-            sock.close()
-        return flows, redirected
+        return dump_established(self.port_set)
 
     def _resync(self, initial: bool) -> None:
         """Rebuild the connection sets from the socket table (behind a redirect: from conntrack). Called with the
@@ -417,6 +392,55 @@ class Conntrack:
             self._release()
         os.close(self.wake_r)
         os.close(self.wake_w)
+
+
+def dump_established(port_set: frozenset[int]) -> tuple[list[tuple[bytes, bytes, int, int]], bool]:
+    """The (src, dst, sport, dport) of every ESTABLISHED conntrack entry of this namespace, and whether any to a
+    port of `port_set` is redirected (answered from another port: a REDIRECT to a proxy)."""
+    flows: list[tuple[bytes, bytes, int, int]] = []
+    redirected = False
+    sock = netlink.Socket(netlink.NETLINK_NETFILTER)
+    try:
+        request = netlink.nlmsg(
+            (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+            netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
+            sock.next_seq(),
+            struct.pack("=BBH", socket.AF_UNSPEC, 0, 0),
+        )
+        for buf in sock.dump(request):
+            messages, done = netlink.walk(buf, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW)
+            for payload, end in messages:
+                event = parse_event(buf, payload + 4, end)
+                if event is None or event[4] != ESTABLISHED:
+                    continue
+                src, dst, sport, dport, _state = event
+                if not redirected and dport in port_set:
+                    answering = reply_source_port(buf, payload + 4, end)
+                    redirected = answering is not None and answering != dport
+                flows.append((src, dst, sport, dport))
+            if done:
+                break
+    finally:
+        sock.close()
+    return flows, redirected
+
+
+def tracks_new_connections() -> bool:
+    """Whether connection tracking really follows new connections in this namespace: a loopback connection of
+    our own must show in the table at once. Entries alone do not prove it (stale ones outlive the rules that
+    made conntrack track, and then every new connection goes unseen by the conntrack method)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            port = server.getsockname()[1]
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                accepted, _ = server.accept()
+                with accepted:
+                    flows, _ = dump_established(frozenset({port}))
+    except OSError:
+        return False
+    return any(dport == port for _src, _dst, _sport, dport in flows)
 
 
 def open_method(ports: tuple[int, ...], options: Options) -> Conntrack:
