@@ -58,10 +58,11 @@ def run(trials: int, settle: float, scrape: str, steady_seconds: float) -> dict[
         client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
         kube = Kube(api, namespace)
         audit = Audit(cluster.audit_log)
-        op = Operator(cluster, run_kubectl)
         with lan(PODS + 1, host=True) as net:
             kubelet = Kubelet(api, namespace, net)
             prom = Prometheus(documented_jobs(("tcp-exporter",), cluster.kubeconfig, namespace), scrape_interval=scrape)
+            # The operator queries this Prometheus itself: an address the admin allows.
+            op = Operator(cluster, run_kubectl, env={"TCP_EXPORTER_OPERATOR_ALLOWED_PROMETHEUS": prom.url})
             try:
                 annotations = {
                     "tcp-exporter/port": "web",

@@ -48,12 +48,18 @@ def test_scaled_in_from_6_to_3_the_replicaset_removes_the_3_least_connected_pods
 ) -> None:
     need(os.geteuid() == 0, "network namespaces need root")
     operator.stop()
-    fast = Operator(cluster, kubectl, env={"TCP_EXPORTER_OPERATOR_DELETION_COST_PERIOD": "1"})
+    fast: Operator | None = None
     try:
         with lan(len(COUNTS) + 1, host=True) as net:
             kubelet = Kubelet(api, kube.ns, net)
             prom = Prometheus(documented_jobs(("tcp-exporter",), cluster.kubeconfig, kube.ns))
             try:
+                # The operator reads the counts from this Prometheus itself: it must be an address the admin allows.
+                env = {
+                    "TCP_EXPORTER_OPERATOR_DELETION_COST_PERIOD": "1",
+                    "TCP_EXPORTER_OPERATOR_ALLOWED_PROMETHEUS": prom.url,
+                }
+                fast = Operator(cluster, kubectl, env=env)
                 annotations = {
                     "tcp-exporter/port": "web",
                     "tcp-exporter/prometheus": prom.url,
@@ -100,7 +106,8 @@ def test_scaled_in_from_6_to_3_the_replicaset_removes_the_3_least_connected_pods
                 prom.stop()
                 kubelet.close()
     finally:
-        fast.close()
+        if fast is not None:
+            fast.close()
         operator.start()
 
 

@@ -145,7 +145,7 @@ def test_a_write_an_admission_policy_refuses_is_one_warning_and_not_retried_unti
         assert len(patches) == 1, patches
         assert [e.reason for e in kube.events("web-api", "Warning")] == ["WriteRefused"]
         # A change of the Deployment is tried again.
-        kube.annotate("web-api", **{"tcp-exporter/threshold": "50"})
+        kube.annotate("web-api", threshold="50")
         wait_for(
             lambda: [w for w in operator_writes(audit, mark, kube.ns) if w == ("patch", "deployments", "web-api")][1:],
             30,
@@ -163,7 +163,8 @@ def test_the_api_servers_answer_to_a_failed_test_operation_is_told_apart_from_a_
     kube.create(deployment("checkout.v2", {}))
     failed_test = [{"op": "test", "path": "/metadata/annotations", "value": {"x": "y"}},
                    {"op": "add", "path": "/metadata/labels/x", "value": "y"}]  # fmt: skip
-    gone_path = [{"op": "replace", "path": "/metadata/annotations/nothing-here", "value": "y"}]
+    gone_path = [{"op": "test", "path": "/metadata/annotations/nothing-here", "value": "y"},
+                 {"op": "add", "path": "/metadata/labels/x", "value": "y"}]  # fmt: skip
     invalid = [{"op": "replace", "path": "/spec/replicas", "value": -1}]
     answers = {}
     for name, body in (("failed_test", failed_test), ("gone_path", gone_path), ("invalid", invalid)):
