@@ -151,6 +151,28 @@ def render(path: str, psa_level: str | None, cfg: Config) -> int:
     return 0
 
 
+def on_cluster(args: argparse.Namespace) -> int:
+    """status and uninstall: with the caller's credentials; a missing kubeconfig or a refusal in one line."""
+    from kubernetes.config import ConfigException
+
+    from tcp_exporter_operator.kube import ApiError, Kube
+
+    try:
+        if args.command == "status":
+            from tcp_exporter_operator.status import status
+
+            return status(Kube(), tuple(args.namespace), args.output)
+        from tcp_exporter_operator.uninstall import uninstall
+
+        _, failed = uninstall(Kube(), tuple(args.namespace), args.dry_run)
+        return 1 if failed else 0
+    except ConfigException as exc:
+        print(f"tcp-exporter-operator: {args.command}: no cluster credentials: {exc}", file=sys.stderr)
+    except (ApiError, OSError) as exc:
+        print(f"tcp-exporter-operator: {args.command}: {exc}", file=sys.stderr)
+    return 2 if args.command == "status" else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
@@ -164,35 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "render":
         return render(args.filename, args.psa_level, cfg)
-    if args.command == "status":
-        from kubernetes.config import ConfigException
-
-        from tcp_exporter_operator.kube import ApiError, Kube
-        from tcp_exporter_operator.status import status
-
-        try:
-            return status(Kube(), tuple(args.namespace), args.output)
-        except ConfigException as exc:
-            print(f"tcp-exporter-operator: status: no cluster credentials: {exc}", file=sys.stderr)
-            return 2
-        except (ApiError, OSError) as exc:
-            print(f"tcp-exporter-operator: status: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "uninstall":
-        from kubernetes.config import ConfigException
-
-        from tcp_exporter_operator.kube import ApiError, Kube
-        from tcp_exporter_operator.uninstall import uninstall
-
-        try:
-            _, failed = uninstall(Kube(), tuple(args.namespace), args.dry_run)
-        except ConfigException as exc:
-            print(f"tcp-exporter-operator: uninstall: no cluster credentials: {exc}", file=sys.stderr)
-            return 1
-        except (ApiError, OSError) as exc:
-            print(f"tcp-exporter-operator: uninstall: {exc}", file=sys.stderr)
-            return 1
-        return 1 if failed else 0
+    if args.command in ("status", "uninstall"):
+        return on_cluster(args)
     import kopf
 
     from tcp_exporter_operator import (

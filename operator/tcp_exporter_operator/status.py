@@ -17,17 +17,11 @@ from kubernetes import client
 
 from tcp_exporter_operator.annotations import A_PORT, A_SCALEDOBJECT, A_STATUS, recorded_status
 from tcp_exporter_operator.kube import Kube
-from tcp_exporter_operator.uninstall import _pages, children
+from tcp_exporter_operator.uninstall import children, deployments
 
 
 def annotated(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
-    def page(api: client.ApiClient, token: str | None) -> Any:
-        apps = client.AppsV1Api(api)
-        if namespace is None:
-            return apps.list_deployment_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
-        return apps.list_namespaced_deployment(namespace, limit=500, _continue=token, _preload_content=False)
-
-    for item in _pages(kube, page):
+    for item in deployments(kube, namespace):
         annotations = item["metadata"].get("annotations") or {}
         if A_PORT in annotations or A_STATUS in annotations:
             yield item

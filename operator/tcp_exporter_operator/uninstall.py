@@ -39,14 +39,20 @@ def _pages(kube: Kube, list_page: Any) -> Iterator[dict[str, Any]]:
             return
 
 
-def injected_deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
+def deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
+    """Every Deployment of the namespace (None: of the cluster), listed in pages."""
+
     def page(api: client.ApiClient, token: str | None) -> Any:
         apps = client.AppsV1Api(api)
         if namespace is None:
             return apps.list_deployment_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
         return apps.list_namespaced_deployment(namespace, limit=500, _continue=token, _preload_content=False)
 
-    for item in _pages(kube, page):
+    return _pages(kube, page)
+
+
+def injected_deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
+    for item in deployments(kube, namespace):
         if A_STATUS in (item["metadata"].get("annotations") or {}):
             yield item
 

@@ -45,18 +45,28 @@ def select(name: str, ports: Iterable[int], options: Options | None = None) -> t
     """
     port_tuple = tuple(sorted(set(ports)))
     options = options or Options()
-    registry = REGISTRY
     if name != "auto":
-        method = registry[name](port_tuple, options)
-        return method, f"{name} requested"
+        return REGISTRY[name](port_tuple, options), f"{name} requested"
+    chosen, skipped = _first_of_auto(port_tuple, options, skip=())
+    if chosen is None:
+        raise Unavailable("no counting method is available: " + "; ".join(skipped))
+    return chosen, f"auto chose {chosen.name}" + (f" ({'; '.join(skipped)})" if skipped else "")
+
+
+def _first_of_auto(ports: tuple[int, ...], options: Options, skip: tuple[str, ...]) -> tuple[Method | None, list[str]]:
+    """The first method of AUTO_ORDER (but `skip`) that opens here and can be trusted, and why each before it was
+    passed over. conntrack only where the namespace already tracks connections (auto never switches it on) and
+    a connection of our own shows that new ones are tracked."""
     skipped = []
     for candidate in AUTO_ORDER:
+        if candidate in skip:
+            continue
         if candidate == "conntrack" and not tracking_active():
             skipped.append("conntrack: connection tracking is off in this namespace, and auto does not switch it on")
             continue
         try:
             opts = Options(options.resync_interval, switch_on_tracking=False) if candidate == "conntrack" else options
-            method = registry[candidate](port_tuple, opts)
+            method = REGISTRY[candidate](ports, opts)
         except Unavailable as exc:
             skipped.append(f"{candidate}: {exc}")
             log.info("method %s unavailable: %s", candidate, exc)
@@ -68,9 +78,8 @@ def select(name: str, ports: Iterable[int], options: Options | None = None) -> t
                 "so its count would miss them"
             )
             continue
-        reason = f"auto chose {candidate}" + (f" ({'; '.join(skipped)})" if skipped else "")
-        return method, reason
-    raise Unavailable("no counting method is available: " + "; ".join(skipped))
+        return method, skipped
+    return None, skipped
 
 
 class Unopened:
@@ -93,27 +102,10 @@ class Unopened:
 def fallback(
     failed: str, error: Unavailable, ports: Iterable[int], options: Options | None = None
 ) -> tuple[Method, str]:
-    """After `failed` could not open: the next method of auto's order that opens (conntrack only where the
-    namespace already tracks connections), else `Unopened`. Never raises."""
-    port_tuple = tuple(sorted(set(ports)))
-    options = options or Options()
-    skipped = [f"{failed}: {error}"]
-    for candidate in AUTO_ORDER:
-        if candidate == failed:
-            continue
-        if candidate == "conntrack" and not tracking_active():
-            skipped.append("conntrack: connection tracking is off in this namespace")
-            continue
-        try:
-            opts = Options(options.resync_interval, switch_on_tracking=False) if candidate == "conntrack" else options
-            method = REGISTRY[candidate](port_tuple, opts)
-        except Unavailable as exc:
-            skipped.append(f"{candidate}: {exc}")
-            continue
-        if candidate == "conntrack" and not conntrack.tracks_new_connections():
-            method.close()
-            skipped.append("conntrack: tracking entries, but new connections are not tracked")
-            continue
-        return method, f"fell back to {candidate} ({'; '.join(skipped)})"
-    why = "; ".join(skipped)
-    return Unopened(f"no counting method could open: {why}"), f"no method opened ({why})"
+    """After `failed` could not open: the next method of auto's order that opens (and can be trusted), else
+    `Unopened`. Never raises."""
+    method, skipped = _first_of_auto(tuple(sorted(set(ports))), options or Options(), skip=(failed,))
+    why = "; ".join([f"{failed}: {error}", *skipped])
+    if method is None:
+        return Unopened(f"no counting method could open: {why}"), f"no method opened ({why})"
+    return method, f"fell back to {method.name} ({why})"
