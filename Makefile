@@ -69,7 +69,7 @@ test: tools
 
 # Seconds, with no Go build, no cluster, no root and no registry: the pure functions and the real CLIs.
 test-unit: venv
-	@$(VENV)/bin/pytest -q -m "not (cluster or netns or prometheus or keda or gobuild or install)" $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -q -m "not (cluster or netns or prometheus or keda or gobuild or install or load)" $(PYTEST_ARGS)
 
 cluster-up: deps venv
 	@$(LOCALKUBE) up

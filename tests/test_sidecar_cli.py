@@ -206,6 +206,7 @@ def threads_and_rss_mb(pid: int) -> tuple[int, float]:
     return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024
 
 
+@pytest.mark.load
 def test_three_thousand_idle_half_requests_leave_threads_and_memory_bounded_and_scrapes_answered(
     watched: tuple[int, socket.socket],
 ) -> None:
@@ -249,6 +250,7 @@ def test_a_client_that_sends_nothing_is_disconnected_after_the_header_timeout() 
         proc.finish()
 
 
+@pytest.mark.load
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_thousand_hostile_clients_of_each_kind_leave_metrics_and_healthz_answered_within_a_second(
     kind: str, watched: tuple[int, socket.socket]
