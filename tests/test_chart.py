@@ -3,6 +3,7 @@ what `kubectl apply -k manifests/` installs, and the operator running under what
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import Callable
@@ -156,3 +157,15 @@ def test_the_operator_runs_under_what_the_chart_installs(
         kubectl("delete", "-f", str(path), "--wait=false")
         kubectl("delete", "namespace", namespace, "--wait=false")
         operator.start()
+
+
+def test_make_release_uses_the_kubectl_the_tooling_builds_not_one_on_the_path(tmp_path: Path) -> None:
+    # A fresh machine has no kubectl, and one found on the PATH may be of any version: a decoy that fails.
+    decoy = tmp_path / "kubectl"
+    decoy.write_text("#!/bin/sh\necho 'the kubectl on the PATH was used' >&2\nexit 97\n")
+    decoy.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    out = subprocess.run(["make", "release"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    docs = list(yaml.safe_load_all((REPO / "dist" / "install.yaml").read_text()))
+    assert any(d and d["kind"] == "Deployment" for d in docs)
