@@ -169,3 +169,17 @@ def test_make_release_uses_the_kubectl_the_tooling_builds_not_one_on_the_path(tm
     assert out.returncode == 0, out.stdout + out.stderr
     docs = list(yaml.safe_load_all((REPO / "dist" / "install.yaml").read_text()))
     assert any(d and d["kind"] == "Deployment" for d in docs)
+
+
+@pytest.mark.cluster
+def test_a_second_install_of_the_chart_is_refused_saying_which_install_is_already_there(
+    cluster: Any, operator: Operator
+) -> None:
+    # The operator fixture installed with kubectl apply -k manifests/: a chart release must not add a second.
+    out = subprocess.run(
+        [helm(), "install", "second", str(CHART), "--namespace", "tcpx-second", "--create-namespace",
+         "--dry-run=server", "--kubeconfig", cluster.kubeconfig],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "already installed in this cluster" in out.stderr and "kubectl apply -k manifests/" in out.stderr, out.stderr

@@ -368,13 +368,12 @@ class Controller:
         if not self.ready.is_set():
             return  # the first reconcile of everything is still to come
         self.refusals.clear()  # a refused write is tried again once per full pass
-        self.check_scale_in()
         for namespace, name in self.deployments.known_keys():
             self.enqueue(namespace, name)
 
     def check_scale_in(self) -> None:
-        """Whether connection-aware scale-in is installed (this account may patch pods): read at start and at
-        each full pass, so that installing or removing the component is noticed without a restart."""
+        """Whether connection-aware scale-in is installed (this account may patch pods): read at start and before
+        each periodic resync, so that installing or removing the component is noticed without a restart."""
         try:
             installed = self.kube.may_patch_pods()
         except Exception as exc:  # unknown: keep what was known
@@ -388,6 +387,7 @@ class Controller:
         """Every few minutes, reconcile every tracked Deployment: a safety net for failures that outlasted the
         retries. In sync, this costs one read per Deployment and no write."""
         while not self.stopping.wait(RESYNC_SECONDS):
+            self.check_scale_in()  # here, not in full_pass: that also runs on watch threads, which must not wait
             self.full_pass()
 
     def _expire_rollouts_forever(self) -> None:
