@@ -37,3 +37,14 @@ def test_the_changelog_has_an_entry_for_this_version() -> None:
 def test_the_chart_is_of_this_version() -> None:
     chart = yaml.safe_load((REPO / "charts" / "tcp-exporter" / "Chart.yaml").read_text())
     assert chart["version"] == __version__ and chart["appVersion"] == __version__
+
+
+def test_the_readmes_compatibility_table_names_the_versions_the_harness_tests() -> None:
+    from harness.helmtools import HELM_VERSION
+    from harness.kedastack import KEDA_VERSION
+    from harness.localkube.cluster import KUBE_VERSION
+    from harness.promstack import PROMETHEUS_MODULE_VERSION
+
+    readme = (REPO / "README.md").read_text()
+    for version in (KUBE_VERSION, KEDA_VERSION, PROMETHEUS_MODULE_VERSION, HELM_VERSION):
+        assert f" {version} " in readme or f"module {version})" in readme, version
