@@ -198,7 +198,7 @@ def deployment(
     ports: list[dict[str, Any]] | None = None,
     extra_containers: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    labels = {"app": name}
+    labels = {"app": name[:63].rstrip("-.")}  # a label value has 63 characters at most; a name, 253
     app = {
         "name": "app",
         "image": "example.test/app:1",
@@ -245,8 +245,11 @@ class Kube:
         return {c.name: c for c in self.get(name).spec.template.spec.containers}
 
     def scaled_object(self, name: str) -> dict[str, Any] | None:
+        """The ScaledObject the operator names for the Deployment `name` (the same name up to 54 characters)."""
+        from tcp_exporter_operator.desired import child_names
+
         try:
-            return dict(self.custom.get_namespaced_custom_object(*KEDA, self.ns, "scaledobjects", name))
+            return dict(self.custom.get_namespaced_custom_object(*KEDA, self.ns, "scaledobjects", child_names(name)[0]))
         except ApiException as exc:
             if exc.status == 404:
                 return None

@@ -23,7 +23,8 @@ from harness.promstack import Prometheus, documented_jobs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.prometheus, pytest.mark.keda]
 
-NAME = "game-proxy.eu-1"
+# 69 characters, dots and dashes: longer than KEDA accepts for a ScaledObject (54) or its HPA's name (63).
+NAME = "game-proxy.eu-west-1.canary-release-2026-12-02.payments-gateway-a1b2c"
 THRESHOLD = 100
 MAX = 6
 
@@ -62,6 +63,7 @@ def test_keda_and_the_hpa_scale_out_scale_in_and_hold_on_missing_data(
                 return time.monotonic() - started
 
             (first,) = wait_for(lambda: kubelet.sync(NAME) or None, 60, "the first pod to run")
+            assert len(so["metadata"]["name"]) <= 54
             hpa = wait_for(lambda: kube.hpa(f"keda-hpa-{so['metadata']['name']}"), 60, "KEDA's HPA")
             assert hpa.spec.max_replicas == MAX
 

@@ -188,3 +188,26 @@ def test_kedas_ready_false_and_fallback_true_on_our_scaledobject_become_warnings
     assert "query returned nothing" in warnings["ScaledObjectFallback"]
     so["status"]["conditions"] = [{"type": "Ready", "status": "True"}, {"type": "Fallback", "status": "False"}]
     assert not [e for e in planned({}, Config(), Facts(scaled_object=so)).events if e.type == "Warning"]
+
+
+def test_a_name_over_54_characters_gets_a_scaledobject_name_keda_accepts_and_an_old_long_one_is_replaced() -> None:
+    from tcp_exporter_operator.desired import child_name
+
+    long = "payments-gateway-primary-eu-west-1-canary-release-abc.v2-web-api-x1"  # 67 characters
+    base: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": long, "namespace": "team-a", "uid": "u3", "annotations": {"tcp-exporter/port": "8080"}},
+        "spec": {
+            "selector": {"matchLabels": {"app": "x"}},
+            "template": {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "a", "image": "a"}]}},
+        },
+    }
+    created = scaled_object(plan(base, Facts(), Config()))
+    name = created["metadata"]["name"]
+    assert len(name) <= 54 and len("keda-hpa-" + name) <= 63 and name.startswith("payments-gateway-primary")
+    assert created["spec"]["scaleTargetRef"]["name"] == long
+    assert child_name(long + "2", limit=54) != name  # a hash of the full name: long names sharing a prefix differ
+    old = {**created, "metadata": {**created["metadata"], "name": long}}  # what an older operator created
+    writes = [(w.action, w.body["metadata"]["name"]) for w in plan(base, Facts(scaled_object=old), Config()).children]
+    assert writes == [("delete", long), ("create", name)]

@@ -60,7 +60,7 @@ def test_an_editor_cannot_point_the_operators_cluster_credentials_at_their_own_s
         wait_for(
             lambda: "tcp-exporter" in kube.containers("checkout.v2"), 30, "the one on the admin's address injected"
         )
-        so = kube.scaled_object("checkout.v2") or {}
+        so = wait_for(lambda: kube.scaled_object("checkout.v2"), 30, "its ScaledObject")
         assert so["spec"]["triggers"][0]["authenticationRef"]["kind"] == "ClusterTriggerAuthentication"
         warned = wait_for(lambda: kube.events("web-api", "Warning"), 30, "a Warning on the attacker's one")
         assert "TCP_EXPORTER_OPERATOR_AUTHENTICATION_REF" in warned[0].message, warned[0].message

@@ -30,7 +30,10 @@ from tcp_exporter_operator.events import LABELS, api_version
 METRICS_PORT_NAME = "tcp-metrics"
 PROMETHEUS_SCRAPE = "prometheus.io/scrape"
 # KEDA names its HPA keda-hpa-<ScaledObject name>, and that name must fit in 253 characters too.
-SCALED_OBJECT_NAME_MAX = 253 - len("keda-hpa-")
+# KEDA's admission webhook refuses ScaledObject names over 54 characters, and KEDA names its HPA keda-hpa-<name>
+# and labels objects with the name, both capped at 63 (9 + 54): a longer Deployment name gets a readable prefix
+# and a hash of the full name.
+SCALED_OBJECT_NAME_MAX = 63 - len("keda-hpa-")
 NONROOT_UID = 65532
 
 

@@ -306,7 +306,15 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
         )
         return result
     wanted_so = scaled_object(deployment, spec, facts.keda_fallback_behavior)
-    action = child_action(wanted_so, facts.scaled_object, SCALED_OBJECT_OPTIONAL)
+    current = facts.scaled_object
+    current_name = ((current or {}).get("metadata") or {}).get("name")
+    if current is not None and current_name is not None and current_name != wanted_so["metadata"]["name"]:
+        # Ours, under a name KEDA does not accept (longer than 54: an older operator's): deleted first, as KEDA
+        # takes one ScaledObject per target, then created under the name it accepts. It never scaled, so no
+        # working scaling is interrupted.
+        result.children.append(ChildWrite("ScaledObject", "delete", dict(current)))
+        current = None
+    action = child_action(wanted_so, current, SCALED_OBJECT_OPTIONAL)
     if action is not None:
         result.children.append(ChildWrite("ScaledObject", action, wanted_so))
     if action == "create":
