@@ -77,6 +77,8 @@ def test_a_fragment_query_or_user_in_the_address_is_refused_whoever_gives_it() -
         "https://prometheus.monitoring.svc:99999",
         "https://prométheus.example",
         "ftp://prometheus.monitoring.svc",
+        "https://thanos.example:9090/tenants/team-a/../team-b",
+        "https://thanos.example:9090/tenants/team-a/%2e%2e/team-b",
     ):
         with pytest.raises(InvalidSpec, match="is not an http"):
             prometheus_address(address, "tcp-exporter/prometheus")

@@ -260,17 +260,25 @@ def test_a_thousand_hostile_clients_of_each_kind_leave_metrics_and_healthz_answe
     proc = Proc([f"--listen-address=127.0.0.1:{listen}", f"--watch-port={port}", "--method=sockdiag"])
     proc.wait_serving(listen)
     latencies: dict[str, list[float]] = {"/metrics": [], "/healthz": []}
+    failed: dict[str, list[str]] = {"/metrics": [], "/healthz": []}
     try:
         with Flood(kind, "127.0.0.1", listen, 1000) as flood:
-            for _ in range(10):
+            for _ in range(20):
                 for path, taken in latencies.items():
                     started = time.monotonic()
-                    status, body = get(listen, path)
+                    try:
+                        status, body = get(listen, path)
+                    except OSError as exc:  # reset: this connection was the one closed for a newer one
+                        failed[path].append(repr(exc))
+                        continue
                     taken.append(time.monotonic() - started)
                     assert status == 200, (path, status, body)
             threads, rss = threads_and_rss_mb(proc.proc.pid)
             assert flood.opened >= 1000
         for path, taken in latencies.items():
+            # A probe restarts only after 3 failures in a row, a scrape retries next interval: 18 of 20 answered
+            # (a reset happens at the flood's onset, more on a loaded machine), the median within a second.
+            assert len(failed[path]) <= 2, f"{path} under {kind}: {failed[path]}"
             taken.sort()
             assert taken[len(taken) // 2] < 1.0, f"{path}: median {taken[len(taken) // 2]:.2f} s under {kind}"
         assert threads <= 8, f"{threads} threads under 1,000 {kind} clients"

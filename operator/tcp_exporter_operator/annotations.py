@@ -431,9 +431,12 @@ def prometheus_address(text: str, where: str) -> str:
     """A Prometheus address as KEDA and the operator use it: scheme://host[:port][/path], without a trailing
     slash; raises InvalidSpec for anything else (user info, a query, a fragment, a non-ASCII host)."""
     match = _ADDRESS.match(text.strip().rstrip("/"))
-    if not match or (match.group(2) and not 1 <= int(match.group(2)[1:]) <= 65535):
+    segments = match.group(3).split("/") if match else []
+    dots = any(seg in (".", "..") for seg in segments) or re.search(r"%(2e|2f|5c)", text, re.IGNORECASE)
+    if not match or dots or (match.group(2) and not 1 <= int(match.group(2)[1:]) <= 65535):
         raise InvalidSpec(
-            f"{where}: {text!r} is not an http(s)://host[:port][/path] address (no user, query or fragment)"
+            f"{where}: {text!r} is not an http(s)://host[:port][/path] address (no user, query, fragment or "
+            "dot segments)"
         )
     return match.group(1).lower() + (match.group(2) or "") + match.group(3)
 

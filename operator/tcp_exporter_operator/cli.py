@@ -153,6 +153,7 @@ def render(path: str, psa_level: str | None, cfg: Config) -> int:
 
 def on_cluster(args: argparse.Namespace) -> int:
     """status and uninstall: with the caller's credentials; a missing kubeconfig or a refusal in one line."""
+    import urllib3
     from kubernetes.config import ConfigException
 
     from tcp_exporter_operator.kube import ApiError, Kube
@@ -168,7 +169,7 @@ def on_cluster(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     except ConfigException as exc:
         print(f"tcp-exporter-operator: {args.command}: no cluster credentials: {exc}", file=sys.stderr)
-    except (ApiError, OSError) as exc:
+    except (ApiError, OSError, urllib3.exceptions.HTTPError) as exc:  # refused, or no answer
         print(f"tcp-exporter-operator: {args.command}: {exc}", file=sys.stderr)
     return 2 if args.command == "status" else 1
 

@@ -26,6 +26,7 @@ from tcp_exporter_operator import metrics
 from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, A_STATUS, InvalidSpec, address_allowed, parse_spec
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import is_ours
+from tcp_exporter_operator.diff import SCALED_OBJECT_OPTIONAL, child_action
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY, Event
 from tcp_exporter_operator.indexes import KEDA_CRD, PODMONITOR_CRD, Indexes, surfaced_conditions
 from tcp_exporter_operator.kube import (
@@ -143,7 +144,7 @@ class Controller:
             self.config.deletion_cost_period,
             self.config.deletion_cost_rate,
             parse_headers(self.config.custom_headers),
-            may_write=lambda: self.ready.is_set() and self.peering.wait_active(0),
+            may_write=lambda: self.ready.is_set() and self.scale_in_installed and self.peering.wait_active(0),
             allowed=lambda url: address_allowed(url, self.config),
         ).start()
         for i in range(WORKERS):
@@ -294,6 +295,7 @@ class Controller:
             try:
                 if type == RESYNC:
                     deployment = self.kube.get_deployment(*key)
+                    self.scale_target(deployment, key)  # a full pass also refreshes what scale-in knows
                     if deployment is not None:
                         result = self.reconcile(deployment, fresh=True)
                 elif body is not None:
@@ -456,6 +458,8 @@ class Controller:
                 current = kube.get_deployment(namespace, name)
                 continue
             except Exception as exc:
+                if not (_transient(exc) and delay is not None):  # no retry: a reserved slot must not stay held
+                    self.rollouts.unreserve((current or deployment)["metadata"].get("uid", ""))
                 if isinstance(exc, ApiError) and not (_transient(exc) and delay is not None):
                     self.refused(current or deployment, exc)
                     if not _transient(exc):
@@ -499,8 +503,13 @@ class Controller:
                 if existing is None:
                     continue
                 if is_ours(existing, deployment):
-                    # Ours, but the index had not seen it yet when this plan was made: bring it to what is wanted.
-                    children.wrote(kube.replace_child(child))
+                    # Ours (or adopted from Git), but the index had not seen it yet when this plan was made: brought
+                    # to what is wanted, unless it already is (then nothing was created, and no Event says so).
+                    if child_action(child, existing, SCALED_OBJECT_OPTIONAL if kind == "ScaledObject" else ()) is None:
+                        children.wrote(existing)
+                        events = [e for e in events if not (e.type == "Normal" and e.reason.startswith(kind))]
+                    else:
+                        children.wrote(kube.replace_child(child))
                     continue
                 name = child["metadata"]["name"]
                 events = [e for e in events if not (e.type == "Normal" and e.reason.startswith(kind))]

@@ -66,7 +66,8 @@ def patch_did_not_apply(body: str) -> bool:
     details = status.get("details") or {}
     if not isinstance(details, dict):
         return False
-    return not (details.get("kind") or details.get("name") or details.get("causes"))
+    generic = str(status.get("message", "")).startswith("the server rejected our request due to an error")
+    return generic and not (details.get("kind") or details.get("name") or details.get("causes"))
 
 
 def load_configuration() -> client.Configuration:
@@ -228,9 +229,9 @@ class Kube:
                 )
             )  # fmt: skip
         except ApiError as exc:
-            if exc.status == 404:
-                return None
-            return exc.status in (403, 422)
+            if exc.status in (403, 404):
+                return None  # gone, or no right to patch pods at all (then no deletion cost is written either)
+            return exc.status == 422 and "pod-deletion-cost" in exc.body  # the policy's own denial
         return False
 
     def set_deletion_cost(self, namespace: str, name: str, cost: int) -> bool:

@@ -37,7 +37,7 @@ from tcp_exporter_operator.desired import (
     uninject,
 )
 from tcp_exporter_operator.diff import SCALED_OBJECT_OPTIONAL, child_action, deployment_patch, in_sync
-from tcp_exporter_operator.events import Event
+from tcp_exporter_operator.events import MANAGED_BY, Event
 
 BLIND_NOTE = (
     "no ScaledObject: Prometheus cannot see this Deployment's sidecars by any discovery path the operator is "
@@ -307,8 +307,16 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
         return result
     wanted_so = scaled_object(deployment, spec, facts.keda_fallback_behavior)
     current = facts.scaled_object
-    current_name = ((current or {}).get("metadata") or {}).get("name")
-    if current is not None and current_name is not None and current_name != wanted_so["metadata"]["name"]:
+    current_meta = (current or {}).get("metadata") or {}
+    current_name = current_meta.get("name")
+    managed = (current_meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == MANAGED_BY
+    if (
+        current is not None
+        and managed
+        and current_name
+        and len(current_name) > 54
+        and current_name != wanted_so["metadata"]["name"]
+    ):
         # Ours, under a name KEDA does not accept (longer than 54: an older operator's): deleted first, as KEDA
         # takes one ScaledObject per target, then created under the name it accepts. It never scaled, so no
         # working scaling is interrupted.

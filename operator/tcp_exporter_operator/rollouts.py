@@ -33,8 +33,8 @@ class Rollouts:
 
     No Deployment holds a slot for long, whatever its editor writes: a slot is taken back once the rollout is over,
     past the Deployment's progress deadline, or after `hold` seconds at most (an operator setting), even if
-    no event of that Deployment ever comes (`expire`, from the resync loop). Paused Deployments are not paced
-    (the controller never tells them to roll; see `paced`).
+    no event of that Deployment ever comes (`expire`, every 10 s from a thread of the controller's). Paused
+    Deployments are not paced (the controller never tells them to roll; see `paced`).
     """
 
     def __init__(

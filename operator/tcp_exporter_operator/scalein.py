@@ -20,14 +20,15 @@ largest changes first.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import logging
 import math
+import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ QUERY = (
 MIN_STEP = 2  # connections: a smaller change is never material
 REL_STEP = 0.2  # of the written value: nor is a smaller relative one
 PER_DEPLOYMENT = 50  # pods written per Deployment per period at most
-QUERY_TIMEOUT = 10.0  # seconds for the whole answer, not per socket read
+QUERY_TIMEOUT = 10.0  # seconds for the whole exchange, connecting included
 MAX_ANSWER = 64 * 2**20  # bytes: 20,000 pods' samples are about 4 MB
 RECHECK_SECONDS = 600  # between checks of the pod admission policy, while it is not found in force
 URGENCY = 5  # while a scale-in is imminent somewhere, the period is this many times shorter (1 s at least)
@@ -104,29 +105,33 @@ class TokenBucket:
         return True
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error: the request carries the admin's headers, and a redirect would take them elsewhere."""
-
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl[:200]} not followed", headers, fp)
-
-
-_OPENER = urllib.request.build_opener(_NoRedirects())
-
-
 def query(url: str, headers: Mapping[str, str], deadline: float = QUERY_TIMEOUT) -> list[dict[str, Any]]:
-    """The query's instant vector from Prometheus' HTTP API: no redirect followed, at most MAX_ANSWER bytes, and
-    a server that drips its answer cut off: no read waits more than `deadline` seconds and none starts after
-    `deadline` seconds in all, so an answer takes at most twice `deadline`."""
-    request = urllib.request.Request(
-        f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": QUERY}), headers=dict(headers)
-    )
-    end = time.monotonic() + deadline
+    """The query's instant vector from Prometheus' HTTP API, the whole exchange (connecting, the status line and
+    headers, the body) within `deadline` seconds: a watchdog shuts the socket down at the deadline, so a server
+    that drips any part of its answer is cut off. No redirect is followed (the request carries the admin's
+    headers); at most MAX_ANSWER bytes are read."""
+    parts = urllib.parse.urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname or "", parts.port, timeout=deadline)
+    path = f"{parts.path}/api/v1/query?" + urllib.parse.urlencode({"query": QUERY})
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        if connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read at once
+
+    watchdog = threading.Timer(deadline, cut)
+    watchdog.daemon = True
+    watchdog.start()
     chunks, size = [], 0
-    with _OPENER.open(request, timeout=deadline) as response:
-        while True:
-            if time.monotonic() > end:
-                raise TimeoutError(f"Prometheus' answer took more than {deadline:g} s")
+    try:
+        connection.request("GET", path, headers=dict(headers))
+        response = connection.getresponse()
+        if response.status != 200:
+            raise ValueError(f"Prometheus answered {response.status} {response.reason} (no redirect is followed)")
+        while not expired.is_set():
             chunk = response.read1(65536)
             if not chunk:
                 break
@@ -134,7 +139,19 @@ def query(url: str, headers: Mapping[str, str], deadline: float = QUERY_TIMEOUT)
             if size > MAX_ANSWER:
                 raise ValueError(f"Prometheus' answer is larger than {MAX_ANSWER} bytes")
             chunks.append(chunk)
-    body = json.loads(b"".join(chunks))
+    except (OSError, http.client.HTTPException) as exc:
+        if expired.is_set():
+            raise TimeoutError(f"Prometheus' answer took more than {deadline:g} s") from exc
+        raise ValueError(f"querying Prometheus: {exc}") from exc
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if expired.is_set():
+        raise TimeoutError(f"Prometheus' answer took more than {deadline:g} s")
+    try:
+        body = json.loads(b"".join(chunks))
+    except RecursionError as exc:  # nesting deeper than any answer of Prometheus'
+        raise ValueError("Prometheus' answer is nested too deeply") from exc
     if not isinstance(body, dict) or body.get("status") != "success":
         raise ValueError(f"Prometheus did not answer success: {str(body)[:200]}")
     result = (body.get("data") or {}).get("result") if isinstance(body.get("data"), dict) else None
@@ -202,7 +219,7 @@ class DeletionCosts:
         (then asked again every RECHECK_SECONDS)."""
         try:
             confined = self.kube.pod_patches_confined(namespace, pod)
-        except (ApiError, OSError) as exc:
+        except Exception as exc:  # refused, or no answer: checked again at the next write
             log.warning("checking the pod admission policy on %s/%s: %s", namespace, pod, exc)
             return
         if confined is None:
@@ -238,7 +255,7 @@ class DeletionCosts:
             try:
                 series = query(url, self.headers)
                 metrics.DELETION_COST_QUERIES.labels("ok").inc()
-            except (OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # whatever one address answers costs that address's round only
                 metrics.DELETION_COST_QUERIES.labels("error").inc()
                 log.warning("querying %s for the pods' connections: %s", url, exc)
                 continue

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from kubernetes import client
 
 from tcp_exporter_operator.annotations import A_PORT, A_SCALEDOBJECT, A_STATUS, recorded_status
+from tcp_exporter_operator.desired import is_ours
 from tcp_exporter_operator.kube import Kube
 from tcp_exporter_operator.uninstall import children, deployments
 
@@ -27,8 +28,9 @@ def annotated(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
             yield item
 
 
-def last_warning(kube: Kube, namespace: str, name: str) -> str | None:
-    selector = f"involvedObject.kind=Deployment,involvedObject.name={name},type=Warning"
+def last_warning(kube: Kube, namespace: str, name: str, uid: str) -> str | None:
+    """The latest Warning on this very Deployment (by uid: not an earlier one of the same name)."""
+    selector = f"involvedObject.kind=Deployment,involvedObject.name={name},involvedObject.uid={uid},type=Warning"
 
     def listing(api: client.ApiClient) -> Any:
         return client.CoreV1Api(api).list_namespaced_event(namespace, field_selector=selector, _preload_content=False)
@@ -89,15 +91,20 @@ def status(kube: Kube, namespaces: tuple[str, ...], output: str, out: TextIO = s
     """Print the lines; 1 if any Deployment needs attention, else 0."""
     rows = []
     for namespace in namespaces or (None,):
-        owned: dict[str, dict[str, Any]] = {}
-        for so in children(kube, "ScaledObject", namespace):
-            for ref in so["metadata"].get("ownerReferences") or []:
-                if ref.get("kind") == "Deployment":
-                    owned[ref.get("uid", "")] = so
+        scaled_objects = list(children(kube, "ScaledObject", namespace))
         for deployment in annotated(kube, namespace):
             meta = deployment["metadata"]
-            warning = last_warning(kube, meta["namespace"], meta["name"])
-            rows.append(row(deployment, owned.get(meta.get("uid", "")), warning))
+            warning = last_warning(kube, meta["namespace"], meta["name"], meta.get("uid", ""))
+            # Owned by it, or adopted from Git (render's: no owner, found by label, name and target).
+            ours = next(
+                (
+                    so
+                    for so in scaled_objects
+                    if so["metadata"]["namespace"] == meta["namespace"] and is_ours(so, deployment)
+                ),
+                None,
+            )
+            rows.append(row(deployment, ours, warning))
     if output == "json":
         json.dump(rows, out, indent=2)
         out.write("\n")

@@ -10,8 +10,9 @@ Prometheus or the kubelet's probes out:
   request with a body is refused and the connection closed (a body is never parsed as the next request);
 - at `max_connections`, a new connection is always admitted. It closes, first, the connection that has kept
   the server waiting on its client longest, once that is more than GRACE seconds (idle clients, half requests,
-  endless headers, clients that do not read their answers); else the one that has asked the most requests
-  (a client pipelining); else one waiting on its client before one waiting on us, the longest first. A
+  endless headers, clients that do not read their answers); else one asking faster than a request a second
+  (pipelining; a kept-alive scraper asks once per interval); else one waiting on its client before one being
+  answered. A
   scraper that has just connected or is being answered goes last, and old connections can never hold every
   slot. A request whose connection was closed while it waited for a counting thread is dropped unanswered.
 """
@@ -96,8 +97,9 @@ class Server:
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
         self.pool = ThreadPoolExecutor(COUNT_THREADS, thread_name_prefix="count")
-        # Each connection -> (waiting on its client, requests read, since when in that state): eviction's order.
-        self.connections: dict[asyncio.StreamWriter, tuple[bool, int, float]] = {}
+        # Each connection -> (waiting on its client, requests read, since when in that state, when admitted):
+        # eviction's order.
+        self.connections: dict[asyncio.StreamWriter, tuple[bool, int, float, float]] = {}
         self.loop = asyncio.new_event_loop()
         self.started = threading.Event()
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
@@ -129,17 +131,28 @@ class Server:
             victim = min(self.connections, key=lambda w: self._eviction_order(now, *self.connections[w]))
             del self.connections[victim]
             victim.transport.abort()  # at once: close() would wait to flush to a client that may never read
-        self.connections[writer] = (True, 0, self.loop.time())
+        now = self.loop.time()
+        self.connections[writer] = (True, 0, now, now)
 
     @staticmethod
-    def _eviction_order(now: float, on_client: bool, served: int, since: float) -> tuple[bool, int, bool, float]:
+    def _eviction_order(
+        now: float, on_client: bool, served: int, since: float, admitted: float
+    ) -> tuple[bool, float, bool, float]:
+        """Which connection goes first when one must: one that has kept us waiting on it past GRACE (idle, half a
+        request, endless headers, not reading its answer); else one asking faster than a request a second
+        (pipelining; a kept-alive scraper asks once per interval), the fastest first; else one waiting on its
+        client before one being answered; the longest in its state first."""
         stale = on_client and now - since > GRACE
-        return (not stale, -served if served > 1 else 0, not on_client, since)
+        rate = served / max(now - admitted, 1.0)
+        return (not stale, -rate if rate > 1 else 0.0, not on_client, since)
 
-    def _note(self, writer: asyncio.StreamWriter, on_client: bool, served: int) -> None:
-        """The connection's state: waiting on its client (for a request, or to take an answer) or on us."""
-        if writer in self.connections:
-            self.connections[writer] = (on_client, served, self.loop.time())
+    def _note(self, writer: asyncio.StreamWriter, on_client: bool, request: bool = False) -> None:
+        """The connection's state: waiting on its client (for a request, or to take an answer) or on us; `request`:
+        one more request read."""
+        if writer not in self.connections:
+            return
+        _, served, _, admitted = self.connections[writer]
+        self.connections[writer] = (on_client, served + request, self.loop.time(), admitted)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._admit(writer)
@@ -152,17 +165,17 @@ class Server:
                     return
                 if writer not in self.connections:
                     return  # evicted meanwhile
-                self._note(writer, on_client=False, served=served)
-                keep_alive = await self._respond(head, writer, served, last=served == MAX_REQUESTS)
+                self._note(writer, on_client=False, request=True)
+                keep_alive = await self._respond(head, writer, last=served == MAX_REQUESTS)
                 if not keep_alive or writer not in self.connections:
                     return
-                self._note(writer, on_client=True, served=served)
+                self._note(writer, on_client=True)
                 timeout = self.idle_timeout
         finally:
             self.connections.pop(writer, None)
             writer.close()
 
-    async def _respond(self, head: bytes, writer: asyncio.StreamWriter, served: int = 1, last: bool = False) -> bool:
+    async def _respond(self, head: bytes, writer: asyncio.StreamWriter, last: bool = False) -> bool:
         """Answer one request; whether the connection stays open for the next."""
         try:
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
@@ -191,7 +204,7 @@ class Server:
             response = route(headers)
         else:
             response = await self.loop.run_in_executor(self.pool, self._unless_gone, writer, route, headers)
-        self._note(writer, on_client=True, served=served)  # from here the client has to take the answer
+        self._note(writer, on_client=True)  # from here the client has to take the answer
         return await self._write(writer, response, keep_alive, method == "HEAD")
 
     @staticmethod
