@@ -69,6 +69,52 @@ def test_render_refuses_a_wrong_annotation_with_exit_1(tmp_path: Path) -> None:
     assert out.stdout == ""
 
 
+def test_render_takes_a_namespace_the_clusters_configmap_and_prints_the_podmonitor_when_asked(tmp_path: Path) -> None:
+    body = yaml.safe_load((GOLDEN / "basic.in.yaml").read_text())
+    body["metadata"].pop("namespace", None)
+    manifest = tmp_path / "deployment.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "tcp-exporter-operator"},
+        "data": {"TCP_EXPORTER_OPERATOR_THRESHOLD": "42", "TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE": "registry.test/te:1"},
+    }
+    # As `kubectl get configmap -l ... -o yaml` prints it: a List of the one ConfigMap.
+    (tmp_path / "cm.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [configmap]}))
+    cmd = [RENDER, "render", "-f", str(manifest), "-n", "shop", "--config-map", str(tmp_path / "cm.yaml")]
+    out = subprocess.run([*cmd, "--podmonitor-crd"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout)}
+    assert set(docs) == {"Deployment", "ScaledObject", "PodMonitor"}
+    assert {d["metadata"]["namespace"] for d in docs.values()} == {"shop"}
+    assert docs["ScaledObject"]["spec"]["triggers"][0]["metadata"]["threshold"] == "42"  # the ConfigMap's
+    assert "ownerReferences" not in docs["PodMonitor"]["metadata"]
+    sidecar = [c for c in docs["Deployment"]["spec"]["template"]["spec"]["containers"] if c["name"] == "tcp-exporter"]
+    assert sidecar[0]["image"] == "registry.test/te:1"
+    assert "PodMonitor" not in {
+        d["kind"] for d in yaml.safe_load_all(subprocess.run(cmd, capture_output=True, text=True).stdout)
+    }
+    configmap["data"]["TCP_EXPORTER_OPERATOR_METHOD"] = "ebpf"
+    (tmp_path / "cm.yaml").write_text(yaml.safe_dump(configmap))
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 2 and "TCP_EXPORTER_OPERATOR_METHOD" in bad.stderr, bad.stderr
+
+
+def test_render_exits_1_when_the_operator_would_write_no_scaledobject_unless_none_was_asked_for(tmp_path: Path) -> None:
+    body = yaml.safe_load((GOLDEN / "basic.in.yaml").read_text())
+    manifest = tmp_path / "deployment.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    # Discovery by PodMonitor only, and no PodMonitor CRD assumed: Prometheus could not see the sidecars.
+    env = {**os.environ, "TCP_EXPORTER_OPERATOR_DISCOVERY": "podmonitor"}
+    out = subprocess.run([RENDER, "render", "-f", str(manifest)], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "would write no ScaledObject" in out.stderr, out
+    body["metadata"]["annotations"]["tcp-exporter/scaledobject"] = "false"
+    manifest.write_text(yaml.safe_dump(body))
+    out = subprocess.run([RENDER, "render", "-f", str(manifest)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+
+
 def test_the_clis_answer_a_missing_or_malformed_file_and_missing_credentials_in_words(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("a: [\n")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")

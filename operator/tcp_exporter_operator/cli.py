@@ -15,7 +15,7 @@ import yaml
 from tcp_exporter import __version__
 from tcp_exporter.logs import TEXT_FORMAT, JsonFormatter
 
-from tcp_exporter_operator.annotations import A_PORT, check_settings
+from tcp_exporter_operator.annotations import A_PORT, A_SCALEDOBJECT, check_settings
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.plan import Facts, plan
 
@@ -37,6 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("privileged", "baseline", "restricted"),
         default=None,
         help="the namespace's Pod Security Admission enforce level",
+    )
+    render.add_argument(
+        "--namespace", "-n", default="default", help="the namespace of Deployments that name none (default default)"
+    )
+    render.add_argument(
+        "--config-map",
+        metavar="FILE",
+        default=None,
+        help="the operator's ConfigMap (as installed: kubectl get configmap -o yaml) instead of this shell's "
+        "TCP_EXPORTER_OPERATOR_* variables, so that render plans with the cluster's settings",
+    )
+    render.add_argument(
+        "--podmonitor-crd",
+        action="store_true",
+        help="the cluster has the Prometheus Operator's PodMonitor CRD: print the PodMonitor too when the "
+        "discovery setting includes podmonitor",
     )
     show = sub.add_parser(
         "status",
@@ -107,9 +123,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 RENDER_ERRORS = ("InvalidAnnotation", "ContainerConflict", "AutoscalerConflict")
 
 
-def render(path: str, psa_level: str | None, cfg: Config) -> int:
+def render(
+    path: str, psa_level: str | None, cfg: Config, namespace: str = "default", podmonitor_crd: bool = False
+) -> int:
     """What the operator would do to each annotated Deployment of a manifest, printed: the same `plan`, with the
-    facts a cluster would give assumed (KEDA installed, no PodMonitor CRD, no other autoscaler)."""
+    facts a cluster would give assumed (KEDA installed, the PodMonitor CRD as told, no other autoscaler).
+    Exits 1 when the operator would refuse a Deployment, or write no ScaledObject for one that did not ask for
+    none (`tcp-exporter/scaledobject: "false"`)."""
     try:
         text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
         documents = [d for d in yaml.safe_load_all(text) if d]
@@ -128,27 +148,48 @@ def render(path: str, psa_level: str | None, cfg: Config) -> int:
         if doc.get("kind") != "Deployment":
             out.append(doc)
             continue
-        doc.setdefault("metadata", {}).setdefault("namespace", "default")
-        if A_PORT not in (doc["metadata"].get("annotations") or {}):
+        doc.setdefault("metadata", {}).setdefault("namespace", namespace)
+        annotations = doc["metadata"].get("annotations") or {}
+        if A_PORT not in annotations:
             out.append(doc)
             continue
-        result = plan(doc, Facts(psa_level=psa_level), cfg)
+        name = doc["metadata"].get("name")
+        result = plan(doc, Facts(psa_level=psa_level, pod_monitor_crd=podmonitor_crd), cfg)
         for event in result.events:
             if event.type == "Warning":
-                print(f"tcp-exporter-operator: {doc['metadata'].get('name')}: {event.message}", file=sys.stderr)
+                print(f"tcp-exporter-operator: {name}: {event.message}", file=sys.stderr)
                 failed = failed or event.reason in RENDER_ERRORS
         out.append(result.desired if result.desired is not None else doc)
-        write = result.child("ScaledObject")
-        if write is not None and write.action == "create":
-            scaled = write.body
-            # Offline there is no Deployment UID to own it by: applied from Git, the operator adopts it by its
-            # managed-by label and name.
-            del scaled["metadata"]["ownerReferences"]
-            out.append(scaled)
+        wants_scaled_object = str(annotations.get(A_SCALEDOBJECT, "true")).lower() != "false"
+        if wants_scaled_object and result.child("ScaledObject") is None and not failed:
+            print(f"tcp-exporter-operator: {name}: the operator would write no ScaledObject for it", file=sys.stderr)
+            failed = True
+        for kind in ("ScaledObject", "PodMonitor"):
+            write = result.child(kind)
+            if write is not None and write.action == "create":
+                # Offline there is no Deployment UID to own it by: applied from Git, the operator adopts it by its
+                # managed-by label and name.
+                write.body["metadata"].pop("ownerReferences", None)
+                out.append(write.body)
     if failed:
         return 1
     yaml.safe_dump_all(out, sys.stdout, sort_keys=False)
     return 0
+
+
+def config_from_map(path: str) -> Config:
+    """The operator's configuration from its ConfigMap's manifest (its `data`; or a List of that one ConfigMap),
+    checked as at start."""
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    if isinstance(doc, dict) and isinstance(doc.get("items"), list) and len(doc["items"]) == 1:
+        doc = doc["items"][0]  # kubectl get -l ... -o yaml: a List of the one ConfigMap
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError("not a ConfigMap with data")
+    cfg = Config.from_env({str(k): str(v) for k, v in data.items()})
+    check_settings(cfg)
+    return cfg
 
 
 def on_cluster(args: argparse.Namespace) -> int:
@@ -186,7 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tcp-exporter-operator: {exc}", file=sys.stderr)
         return 2
     if args.command == "render":
-        return render(args.filename, args.psa_level, cfg)
+        if args.config_map is not None:
+            try:
+                cfg = config_from_map(args.config_map)
+            except (OSError, yaml.YAMLError, ValueError) as exc:
+                print(f"tcp-exporter-operator: render: --config-map {args.config_map}: {exc}", file=sys.stderr)
+                return 2
+        return render(args.filename, args.psa_level, cfg, args.namespace, args.podmonitor_crd)
     if args.command in ("status", "uninstall"):
         return on_cluster(args)
     import kopf
