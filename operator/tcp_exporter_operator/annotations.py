@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -131,6 +132,16 @@ class Spec:
     pod_monitor_labels: dict[str, str] = field(default_factory=dict)
     keda: KedaOptions = field(default_factory=KedaOptions)
     scale_in_by_connections: bool = False  # set pods' deletion cost from their connections (scalein.py)
+
+
+def tracked(annotations: Mapping[str, str]) -> bool:
+    """Deployments that ask for the exporter, or still carry what it injected."""
+    return A_PORT in annotations or A_STATUS in annotations
+
+
+def asks_for_scaled_object(annotations: Mapping[str, str]) -> bool:
+    """Whether the Deployment asks for the exporter and did not turn its ScaledObject off."""
+    return A_PORT in annotations and str(annotations.get(A_SCALEDOBJECT, "true")).strip().lower() != "false"
 
 
 def annotations_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
@@ -275,8 +286,10 @@ def parse_keda(annotations: Mapping[str, str], cfg: Config, min_replicas: int, m
                 "TriggerAuthentication of this namespace"
             )
         ref = {"name": name, "kind": kind}
-        if ref_where != A_AUTH_REF or kind == "ClusterTriggerAuthentication":
-            cluster_credentials = ref_where if ref_where != A_AUTH_REF else f"{kind}/{name}"
+        if ref_where != A_AUTH_REF:
+            cluster_credentials = ref_where  # the operator's setting
+        elif kind == "ClusterTriggerAuthentication":
+            cluster_credentials = f"{kind}/{name}"
     metadata = []
     modes, where = _setting(annotations, A_AUTH_MODES, cfg.auth_modes)
     if modes:
@@ -444,13 +457,22 @@ def prometheus_address(text: str, where: str) -> str:
 def address_allowed(address: str, cfg: Config) -> bool:
     """The operator's own Prometheus, or an address of ALLOWED_PROMETHEUS: an entry ending in `/` allows the
     paths under it, any other that address exactly."""
-    if address == prometheus_address(cfg.prometheus, "TCP_EXPORTER_OPERATOR_PROMETHEUS"):
-        return True
+    exact, prefixes = _allowed(cfg)
+    return address in exact or any(address.startswith(prefix) for prefix in prefixes)
+
+
+@functools.lru_cache(maxsize=4)
+def _allowed(cfg: Config) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The allowed addresses, normalized once per configuration (not on every plan): exact ones, and prefixes
+    (each ending in `/`)."""
+    exact = {prometheus_address(cfg.prometheus, "TCP_EXPORTER_OPERATOR_PROMETHEUS")}
+    prefixes = []
     for entry in cfg.allowed_prometheus:
         allowed = prometheus_address(entry, "TCP_EXPORTER_OPERATOR_ALLOWED_PROMETHEUS")
-        if address == allowed or (entry.endswith("/") and address.startswith(allowed + "/")):
-            return True
-    return False
+        exact.add(allowed)
+        if entry.endswith("/"):
+            prefixes.append(allowed + "/")
+    return frozenset(exact), tuple(prefixes)
 
 
 def unknown_keys(annotations: Mapping[str, str]) -> list[str]:

@@ -15,7 +15,7 @@ import yaml
 from tcp_exporter import __version__
 from tcp_exporter.logs import TEXT_FORMAT, JsonFormatter
 
-from tcp_exporter_operator.annotations import A_PORT, A_SCALEDOBJECT, check_settings
+from tcp_exporter_operator.annotations import A_PORT, asks_for_scaled_object, check_settings
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.plan import Facts, plan
 
@@ -160,8 +160,7 @@ def render(
                 print(f"tcp-exporter-operator: {name}: {event.message}", file=sys.stderr)
                 failed = failed or event.reason in RENDER_ERRORS
         out.append(result.desired if result.desired is not None else doc)
-        wants_scaled_object = str(annotations.get(A_SCALEDOBJECT, "true")).lower() != "false"
-        if wants_scaled_object and result.child("ScaledObject") is None and not failed:
+        if asks_for_scaled_object(annotations) and result.child("ScaledObject") is None and not failed:
             print(f"tcp-exporter-operator: {name}: the operator would write no ScaledObject for it", file=sys.stderr)
             failed = True
         for kind in ("ScaledObject", "PodMonitor"):

@@ -23,7 +23,7 @@ from typing import Any
 import urllib3
 
 from tcp_exporter_operator import metrics
-from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, A_STATUS, InvalidSpec, address_allowed, parse_spec
+from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, InvalidSpec, address_allowed, parse_spec, tracked
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import is_ours
 from tcp_exporter_operator.diff import SCALED_OBJECT_OPTIONAL, child_action
@@ -56,11 +56,6 @@ WORKERS = 8  # threads reconciling Deployments; each holds one Deployment at a t
 # Liveness fails when work has waited this long with no worker finishing anything: wedged, a restart helps. A
 # reconcile's retries take about 30 s at most, and every API call has a deadline.
 STALLED_SECONDS = 300.0
-
-
-def tracked(annotations: Mapping[str, str]) -> bool:
-    """Deployments that ask for the exporter, or still carry what it injected."""
-    return A_PORT in annotations or A_STATUS in annotations
 
 
 def unchanged(deployment: Mapping[str, Any]) -> tuple[int, int]:
@@ -247,7 +242,7 @@ class Controller:
             spec = parse_spec(body, self.config)
         except InvalidSpec:
             spec = None
-        if spec is None or not spec.scale_in_by_connections or not self.scale_in_installed:
+        if spec is None or not spec.scale_in_by_connections:
             targets.pop(key, None)
             return
         replicas = int((body.get("spec") or {}).get("replicas", 1))
@@ -295,7 +290,6 @@ class Controller:
             try:
                 if type == RESYNC:
                     deployment = self.kube.get_deployment(*key)
-                    self.scale_target(deployment, key)  # a full pass also refreshes what scale-in knows
                     if deployment is not None:
                         result = self.reconcile(deployment, fresh=True)
                 elif body is not None:
@@ -341,23 +335,17 @@ class Controller:
                 )
                 return None
             self.awaiting.pop(uid, None)
-        if self.synced.get(uid) == unchanged(body):
-            # In sync, and nothing the plan reads of the Deployment has changed since: no need to plan again. Its
-            # children's edits come through their own events, CRDs through full passes, both planned afresh.
-            log.debug(
-                "reconciled %s/%s at resourceVersion %s: 0 writes (unchanged)",
-                body["metadata"]["namespace"],
-                body["metadata"]["name"],
-                body["metadata"].get("resourceVersion"),
-            )
-            return None
-        if self.refusals.get(uid) == unchanged(body):
-            log.debug(
-                "skipped %s/%s at resourceVersion %s: a write for it was refused and it has not changed since",
-                body["metadata"]["namespace"],
-                body["metadata"]["name"],
-                body["metadata"].get("resourceVersion"),
-            )
+        state = unchanged(body)
+        # Nothing the plan reads of the Deployment has changed since it was last found in sync (its children's
+        # edits come through their own events, CRDs through full passes, both planned afresh), or since a write
+        # for it was refused (retried when it changes, and by every full pass): no need to plan again.
+        settled = ("reconciled", "0 writes (unchanged)") if self.synced.get(uid) == state else None
+        if settled is None and self.refusals.get(uid) == state:
+            settled = ("skipped", "a write for it was refused and it has not changed since")
+        if settled is not None:
+            meta = body["metadata"]
+            log.debug("%s %s/%s at resourceVersion %s: %s", settled[0], meta["namespace"], meta["name"],
+                      meta.get("resourceVersion"), settled[1])  # fmt: skip
             return None
         # The body is the watch's latest (the queue keeps only that): as fresh as a read would be. Should it be
         # behind anyway, the patch's preconditions fail (422) on exactly what changed, and the conflict reads it
@@ -458,16 +446,15 @@ class Controller:
                 current = kube.get_deployment(namespace, name)
                 continue
             except Exception as exc:
-                if not (_transient(exc) and delay is not None):  # no retry: a reserved slot must not stay held
-                    self.rollouts.unreserve((current or deployment)["metadata"].get("uid", ""))
-                if isinstance(exc, ApiError) and not (_transient(exc) and delay is not None):
-                    self.refused(current or deployment, exc)
+                if delay is None or not _transient(exc):  # not retried
+                    failing = current or deployment
+                    self.rollouts.unreserve(failing["metadata"].get("uid", ""))  # no slot stays held by a failure
+                    if not isinstance(exc, ApiError):
+                        raise
+                    self.refused(failing, exc)
                     if not _transient(exc):
-                        refused = current or deployment
-                        self.refusals[refused["metadata"].get("uid", "")] = unchanged(refused)
+                        self.refusals[failing["metadata"].get("uid", "")] = unchanged(failing)
                     return "failed"
-                if not _transient(exc) or delay is None:
-                    raise
                 log.warning("reconciling %s/%s failed (%s); retrying in %s s", namespace, name, exc, delay)
                 time.sleep(delay)
                 with contextlib.suppress(Exception):  # the next attempt reports it

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from kubernetes import client
 
-from tcp_exporter_operator.annotations import A_PORT, A_SCALEDOBJECT, A_STATUS, recorded_status
+from tcp_exporter_operator.annotations import A_PORT, asks_for_scaled_object, recorded_status, tracked
 from tcp_exporter_operator.desired import is_ours
 from tcp_exporter_operator.kube import Kube
 from tcp_exporter_operator.uninstall import children, deployments
@@ -23,8 +23,7 @@ from tcp_exporter_operator.uninstall import children, deployments
 
 def annotated(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
     for item in deployments(kube, namespace):
-        annotations = item["metadata"].get("annotations") or {}
-        if A_PORT in annotations or A_STATUS in annotations:
+        if tracked(item["metadata"].get("annotations") or {}):
             yield item
 
 
@@ -61,8 +60,7 @@ def row(deployment: Mapping[str, Any], scaled_object: Mapping[str, Any] | None, 
         problems.append("not injected")
     if A_PORT not in annotations:
         problems.append("annotation removed, injection still there")
-    wants_scaled_object = A_PORT in annotations and annotations.get(A_SCALEDOBJECT, "true").lower() != "false"
-    if wants_scaled_object and scaled_object is None:
+    if asks_for_scaled_object(annotations) and scaled_object is None:
         problems.append("no ScaledObject")
     if conditions.get("Ready") == "False":
         problems.append("KEDA: not ready")
