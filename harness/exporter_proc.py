@@ -25,6 +25,23 @@ NO_NETLINK = str(Path(__file__).with_name("no_netlink.py"))
 WITHOUT_NET_ADMIN = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
 
 
+def as_security_context(security: dict[str, Any]) -> list[str]:
+    """setpriv's arguments that start a process as a runtime would under this container securityContext: its
+    user, its capabilities (every one dropped but those added), no_new_privs without privilege escalation."""
+    uid = security.get("runAsUser", 0)
+    gid = security.get("runAsGroup", 0 if uid == 0 else uid)
+    caps = security.get("capabilities", {})
+    assert caps.get("drop") == ["ALL"], "the tests know only 'drop ALL, add what is needed'"
+    bounding = ",".join(["-all", *(f"+{name.lower()}" for name in caps.get("add", []))])
+    return [
+        "setpriv",
+        *(["--reuid", str(uid), "--regid", str(gid), "--clear-groups"] if uid else []),
+        *([] if security.get("allowPrivilegeEscalation", True) else ["--no-new-privs"]),
+        "--inh-caps=-all",
+        f"--bounding-set={bounding}",
+    ]
+
+
 class Exporter:
     def __init__(
         self,
@@ -77,6 +94,18 @@ class Exporter:
 
     def accepted(self, port: int) -> int:
         return int(self.samples()["tcp_exporter_accepted_connections_total"][(("port", str(port)),)])
+
+    def identities(self) -> list[dict[str, str]]:
+        """Each thread's UID and capabilities, as the kernel reports them."""
+        out = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            fields = {}
+            for line in (task / "status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+            out.append({"thread": fields["Name"], "uid": fields["Uid"], "gid": fields["Gid"],
+                        "effective": fields["CapEff"], "permitted": fields["CapPrm"]})  # fmt: skip
+        return out
 
     def method(self) -> str:
         (labels,) = self.samples()["tcp_exporter_method_info"]

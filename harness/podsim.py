@@ -14,11 +14,9 @@ from typing import Any
 
 from kubernetes import client
 
-from harness.exporter_proc import EXPORTER
+from harness.exporter_proc import EXPORTER, as_security_context
 from harness.helpers import die_with_parent, wait_for
 from harness.netns import Lan, connect, listener
-
-AS_SIDECAR = ["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
 
 
 @dataclass
@@ -67,8 +65,9 @@ class Kubelet:
         ip = self.net.pod_v6[slot] if ipv6 else self.net.pod_v4[slot]
         (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "tcp-exporter"]
         server = listener(ns, self.app_port)
+        as_container = as_security_context(sidecar["securityContext"])
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *AS_SIDECAR, EXPORTER, *sidecar["args"], "--log-level=warning"],
+            ["ip", "netns", "exec", ns, *as_container, EXPORTER, *sidecar["args"], "--log-level=warning"],
             preexec_fn=die_with_parent(),
         )
         name = pod["metadata"]["name"]

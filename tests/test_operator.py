@@ -207,7 +207,8 @@ def test_conntrack_gets_net_admin_only_where_pod_security_allows_it(operator: Op
     kube.create(deployment("ct", {"tcp-exporter/port": "8080", "tcp-exporter/method": "conntrack"}))
     wait_for(lambda: "tcp-exporter" in kube.containers("ct"), 30, "the sidecar")
     security = kube.containers("ct")["tcp-exporter"].security_context
-    assert security.capabilities.add == ["NET_ADMIN"] and security.capabilities.drop == ["ALL"]
+    # NET_ADMIN for the method; SETGID and SETUID only to become UID 65532 at the start (then given up).
+    assert security.capabilities.add == ["NET_ADMIN", "SETGID", "SETUID"] and security.capabilities.drop == ["ALL"]
     assert security.run_as_user == 0 and not security.allow_privilege_escalation
 
     client.CoreV1Api(api).patch_namespace(

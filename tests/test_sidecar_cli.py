@@ -173,6 +173,10 @@ def test_a_listen_port_in_use_exits_1_with_a_clear_message(watched: tuple[int, s
         ([], {"TCP_EXPORTER_WATCH_PORT": "eighty"}),
         (["--watch-port=80", "--deployment="], {}),
         (["--watch-port=80"], {"TCP_EXPORTER_DEPLOYMENT": " web "}),
+        (["--watch-port=80", "--user=nobody"], {}),
+        (["--watch-port=80", "--user=65532:staff"], {}),
+        (["--watch-port=80"], {"TCP_EXPORTER_USER": "-1"}),
+        (["--watch-port=80", "--user=4294967295"], {}),
     ],
 )
 def test_wrong_flags_and_values_exit_2_with_usage(args: list[str], env: dict[str, str]) -> None:
@@ -192,6 +196,7 @@ def test_help_documents_every_flag_and_version_prints() -> None:
         "--log-level",
         "--log-format",
         "--deployment",
+        "--user",
         "--version",
         "TCP_EXPORTER_",
     ):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import need
 
-from harness.exporter_proc import WITHOUT_NET_ADMIN, Exporter, hammer
+from harness.exporter_proc import WITHOUT_NET_ADMIN, Exporter, as_security_context, hammer
 from harness.helpers import wait_for
 from harness.netns import Pair, accept, connect, in_netns, join_netns, listener, pair
 
@@ -462,3 +462,93 @@ def test_sampled_accepted_counter_sees_each_connection_once_whichever_cpu_counts
             s.close()
         assert exporter.accepted(WATCHED) == 60
     assert len(accept(server, 60)) == 60
+
+
+NET_ADMIN_ONLY = f"{1 << 12:016x}"
+NO_CAPABILITY = "0" * 16
+NONROOT = "\t".join(["65532"] * 4)
+
+
+def as_injected(method: str) -> list[str]:
+    """setpriv's arguments for the securityContext the operator injects for `method` (from the operator's own code)."""
+    from tcp_exporter_operator.annotations import parse_spec
+    from tcp_exporter_operator.config import Config
+    from tcp_exporter_operator.desired import sidecar_container
+
+    deployment = {
+        "metadata": {"name": "web-api", "namespace": "shop", "annotations": {
+            "tcp-exporter/port": str(WATCHED), "tcp-exporter/method": method}},
+        "spec": {"template": {"spec": {"containers": [{"name": "app", "image": "app"}]}}},
+    }  # fmt: skip
+    return as_security_context(sidecar_container(parse_spec(deployment, Config()))["securityContext"])
+
+
+def threads_hold(exporter: Exporter, uid: str, capabilities: str) -> bool:
+    held = exporter.identities()
+    assert len(held) >= 2, held  # the HTTP server's thread, at least, besides the main one
+    return all(t["uid"] == uid and t["effective"] == t["permitted"] == capabilities for t in held)
+
+
+def test_conntrack_started_as_root_serves_as_uid_65532_with_only_net_admin_and_still_counts_resyncs_and_cleans_up(
+    ns: Pair,
+) -> None:
+    # As injected: UID 0 with NET_ADMIN, SETUID, SETGID and no_new_privs. Every thread, the HTTP server's included,
+    # must end up UID 65532 holding NET_ADMIN alone, and the method must still do all it did as root.
+    before = nft_ruleset(ns)
+    server = listener(ns.pod, WATCHED)
+    args = [f"--watch-port={WATCHED}", "--method=conntrack", "--resync-interval=0.5", "--listen-address=127.0.0.1:9100"]
+    prefix = as_injected("conntrack")
+    assert "--no-new-privs" in prefix and "--reuid" not in prefix  # UID 0, as Kubernetes needs for NET_ADMIN
+    with Exporter(ns.pod, args, prefix=prefix) as exporter:
+        exporter.wait_ready()
+        assert threads_hold(exporter, NONROOT, NET_ADMIN_ONLY), exporter.identities()
+        assert f"tcp_exporter_{exporter.proc.pid}" in nft_tables(ns)  # tracking switched on before the drop
+        clients = connect(ns.peer, ns.pod_v4, WATCHED, 6) + connect(ns.peer, ns.pod_v6, WATCHED, 3)
+        accepted = accept(server, 9)
+        assert exporter.established(WATCHED) == 9
+        assert exporter.accepted(WATCHED) == 9
+        resyncs = exporter.samples()["tcp_exporter_conntrack_resyncs_total"][()]
+        # Resyncs dump conntrack, which nfnetlink allows only a sender holding NET_ADMIN: they go on after the drop.
+        wait_for(
+            lambda: exporter.samples()["tcp_exporter_conntrack_resyncs_total"][()] >= resyncs + 2,
+            10,
+            "two more resyncs",
+        )
+        assert exporter.samples()["tcp_exporter_conntrack_event_losses_total"][()] == 0
+        for s in clients[:4]:
+            s.close()
+        wait_for(lambda: exporter.established(WATCHED) == 5, 10, "the count to follow four closes")
+        exporter.stop(signal.SIGKILL)
+    # The owned table goes with the socket, whoever the process had become.
+    wait_for(lambda: nft_ruleset(ns) == before, 5, "the ruleset to be as it was")
+    del accepted
+
+
+@pytest.mark.parametrize("method", ["sockdiag", "psutil", "auto"])
+def test_a_method_that_needs_no_capability_started_as_root_serves_as_uid_65532_with_none(ns: Pair, method: str) -> None:
+    server = listener(ns.pod, WATCHED)
+    args = [f"--watch-port={WATCHED}", f"--method={method}", "--listen-address=127.0.0.1:9100"]
+    with Exporter(ns.pod, args) as exporter:  # root with every capability, as on a host
+        exporter.wait_ready()
+        assert threads_hold(exporter, NONROOT, NO_CAPABILITY), exporter.identities()
+        clients = connect(ns.peer, ns.pod_v4, WATCHED, 4)
+        accepted = accept(server, 4)
+        assert exporter.established(WATCHED) == 4
+    del clients, accepted
+
+
+def test_without_setuid_conntrack_stays_root_says_why_and_still_keeps_only_net_admin(ns: Pair) -> None:
+    # A hand-written pod spec that adds NET_ADMIN alone: it cannot change user, and says so, but it counts and
+    # gives up every other capability.
+    prefix = ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all,+net_admin"]
+    server = listener(ns.pod, WATCHED)
+    args = [f"--watch-port={WATCHED}", "--method=conntrack", "--listen-address=127.0.0.1:9100"]
+    with Exporter(ns.pod, args, prefix=prefix) as exporter:
+        exporter.wait_ready()
+        assert threads_hold(exporter, "\t".join(["0"] * 4), NET_ADMIN_ONLY), exporter.identities()
+        clients = connect(ns.peer, ns.pod_v4, WATCHED, 3)
+        accepted = accept(server, 3)
+        assert exporter.established(WATCHED) == 3
+        output = exporter.output()
+    assert "still UID 0" in output and "CAP_SETUID" in output
+    del clients, accepted

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tcp_exporter import contract, netlink, sockets
+from tcp_exporter import contract, netlink, privileges, sockets
 from tcp_exporter.cli import parse_args
 from tcp_exporter.exporter import Coalescer, parse_listen_address
 from tcp_exporter.methods import AcceptedSampler, Counts
@@ -270,3 +270,30 @@ def test_back_to_back_calls_within_the_window_share_one_run() -> None:
     assert shared() == 1 and shared() == 1 and len(runs) == 1
     fresh = Coalescer(lambda: runs.append(1) or len(runs), window=0)
     assert fresh() == 2 and fresh() == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("65532", (65532, 65532)), ("1000:2000", (1000, 2000)), ("0", (0, 0)), ("7:", (7, 7))]
+)
+def test_user_is_numeric_uid_and_gid_defaulting_to_the_uid(text: str, expected: tuple[int, int]) -> None:
+    assert privileges.parse_user(text) == expected
+
+
+@pytest.mark.parametrize("text", ["nobody", "", ":1", "1:x", "-1", "²", "4294967295", "1:2:3"])
+def test_user_refuses_names_signs_and_non_ascii_digits(text: str) -> None:
+    with pytest.raises(ValueError):
+        privileges.parse_user(text)
+
+
+def test_privileges_are_never_dropped_once_a_thread_runs_since_capabilities_are_per_thread() -> None:
+    started, done = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: (started.set(), done.wait(5)))
+    thread.start()
+    started.wait(5)
+    try:
+        with pytest.raises(RuntimeError, match="per thread"):
+            privileges.drop(None, ())
+        assert privileges.drop_all_capabilities().refused == "capabilities kept: a thread already runs"
+    finally:
+        done.set()
+        thread.join()

@@ -42,11 +42,15 @@ def sidecar_container(spec: Spec) -> dict[str, Any]:
     security: dict[str, Any] = {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"], **({"add": list(capabilities)} if capabilities else {})},
+        "capabilities": {
+            "drop": ["ALL"],
+            **({"add": [*capabilities, *sidecar.CHANGE_USER_CAPABILITIES]} if capabilities else {}),
+        },
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     if capabilities:
-        # A capability added by the pod spec is usable by UID 0 only (no ambient capabilities).
+        # A capability added by the pod spec is usable by UID 0 only (no ambient capabilities). The sidecar
+        # becomes UID 65532 before it opens anything, keeping only the method's capability.
         security.update({"runAsNonRoot": False, "runAsUser": 0})
     else:
         security.update({"runAsNonRoot": True, "runAsUser": NONROOT_UID, "runAsGroup": NONROOT_UID})

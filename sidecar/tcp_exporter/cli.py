@@ -11,11 +11,11 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from tcp_exporter import __version__
+from tcp_exporter import __version__, privileges
 from tcp_exporter import contract as c
 from tcp_exporter.exporter import LANDING, ConnectionCollector, make_registry, parse_listen_address, serve
 from tcp_exporter.logs import TEXT_FORMAT, JsonFormatter
-from tcp_exporter.methods import Options, Unavailable, fallback, select
+from tcp_exporter.methods import Options, Unavailable, fallback, psutil_method, select
 
 log = logging.getLogger("tcp_exporter")
 
@@ -50,6 +50,13 @@ def non_negative(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
     return value
+
+
+def user(text: str) -> tuple[int, int]:
+    try:
+        return privileges.parse_user(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def label_value(text: str) -> str:
@@ -134,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="/healthz fails once counting has failed for this long without a success; 0 (default): never, "
         "so a liveness probe restarts only a server that does not answer",
     )
+    parser.add_argument(
+        "--user",
+        type=user,
+        default=None,
+        metavar="UID[:GID]",
+        help="started as root: become this user before opening anything, keeping only the capability the method "
+        "needs (conntrack: NET_ADMIN) and none once the method chosen needs none (default 65532:65532; 0 stays "
+        "root, still with no other capability)",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None, help="default info")
     parser.add_argument("--log-format", choices=("text", "json"), default=None, help="default text")
     parser.add_argument("--version", action="version", version=f"tcp-exporter {__version__}")
@@ -190,6 +206,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
         args.share_window = from_env("--share-window", non_negative, 1.0)
     if args.unhealthy_after is None:
         args.unhealthy_after = from_env("--unhealthy-after", non_negative, 0.0)
+    if args.user is None:
+        args.user = from_env("--user", user, privileges.DEFAULT_USER)
     if args.deployment is None:
         args.deployment = from_env("--deployment", label_value, None)
     if args.log_level is None:
@@ -212,6 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     ports = sorted(set(args.watch_port))
     options = Options(resync_interval=args.resync_interval)
+    # Before anything is opened and before any thread starts (capabilities are per thread).
+    may_need = [m for m in c.METHODS if m != "auto"] if args.method == "auto" else [args.method]
+    keep = tuple(sorted({cap for name in may_need for cap in c.METHOD_CAPABILITIES.get(name, ())}))
+    # What is imported on first use is imported now: the user we become may not be able to read the Python
+    # installation (a root-only home, as pyenv's), and an import failing later would fail a count, not the start.
+    if "psutil" in may_need or args.on_unavailable == "fallback":
+        psutil_method.load()
+    import encodings.idna  # noqa: F401  (any str host given to getaddrinfo)
+
+    dropped = privileges.drop(args.user, keep)
     try:
         method, reason = select(args.method, ports, options)
     except Unavailable as exc:
@@ -226,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         method.name,
         reason,
     )
+    if dropped.capabilities and not c.METHOD_CAPABILITIES.get(method.name):
+        dropped = privileges.drop_all_capabilities()
+    (log.warning if dropped.refused else log.info)("%s", dropped.describe())
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -19,6 +19,9 @@ METHODS = ("auto", "conntrack", "sockdiag", "psutil")
 ON_UNAVAILABLE = ("exit", "fallback")
 # Linux capabilities each method needs; the others need none.
 METHOD_CAPABILITIES: dict[str, tuple[str, ...]] = {"conntrack": ("NET_ADMIN",)}
+# A method that needs a capability runs the sidecar as UID 0 (Kubernetes grants added capabilities to UID 0 only);
+# these let it become UID 65532 before it opens anything, and it gives them up then (tcp_exporter.privileges).
+CHANGE_USER_CAPABILITIES = ("SETGID", "SETUID")
 
 METRIC_ESTABLISHED = "tcp_exporter_established_connections"
 METRIC_ACCEPTED = "tcp_exporter_accepted_connections"  # exposed with the _total suffix

@@ -434,7 +434,10 @@ def tracks_new_connections() -> bool:
             server.bind(("127.0.0.1", 0))
             server.listen(1)
             port = server.getsockname()[1]
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            # connect(), not create_connection(): no name resolution (nor the idna codec it imports).
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+                client.settimeout(1)
+                client.connect(("127.0.0.1", port))
                 accepted, _ = server.accept()
                 with accepted:
                     flows, _ = dump_established(frozenset({port}))

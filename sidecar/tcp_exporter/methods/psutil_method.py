@@ -6,7 +6,19 @@ in Python: seconds per count at 100,000 connections.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from tcp_exporter.methods.base import AcceptedSampler, Counts, Options, Unavailable
+
+
+def load() -> ModuleType | None:
+    """The psutil library, or None where it is not installed. Imported only when this method may be used (it
+    weighs about 0.5 MB), and before the exporter gives up root: its modules may not be readable afterwards."""
+    try:
+        return importlib.import_module("psutil")
+    except ImportError:
+        return None
 
 
 class Psutil:
@@ -14,10 +26,9 @@ class Psutil:
     exact_accepted = False
 
     def __init__(self, ports: tuple[int, ...]) -> None:
-        try:
-            import psutil
-        except ImportError as exc:
-            raise Unavailable("the psutil library is not installed") from exc
+        psutil = load()
+        if psutil is None:
+            raise Unavailable("the psutil library is not installed")
         self.psutil = psutil
         self.ports = ports
         self.sampler = AcceptedSampler(ports)
