@@ -1,5 +1,8 @@
 """Hostile HTTP clients, as any pod of a cluster can be to a sidecar's metrics port (tests and bench/sidecar.py).
 
+`Prometheus` is the other side: a server that answers Prometheus' API as a test tells it to, as any address an
+editor names may answer the operator.
+
 Each kind holds a connection in a different way: `idle` sends nothing; `half-request` sends half a request head
 and stops; `pipelining` sends many requests at once and never reads an answer; `slow-reading` asks for answers
 and takes one byte of them; `oversized-headers` sends a request head that never ends. `Flood` keeps `count`
@@ -9,9 +12,11 @@ of one kind open (re-opening those the server closes) while the caller measures 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import socket
 import threading
 from types import TracebackType
+from typing import Any
 
 KINDS = ("idle", "half-request", "pipelining", "slow-reading", "oversized-headers")
 REQUEST = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -91,3 +96,40 @@ class Flood:
         self.thread.join(timeout=5)
         for s in self.sockets:
             s.close()
+
+
+class Prometheus:
+    """A real HTTP server on loopback that answers Prometheus' API as it is told to (well or badly): what any
+    server an editor names may do."""
+
+    def __init__(self, handle: Any) -> None:
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(dict(self.headers))
+                handle(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> Prometheus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def answer(handler: Any, body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> None:
+    handler.send_response(status)
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)

@@ -8,6 +8,8 @@ import pytest
 from tcp_exporter_operator import scalein
 from tcp_exporter_operator.scalein import DeletionCosts, Target, TokenBucket, decide, imminent
 
+from harness.hostile import Prometheus, answer
+
 
 def test_every_pod_is_written_once_then_only_on_a_material_change_unless_scale_in_is_imminent() -> None:
     counts = {"a": 10, "b": 50}
@@ -121,45 +123,6 @@ def test_a_prometheus_answering_inf_nan_or_garbage_for_one_namespace_leaves_anot
     )  # type: ignore[arg-type]
     assert costs.round() == 2
     assert sorted(pods.written) == [("team-b", "web-api-1", 12), ("team-b", "web-api-2", 2**31 - 1)]
-
-
-class Prometheus:
-    """A real HTTP server on loopback that answers the scale-in query as it is told to (well or badly)."""
-
-    def __init__(self, handle: Any) -> None:
-        import http.server
-        import threading
-
-        hits = self.hits = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                hits.append(dict(self.headers))
-                handle(self)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def __enter__(self) -> Prometheus:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def answer(handler: Any, body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> None:
-    handler.send_response(status)
-    for key, value in (headers or {}).items():
-        handler.send_header(key, value)
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
 
 
 OK = b'{"status": "success", "data": {"resultType": "vector", "result": []}}'

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from harness.helpers import wait_for
-from harness.operator_proc import Audit, Kube, Operator, deployment, operator_writes
+from harness.hostile import Prometheus, answer
+from harness.operator_proc import Audit, Kube, Operator, deployment, injected, operator_writes
 
 pytestmark = pytest.mark.cluster
 
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.cluster
 LONG = "payments-gateway-primary-eu-west-1-canary-release-abc.v2-web"
 assert len(LONG) == 60
 ATTACKER = "https://attacker.example/x"
+COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 def test_a_superscript_port_and_a_forged_status_stop_nothing_and_twenty_valid_deployments_after_them_inject(
@@ -176,3 +179,76 @@ def test_the_api_servers_answer_to_a_failed_test_operation_is_told_apart_from_a_
             assert exc.status == 422, (name, exc.body)
             answers[name] = patch_did_not_apply(exc.body)
     assert answers == {"failed_test": True, "gone_path": True, "invalid": False}
+
+
+def test_a_prometheus_answering_inf_for_one_namespace_leaves_another_namespaces_deletion_costs_written(
+    operator: Operator, kube: Kube, api: Any, cluster: Any, kubectl: Callable[..., str]
+) -> None:
+    # Two teams, one Deployment name. Team A names a Prometheus that answers +Inf for its pods, and a cost for
+    # team B's pods too; team B's Prometheus answers honestly. B's costs are written, from B's server only.
+    namespace = f"{kube.ns}-b"
+    kube.core.create_namespace({"metadata": {"name": namespace}})
+    team_b = Kube(api, namespace)
+
+    def vector(samples: list[tuple[str, str, Any]]) -> bytes:
+        result = [
+            {"metric": {"namespace": ns, "tcp_exporter_deployment": "web-api", "pod": pod}, "value": [0, value]}
+            for ns, pod, value in samples
+        ]
+        return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
+
+    def pods(k: Kube) -> list[str]:
+        return sorted(p.metadata.name for p in k.core.list_namespaced_pod(k.ns, label_selector="app=web-api").items)
+
+    def honest_count(pod: str) -> int:  # whichever pods exist when it is asked (a rollout replaces them)
+        return zlib.crc32(pod.encode()) % 1000 + 1
+
+    def hostile(h: Any) -> None:
+        answer(h, vector([(kube.ns, p, "+Inf") for p in pods(kube)] + [(namespace, p, "999") for p in pods(team_b)]))
+
+    def honest(h: Any) -> None:
+        answer(h, vector([(namespace, p, str(honest_count(p))) for p in pods(team_b)]))
+
+    operator.stop()
+    with Prometheus(hostile) as bad, Prometheus(honest) as good:
+        env = {
+            "TCP_EXPORTER_OPERATOR_DELETION_COST_PERIOD": "1",
+            "TCP_EXPORTER_OPERATOR_ALLOWED_PROMETHEUS": f"{bad.url},{good.url}",
+        }
+        fast = Operator(cluster, kubectl, env=env)
+        try:
+            for k, url in ((kube, bad.url), (team_b, good.url)):
+                body = deployment(
+                    "web-api",
+                    {
+                        "tcp-exporter/port": "web",
+                        "tcp-exporter/prometheus": url,
+                        "tcp-exporter/scale-in-by-connections": "true",
+                    },
+                )
+                body["spec"]["replicas"] = 3
+                k.create(body)
+            # The ReplicaSet controller makes the pods (nothing runs them: their costs are what is checked).
+            injected(kube, "web-api")
+            injected(team_b, "web-api")
+
+            def costs(k: Kube) -> dict[str, str | None]:
+                items = k.core.list_namespaced_pod(k.ns, label_selector="app=web-api").items
+                return {p.metadata.name: (p.metadata.annotations or {}).get(COST) for p in items}
+
+            def b_written() -> bool:
+                now = costs(team_b)
+                return len(now) >= 3 and now == {pod: str(honest_count(pod)) for pod in now}
+
+            wait_for(b_written, 60, "team B's pods' costs from team B's Prometheus")
+            assert len(costs(kube)) >= 3
+            assert set(costs(kube).values()) == {None}, "no cost written from an +Inf answer"
+            assert bad.hits and good.hits
+            assert fast.metric("tcp_exporter_operator_deletion_cost_queries_total", result="bad_sample") >= 3
+            assert fast.liveness() == 200
+        finally:
+            fast.close()
+            operator.start()
+            kube.core.delete_namespace(namespace)
+
+
