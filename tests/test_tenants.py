@@ -250,5 +250,3 @@ def test_a_prometheus_answering_inf_for_one_namespace_leaves_another_namespaces_
             fast.close()
             operator.start()
             kube.core.delete_namespace(namespace)
-
-
