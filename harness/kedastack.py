@@ -1,4 +1,5 @@
-"""Real KEDA on the local control plane: its operator and metrics adapter, built from KEDA's Go module.
+"""Real KEDA on the local control plane: its operator, metrics adapter and admission webhooks, built from KEDA's
+Go module.
 
 The adapter serves `v1beta1.external.metrics.k8s.io` through the apiserver's aggregation layer: an APIService,
 a selectorless Service and an EndpointSlice pointing at the adapter's port on a test address of this host (an
@@ -16,9 +17,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from harness import gobuild
 from harness.helpers import die_with_parent, wait_for
@@ -30,10 +34,11 @@ MODULE = HERE / "kedabuild"
 NAMESPACE = "keda"
 ADAPTER_SERVICE = "keda-metrics-apiserver"
 OPERATOR_SERVICE = "keda-operator"
+WEBHOOK_CONFIG = "keda-admission"
 
 
 def binaries() -> Path:
-    """The folder holding keda-operator and keda-adapter, built once."""
+    """The folder holding keda-operator, keda-adapter and keda-webhooks, built once."""
     version = KEDA_VERSION.lstrip("v")
     return gobuild.build(
         "keda",
@@ -42,6 +47,7 @@ def binaries() -> Path:
         {
             "keda-operator": "github.com/kedacore/keda/v2/cmd/operator",
             "keda-adapter": "github.com/kedacore/keda/v2/cmd/adapter",
+            "keda-webhooks": "github.com/kedacore/keda/v2/cmd/webhooks",
         },
         ldflags=f"-s -w -X github.com/kedacore/keda/v2/version.Version={version}",
     )
@@ -207,6 +213,42 @@ class Keda:
             return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
 
         wait_for(available, 120, "KEDA's metrics adapter to be Available through the aggregation layer", 0.5)
+        self._start_webhooks(ca)
+
+    def _start_webhooks(self, ca: str) -> None:
+        """KEDA's admission webhooks, registered as KEDA's own manifest registers them but called by URL (no
+        Service routes here) and with failurePolicy Fail: what KEDA would reject is rejected, and a webhook that
+        is not answering fails the test instead of being skipped over silently."""
+        port, probe = _free_port(), _free_port()
+        self._spawn(
+            "keda-webhooks",
+            [
+                f"--port={port}",
+                f"--cert-dir={self.certs}",
+                f"--metrics-bind-address=127.0.0.1:{_free_port()}",
+                f"--health-probe-bind-address=127.0.0.1:{probe}",
+                "--zap-log-level=info",
+            ],
+        )
+
+        def serving() -> bool:
+            assert self.procs["keda-webhooks"].poll() is None, f"keda-webhooks exited:\n{self.logs('keda-webhooks')}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{probe}/readyz", timeout=2) as resp:
+                    ready = resp.status == 200
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                return ready
+            except OSError:
+                return False
+
+        wait_for(serving, 60, "KEDA's admission webhooks to serve", 0.5)
+        config = yaml.safe_load((crd_dir().parents[1] / "webhooks" / "validation_webhooks.yaml").read_text())
+        for hook in config["webhooks"]:
+            path = hook["clientConfig"]["service"]["path"]
+            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca}
+            hook["failurePolicy"] = "Fail"
+        self.kubectl("apply", "-f", "-", input=json.dumps(config))
+        assert config["metadata"]["name"] == WEBHOOK_CONFIG, "KEDA renamed its webhook configuration"
 
     def logs(self, name: str, lines: int = 60) -> str:
         path = self.dir / f"{name}.log"
@@ -216,6 +258,8 @@ class Keda:
         """Undo everything, whatever fails on the way: the APIService, KEDA's finalizers, the processes, the
         address, the folder."""
         try:
+            # First: with failurePolicy Fail, a registration left behind would refuse every ScaledObject write.
+            self.kubectl("delete", "validatingwebhookconfiguration", WEBHOOK_CONFIG, "--ignore-not-found", check=False)
             self.kubectl("delete", "apiservice", "v1beta1.external.metrics.k8s.io", "--ignore-not-found", check=False)
             # KEDA's finalizers on ScaledObjects left behind would hold them (and their namespaces, and a deletion
             # of the CRD) forever once KEDA is gone: release them, as uninstalling KEDA requires.

@@ -103,3 +103,33 @@ def test_keda_and_the_hpa_scale_out_scale_in_and_hold_on_missing_data(
         finally:
             prom.stop()
             kubelet.close()
+
+
+def test_kedas_admission_webhook_runs_and_refuses_what_keda_refuses_but_never_the_operators_scaled_objects(
+    operator: Operator, keda: Any, kube: Kube
+) -> None:
+    # KEDA's webhook refuses ScaledObject names over 54 characters (kedacore/keda#7762): one of 60 written by hand
+    # is refused here, so the webhook is really in the path; the operator's for a 69-character Deployment is not.
+    from kubernetes.client.exceptions import ApiException
+
+    long_name = "payments-gateway-primary-eu-west-1-canary-release-abc.v2-web"
+    assert len(long_name) == 60
+    kube.create(deployment(long_name, {"tcp-exporter/port": "web"}))
+    by_hand = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": long_name},
+        "spec": {
+            "scaleTargetRef": {"name": long_name},
+            "triggers": [
+                {"type": "prometheus", "metadata": {"serverAddress": "http://p:9090", "query": "1", "threshold": "1"}}
+            ],
+        },
+    }
+    with pytest.raises(ApiException) as refused:
+        kube.custom.create_namespaced_custom_object("keda.sh", "v1alpha1", kube.ns, "scaledobjects", by_hand)
+    assert refused.value.status == 403 and "vscaledobject.kb.io" in str(refused.value.body), refused.value.body
+    assert "must be no more than 63 characters" in str(refused.value.body)
+    so = injected(kube, long_name)  # the operator's own: a 54-character name, accepted by the same webhook
+    assert len(so["metadata"]["name"]) <= 54
+    assert not kube.events(long_name, "Warning")
