@@ -64,7 +64,8 @@ def test_keda_and_the_hpa_scale_out_scale_in_and_hold_on_missing_data(
 
             (first,) = wait_for(lambda: kubelet.sync(NAME) or None, 60, "the first pod to run")
             assert len(so["metadata"]["name"]) <= 54
-            hpa = wait_for(lambda: kube.hpa(f"keda-hpa-{so['metadata']['name']}"), 60, "KEDA's HPA")
+            hpa_name = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["name"]  # set, and at most 63
+            hpa = wait_for(lambda: kube.hpa(hpa_name), 60, "KEDA's HPA, under the name the operator set")
             assert hpa.spec.max_replicas == MAX
 
             # Step up: 450 connections -> ceil(450 / 100) = 5 replicas, written by the HPA.

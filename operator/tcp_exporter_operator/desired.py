@@ -33,7 +33,8 @@ PROMETHEUS_SCRAPE = "prometheus.io/scrape"
 # KEDA's admission webhook refuses ScaledObject names over 54 characters, and KEDA names its HPA keda-hpa-<name>
 # and labels objects with the name, both capped at 63 (9 + 54): a longer Deployment name gets a readable prefix
 # and a hash of the full name.
-SCALED_OBJECT_NAME_MAX = 63 - len("keda-hpa-")
+HPA_PREFIX = "keda-hpa-"
+SCALED_OBJECT_NAME_MAX = 63 - len(HPA_PREFIX)
 NONROOT_UID = 65532
 
 
@@ -236,18 +237,18 @@ def scaled_object(deployment: Mapping[str, Any], spec: Spec, fallback_behavior: 
             "replicas": options.fallback_replicas,
             **({"behavior": options.fallback_behavior} if fallback_behavior else {}),
         }
+    name = child_name(meta["name"], limit=SCALED_OBJECT_NAME_MAX)
+    # The HPA's name, set rather than left to KEDA's default (the same): it is what fits in 63 characters.
+    hpa: dict[str, Any] = {"name": f"{HPA_PREFIX}{name}"}
     if options.scale_down_stabilization is not None:
-        so_spec["advanced"] = {
-            "horizontalPodAutoscalerConfig": {
-                "behavior": {"scaleDown": {"stabilizationWindowSeconds": options.scale_down_stabilization}}
-            }
-        }
+        hpa["behavior"] = {"scaleDown": {"stabilizationWindowSeconds": options.scale_down_stabilization}}
+    so_spec["advanced"] = {"horizontalPodAutoscalerConfig": hpa}
     so_spec["triggers"] = [trigger]
     return {
         "apiVersion": api_version("ScaledObject"),
         "kind": "ScaledObject",
         "metadata": {
-            "name": child_name(meta["name"], limit=SCALED_OBJECT_NAME_MAX),
+            "name": name,
             "namespace": namespace,
             "labels": dict(LABELS),
             "ownerReferences": [owner_reference(deployment)],
