@@ -62,11 +62,18 @@ class Config:
     scale_in_by_connections: bool = False
     deletion_cost_period: int = 10
     deletion_cost_rate: int = 20
+    # Seconds a Deployment's pods are Ready before the operator checks that its Prometheus has their connection
+    # series (a Warning, NoConnectionMetrics, when not); 0: no check.
+    signal_check_after: int = 120
 
     def __post_init__(self) -> None:
         if self.max_rollout_seconds < 1:
             raise ValueError(
                 f"{PREFIX}MAX_ROLLOUT_SECONDS={self.max_rollout_seconds}: give a number of seconds, 1 or more"
+            )
+        if self.signal_check_after < 0:
+            raise ValueError(
+                f"{PREFIX}SIGNAL_CHECK_AFTER={self.signal_check_after}: give a number of seconds, 0 (no check) or more"
             )
         unknown = [d for d in self.discovery if d not in DISCOVERY_PATHS]
         if unknown or not self.discovery:

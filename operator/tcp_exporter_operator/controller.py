@@ -43,6 +43,7 @@ from tcp_exporter_operator.kube import (
 from tcp_exporter_operator.plan import Plan, plan
 from tcp_exporter_operator.rollouts import Rollouts, paced
 from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
+from tcp_exporter_operator.signalcheck import SignalCheck
 from tcp_exporter_operator.watch import RESYNC, Informer, Item, Key, Peering, WorkQueue, newest, revision
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,13 @@ class Controller:
         self.received: dict[Key, float] = {}  # key -> when its oldest unhandled event arrived
         self.ready = threading.Event()  # every watch has listed once
         self.scale_targets: dict[Key, Target] = {}  # (namespace, name) -> what scale-in needs of each opted in
+        self.signal = SignalCheck(
+            config,
+            post=lambda body, event: self.post(body, [event]),
+            allowed=lambda url: address_allowed(url, config),
+            headers=parse_headers(config.custom_headers),
+            may_run=lambda: self.ready.is_set() and self.peering.wait_active(0),
+        )
         self.informers = self._informers()
         self.deployments = self.informers["deployments"]
         self.stopping = threading.Event()
@@ -142,6 +150,7 @@ class Controller:
             may_write=lambda: self.ready.is_set() and self.scale_in_installed and self.peering.wait_active(0),
             allowed=lambda url: address_allowed(url, self.config),
         ).start()
+        self.signal.start(self.stopping)
         for i in range(WORKERS):
             threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True).start()
         threading.Thread(target=self._resync_forever, name="resync", daemon=True).start()
@@ -228,6 +237,7 @@ class Controller:
         if is_tracked or meta.get("uid") in self.deployments.known:
             self.dispatch(type, body)
             self.scale_target(body if is_tracked else None, (meta["namespace"], meta["name"]))
+            self.signal.observe(body if is_tracked else None, (meta["namespace"], meta["name"]))
         return is_tracked
 
     def scale_target(self, body: Mapping[str, Any] | None, key: Key) -> None:

@@ -60,6 +60,12 @@ DELETION_COST_QUERIES = Counter(
     "Prometheus queries for the pods' connections (connection-aware scale-in), by result",
     ["result"],
 )
+SIGNAL_CHECKS = Counter(
+    "tcp_exporter_operator_signal_checks_total",
+    "Checks that a Deployment's Prometheus has its connection series once its pods are Ready, by result: found, "
+    "missing (a NoConnectionMetrics Warning), error (no verdict: the address answered an error)",
+    ["result"],
+)
 
 
 def write_result(status: int | None) -> str:

@@ -105,7 +105,9 @@ class TokenBucket:
         return True
 
 
-def query(url: str, headers: Mapping[str, str], deadline: float = QUERY_TIMEOUT) -> list[dict[str, Any]]:
+def query(
+    url: str, headers: Mapping[str, str], deadline: float = QUERY_TIMEOUT, promql: str = QUERY
+) -> list[dict[str, Any]]:
     """The query's instant vector from Prometheus' HTTP API, the whole exchange (connecting, the status line and
     headers, the body) within `deadline` seconds: a watchdog shuts the socket down at the deadline, so a server
     that drips any part of its answer is cut off. No redirect is followed (the request carries the admin's
@@ -113,7 +115,7 @@ def query(url: str, headers: Mapping[str, str], deadline: float = QUERY_TIMEOUT)
     parts = urllib.parse.urlsplit(url)
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = connection_class(parts.hostname or "", parts.port, timeout=deadline)
-    path = f"{parts.path}/api/v1/query?" + urllib.parse.urlencode({"query": QUERY})
+    path = f"{parts.path}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     expired = threading.Event()
 
     def cut() -> None:
