@@ -28,17 +28,26 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def build_dir(name: str, version: str, module: Path, tags: str = "", ldflags: str = "") -> Path:
+def build_dir(name: str, version: str, module: Path, tags: str = "", ldflags: str = "", cgo: bool = False) -> Path:
     """Where the binaries of this exact build live: cache/<name>/<version>-<hash>/."""
-    digest = hashlib.sha256(f"{tags}\0{ldflags}".encode())
+    digest = hashlib.sha256(f"{tags}\0{ldflags}".encode() + (b"\0cgo" if cgo else b""))
     for path in sorted([module / "go.mod", module / "go.sum", *module.glob("*.go")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return cache_dir() / name / f"{version}-{digest.hexdigest()[:12]}"
 
 
-def build(name: str, version: str, module: Path, outputs: Mapping[str, str], tags: str = "", ldflags: str = "") -> Path:
-    """Build each `outputs` binary name from its package path in `module`, unless cached; return the folder."""
-    target = build_dir(name, version, module, tags, ldflags)
+def build(
+    name: str,
+    version: str,
+    module: Path,
+    outputs: Mapping[str, str],
+    tags: str = "",
+    ldflags: str = "",
+    cgo: bool = False,
+) -> Path:
+    """Build each `outputs` binary name from its package path in `module`, unless cached; return the folder.
+    Static (CGO_ENABLED=0) unless `cgo` (runc's seccomp support needs libseccomp through cgo)."""
+    target = build_dir(name, version, module, tags, ldflags, cgo)
     if all((target / binary).exists() for binary in outputs):
         return target
     if shutil.which("go") is None:
@@ -54,7 +63,7 @@ def build(name: str, version: str, module: Path, outputs: Mapping[str, str], tag
         command = ["go", "build", "-trimpath", "-ldflags", ldflags or "-s -w", "-o", str(tmp)]
         if tags:
             command += ["-tags", tags]
-        proc = subprocess.Popen([*command, package], cwd=module, env={**os.environ, "CGO_ENABLED": "0"})
+        proc = subprocess.Popen([*command, package], cwd=module, env={**os.environ, "CGO_ENABLED": "1" if cgo else "0"})
         while True:
             try:
                 rc = proc.wait(timeout=30)

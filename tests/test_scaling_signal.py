@@ -122,7 +122,7 @@ def test_each_scaledobject_query_sums_exactly_its_own_pods_on_real_discovery_wit
 def test_shipped_alert_rules_pass_promtool_and_each_has_a_runbook_that_exists(tmp_path: Path) -> None:
     rules = subprocess.run([promtool(), "check", "rules", str(rule_file(tmp_path))], capture_output=True, text=True)
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    readme = (MONITORING.parent.parent / "README.md").read_text().lower()
+    readme = (MONITORING.parent.parent / "docs" / "runbooks.md").read_text().lower()
     alerts = [r for g in yaml.safe_load(rule_file(tmp_path).read_text())["groups"] for r in g["rules"]]
     assert len(alerts) >= 3
     for alert in alerts:

@@ -53,7 +53,7 @@ class Config:
     custom_headers: str = ""
     unsafe_ssl: bool | None = None
     # Multi-tenancy: the Prometheus addresses annotations may name beside `prometheus` (an entry ending in `/`
-    # allows the paths under it); empty: any, unless credentials of the operator's are involved (README).
+    # allows the paths under it); empty: any, unless credentials of the operator's are involved (docs/security.md).
     allowed_prometheus: tuple[str, ...] = ()
     # Whether an annotation may name a ClusterTriggerAuthentication (the cluster's credentials, in KEDA's namespace).
     allow_cluster_trigger_auth: bool = False

@@ -179,7 +179,7 @@ def keda_conditions(scaled_object: Mapping[str, Any] | None) -> list[Event]:
                     "Warning",
                     "ScaledObjectFallback",
                     f"KEDA cannot read the connection count and holds the replicas at its fallback ({detail}); "
-                    "see the README's troubleshooting of a query that returns nothing",
+                    "see docs/troubleshooting.md",
                 )
             )
     return events

@@ -85,9 +85,9 @@ def likely_cause(config: Config, url: str, namespace: str) -> str:
             f"watch namespace {namespace}"
         )
     if "annotations" in config.discovery:
-        ways.append("the pods carry prometheus.io/scrape: is there a scrape job on those annotations (README)?")
+        ways.append("the pods carry prometheus.io/scrape: is there a scrape job on those annotations (docs/prometheus-keda.md)?")
     if "port-name" in config.discovery:
-        ways.append("is there a scrape job on the container port name tcp-metrics (README)?")
+        ways.append("is there a scrape job on the container port name tcp-metrics (docs/prometheus-keda.md)?")
     return (
         f"Prometheus at {url} has no {sidecar.METRIC_ESTABLISHED} series for this Deployment's pods although they "
         f"are Ready: the ScaledObject's query returns nothing, and KEDA's fallback holds the replicas. "
