@@ -42,7 +42,8 @@ def test_the_quickstart_block_is_helm_for_keda_and_prometheus_then_kubectl_only(
 def test_the_quickstart_runs_as_written_and_the_sample_is_injected_with_a_scaled_object(
     operator: Operator, cluster: Any, kubectl: Callable[..., str]
 ) -> None:
-    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig, "PATH": f"{Path(kubectl_path()).parent}:{os.environ['PATH']}"}
+    path = f"{Path(kubectl_path()).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig, "PATH": path}
     commands = [c for c in quickstart_commands() if not c.startswith("helm ")]
     *steps, containers, scaled_object = commands
     readme = (REPO / "README.md").read_text()

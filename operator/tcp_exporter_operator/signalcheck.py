@@ -85,7 +85,9 @@ def likely_cause(config: Config, url: str, namespace: str) -> str:
             f"watch namespace {namespace}"
         )
     if "annotations" in config.discovery:
-        ways.append("the pods carry prometheus.io/scrape: is there a scrape job on those annotations (docs/prometheus-keda.md)?")
+        ways.append(
+            "the pods carry prometheus.io/scrape: is there a scrape job on those annotations (docs/prometheus-keda.md)?"
+        )
     if "port-name" in config.discovery:
         ways.append("is there a scrape job on the container port name tcp-metrics (docs/prometheus-keda.md)?")
     return (
