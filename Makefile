@@ -104,6 +104,8 @@ set-version:
 	@sed -i 's/newTag: ".*"/newTag: "$(VERSION)"/' manifests/kustomization.yaml
 	@sed -i 's|app.kubernetes.io/version: ".*"|app.kubernetes.io/version: "$(VERSION)"|' manifests/manager/deployment.yaml
 	@sed -i 's/^version: .*/version: $(VERSION)/; s/^appVersion: .*/appVersion: "$(VERSION)"/' charts/tcp-exporter/Chart.yaml
+	@sed -i -E 's/(--version )[0-9]+\.[0-9]+\.[0-9]+/\1$(VERSION)/; s#(releases/download/v)[0-9]+\.[0-9]+\.[0-9]+#\1$(VERSION)#; s#(REGISTRY/tcp-exporter(-operator)?:)[0-9]+\.[0-9]+\.[0-9]+#\1$(VERSION)#g' README.md
+	@sed -i -E 's#(ghcr.io/tcp-exporter/tcp-exporter:)[0-9]+\.[0-9]+\.[0-9]+#\1$(VERSION)#' docs/operator.md
 	@echo "version $(VERSION); add its CHANGELOG.md section, then run make test"
 
 clean: cluster-down

@@ -48,3 +48,11 @@ def test_the_readmes_compatibility_table_names_the_versions_the_harness_tests() 
     readme = (REPO / "README.md").read_text()
     for version in (KUBE_VERSION, KEDA_VERSION, PROMETHEUS_MODULE_VERSION, HELM_VERSION):
         assert f" {version} " in readme or f"module {version})" in readme, version
+
+
+def test_the_readmes_install_commands_name_this_version_and_no_other() -> None:
+    readme = (REPO / "README.md").read_text()
+    install = readme.split("\n## Install on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"(?<![\d.])v?(\d+\.\d+\.\d+)(?![\d.])", install.split("```sh", 1)[1].split("```", 1)[0]))
+    assert named == {__version__}, named
+    assert f"## [{__version__}] - " in (REPO / "CHANGELOG.md").read_text(), "the release is dated"

@@ -1,3 +1,3 @@
 """tcp-exporter: count ESTABLISHED inbound TCP connections on watched ports, for Prometheus."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
