@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 export TCP_EXPORTER_CACHE ?= $(HOME)/.cache/tcp-exporter
 LOCALKUBE := $(PY) -m harness.localkube
-APT_PACKAGES := iptables nftables conntrack iproute2 openssl util-linux
+APT_PACKAGES := iptables nftables conntrack iproute2 openssl util-linux libseccomp-dev gcc
 STAMP := $(VENV)/.installed
 
 .PHONY: help deps venv tools lint test test-unit demo bench cluster-up cluster-down clean lock release set-version
@@ -21,7 +21,7 @@ help:
 	@echo "make bench        benchmarks under bench/ (tables + JSON in bench/results/)"
 	@echo "make release      dist/install.yaml and the packaged Helm chart, of this version"
 	@echo "make set-version VERSION=x.y.z   the one version, written everywhere it is stated"
-	@echo "make cluster-up   start the local control plane (.local/kubeconfig)"
+	@echo "make cluster-up   start the local control plane (.local/kubeconfig); NODE=1 adds a real node"
 	@echo "make cluster-down stop it and remove its state"
 
 # Debian packages the tests use; installed only when missing and when root.
@@ -62,6 +62,8 @@ tools: deps venv
 	@$(PY) -c "from harness import kedastack; kedastack.binaries()"
 	@echo "==> building (or reusing) Helm and actionlint"
 	@$(PY) -c "from harness import helmtools; helmtools.binaries()"
+	@echo "==> building (or reusing) the node: kubelet, kube-proxy, kube-scheduler, agnhost, containerd, runc, CNI"
+	@$(PY) -c "from harness import nodebuild; nodebuild.all_binaries()"
 
 test: tools
 	@echo "==> pytest"
@@ -69,10 +71,10 @@ test: tools
 
 # Seconds, with no Go build, no cluster, no root and no registry: the pure functions and the real CLIs.
 test-unit: venv
-	@$(VENV)/bin/pytest -q -m "not (cluster or netns or prometheus or keda or gobuild or install or load)" $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -q -m "not (cluster or netns or prometheus or keda or gobuild or install or load or node)" $(PYTEST_ARGS)
 
 cluster-up: deps venv
-	@$(LOCALKUBE) up
+	@$(LOCALKUBE) up $(if $(filter 1,$(NODE)),--node)
 
 cluster-down: venv
 	@$(LOCALKUBE) down

@@ -235,7 +235,7 @@ class Keda:
             assert self.procs["keda-webhooks"].poll() is None, f"keda-webhooks exited:\n{self.logs('keda-webhooks')}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{probe}/readyz", timeout=2) as resp:
-                    ready = resp.status == 200
+                    ready = bool(resp.status == 200)
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()
                 return ready
             except OSError:

@@ -14,7 +14,6 @@ Two ways to run it:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness import gobuild
-from harness.helpers import die_with_parent
+from harness.helpers import die_with_parent, pid_alive, terminate
 from harness.pki import make_ca, make_cert
 
 HERE = Path(__file__).resolve().parent
@@ -129,55 +128,25 @@ class Cluster:
         return _get(self, "/readyz") == "ok"
 
     def alive(self) -> bool:
-        return all(_pid_alive(pid) for pid in self.pids.values())
+        return all(pid_alive(pid) for pid in self.pids.values())
 
     def stop(self, remove_state: bool = True) -> None:
         for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
             pid = self.pids.get(name)
             if pid is not None:
-                _terminate(pid)
+                terminate(pid)
         if remove_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def restart_apiserver(self) -> None:
         """Kill and start the apiserver again on the same port and state (for resilience tests)."""
-        _terminate(self.pids["kube-apiserver"])
+        terminate(self.pids["kube-apiserver"])
         self.pids["kube-apiserver"] = _spawn(
             self, "kube-apiserver", json.loads(Path(self.state_dir, "apiserver.args").read_text())
         )
         if self.info_file:  # make cluster-down must find the new process
             self.save(Path(self.info_file))
         _wait(self.ready, 60, "kube-apiserver to be ready again", self)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still answers kill(0): reap it if it is ours.
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    return True
-
-
-def _terminate(pid: int, grace: float = 10.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.05)
 
 
 def _get(cluster: Cluster, path: str) -> str | None:
@@ -340,9 +309,14 @@ def start(state_dir: Path, kubeconfig: Path, detached: bool) -> Cluster:
                 f"--kubeconfig={kcm_kubeconfig}",
                 "--secure-port=0",
                 "--leader-elect=false",
+                # The node lifecycle controller lifts a Ready node's not-ready taint, the EndpointSlice controller
+                # gives kube-proxy its endpoints, and the root CA publisher the kube-root-ca.crt every pod's
+                # service account volume mounts: they matter where a node runs (make cluster-up NODE=1).
                 "--controllers=garbage-collector-controller,deployment-controller,replicaset-controller,"
                 "serviceaccount-controller,namespace-controller,clusterrole-aggregation-controller,"
-                "horizontal-pod-autoscaler-controller",
+                "horizontal-pod-autoscaler-controller,node-lifecycle-controller,endpointslice-controller,"
+                "root-ca-certificate-publisher-controller",
+                f"--root-ca-file={pki / 'ca.crt'}",
                 f"--horizontal-pod-autoscaler-sync-period={HPA_SYNC_PERIOD}",
                 "--concurrent-gc-syncs=5",
                 "--v=1",
@@ -427,8 +401,40 @@ def up() -> Cluster:
     return cluster
 
 
+def up_node(cluster: Cluster) -> None:
+    """`make cluster-up NODE=1`: a real node (kubelet, containerd, CNI, kube-proxy, scheduler) joins the cluster."""
+    from harness.nodestack import Node
+
+    info = LOCAL / "node.json"
+    if info.exists():
+        log("the node is already up")
+        return
+    node = Node(cluster, _kubectl_for(cluster), LOCAL / "node", detached=True)
+    node.save(info)
+
+
+def _kubectl_for(cluster: Cluster):  # type: ignore[no-untyped-def]
+    def run(*args: str, check: bool = True, input: str | None = None) -> str:
+        proc = subprocess.run(
+            [kubectl(), "--kubeconfig", cluster.kubeconfig, *args], capture_output=True, text=True, input=input
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr}")
+        return proc.stdout
+
+    return run
+
+
 def down() -> None:
+    node_info = LOCAL / "node.json"
     info = LOCAL / "cluster.json"
+    if node_info.exists():
+        from harness.nodestack import Node
+
+        cluster = Cluster.load(info) if info.exists() else None
+        Node.load(node_info, cluster, _kubectl_for(cluster) if cluster else lambda *a, **k: "").stop()
+        node_info.unlink()
+        log("node stopped and removed")
     if info.exists():
         Cluster.load(info).stop()
         info.unlink()
@@ -448,7 +454,9 @@ def main(argv: list[str]) -> int:
     if cmd == "build":
         print(build())
     elif cmd == "up":
-        up()
+        cluster = up()
+        if "--node" in argv[1:]:
+            up_node(cluster)
     elif cmd == "down":
         down()
     elif cmd == "env":
@@ -458,6 +466,6 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"export KUBECONFIG={c.kubeconfig}")
     else:
-        print("usage: python -m localkube build|up|down|env", file=sys.stderr)
+        print("usage: python -m localkube build|up [--node]|down|env", file=sys.stderr)
         return 2
     return 0

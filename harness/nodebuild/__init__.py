@@ -1,6 +1,6 @@
 """The node tier's binaries, built from Go modules like the control plane and cached the same way: kubelet,
-kube-proxy and kube-scheduler (one multi-call binary, `kube/`), containerd 2 with its runc shim and ctr and the
-CNI plugins (`runtime/`), and runc with seccomp support (`runc/`, through cgo and libseccomp)."""
+kube-proxy and kube-scheduler (one multi-call binary, `kube/`, with agnhost), containerd 2 with its runc shim
+and ctr and the CNI plugins (`runtime/`), and runc with seccomp support (`runc/`, through cgo and libseccomp)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ CNI_PLUGINS = {
 
 
 def kube() -> Path:
-    """The folder holding nodekube (kubelet, kube-proxy, kube-scheduler)."""
-    return gobuild.build("nodekube", KUBE_VERSION, HERE / "kube", {"nodekube": "."})
+    """The folder holding nodekube (kubelet, kube-proxy, kube-scheduler) and agnhost (Kubernetes' test server,
+    the sample's app and the node's pause)."""
+    outputs = {"nodekube": ".", "agnhost": "k8s.io/kubernetes/test/images/agnhost"}
+    return gobuild.build("nodekube", KUBE_VERSION, HERE / "kube", outputs)
 
 
 def runtime() -> Path:
