@@ -127,7 +127,7 @@ class Node:
     def _start(self) -> None:
         _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo", check=True)
         self._containerd()
-        archives = images.agnhost_images(self.kube_bin / "agnhost")
+        archives = images.agnhost_images(self.kube_bin / "agnhost") + images.product_images()
         for archive in archives:
             self.ctr("images", "import", "--no-unpack=false", str(archive))
         kubeconfig = self.cluster.kubeconfig  # the admin's: RBAC is the only authorizer here (no Node authorizer)
@@ -307,12 +307,21 @@ state = "{self.dir / "containerd" / "state"}"
         found = []
         for hierarchy in CGROUP_ROOT.iterdir():
             top = hierarchy / "kubepods"
-            if top.is_dir():
-                found += [p for p in top.rglob("*") if p.is_dir()] + [top]
+            with contextlib.suppress(OSError):  # a cgroup may go while it is walked
+                if top.is_dir():
+                    found += [p for p in top.rglob("*") if p.is_dir()] + [top]
         return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
     def stop(self) -> None:
-        """Undo everything, whatever fails on the way."""
+        """Undo everything; each step runs whatever an earlier one met, and what failed is said."""
+        for step in (self._stop_processes, self._remove_mounts_and_namespaces, self._remove_network_rules,
+                     self._remove_cgroups_and_state):  # fmt: skip
+            try:
+                step()
+            except Exception as exc:  # the rest still runs
+                log(f"cleaning up the node: {step.__name__}: {exc!r}")
+
+    def _stop_processes(self) -> None:
         with contextlib.suppress(Exception):
             self.kubectl("delete", "node", NODE_NAME, "--ignore-not-found", "--wait=false", check=False)
         for name in ("kube-scheduler", "kube-proxy", "kubelet"):
@@ -330,6 +339,8 @@ state = "{self.dir / "containerd" / "state"}"
         if "containerd" in self.pids:
             terminate(self.pids["containerd"])
         _run("pkill", "-KILL", "-f", f"containerd-shim-runc-v2 .*{self.dir}")
+
+    def _remove_mounts_and_namespaces(self) -> None:
         # Mounts under the state folder (the kubelet's root dir, containerd's snapshots and shm), deepest first.
         mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
         for point in sorted({m for m in mounts if m.startswith(str(self.dir))}, key=len, reverse=True):
@@ -337,6 +348,8 @@ state = "{self.dir / "containerd" / "state"}"
         for name in set(self._netns()) - self.netns_before:
             if name.startswith("cni-"):
                 _run("ip", "netns", "delete", name)
+
+    def _remove_network_rules(self) -> None:
         _run("ip", "link", "delete", BRIDGE)
         for family in ("ip", "ip6"):
             _run("nft", "delete", "table", family, "kube-proxy")
@@ -355,8 +368,14 @@ state = "{self.dir / "containerd" / "state"}"
             tool = {"ip": "iptables", "ip6": "ip6tables"}.get(family)
             if tool and all(line.startswith("-P ") for line in _run(tool, "-t", name, "-S").stdout.splitlines()):
                 _run("nft", "delete", "table", family, name)
-        for group in self._cgroups():
-            with contextlib.suppress(OSError):
-                group.rmdir()
         _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo")
+
+    def _remove_cgroups_and_state(self) -> None:
+        for _ in range(3):  # a cgroup empties a moment after its last process is killed
+            for group in self._cgroups():
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+            if not self._cgroups():
+                break
+            time.sleep(0.5)
         shutil.rmtree(self.dir, ignore_errors=True)

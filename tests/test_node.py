@@ -6,20 +6,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address, ip_network
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import need
+from tcp_exporter import __version__
 
 from harness.helpers import wait_for
 from harness.images import SAMPLE_IMAGE
 
 pytestmark = [pytest.mark.node, pytest.mark.cluster]
 NS = "node-e2e"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +125,129 @@ def test_a_pod_with_a_native_sidecar_runs_on_the_real_node_reached_by_pod_ip_and
     wait_for(lambda: get(f"http://{ip}:8081/hostname") == name, 30, "the native sidecar to answer")
     cluster_ip = json.loads(kubectl("-n", NS, "get", "service", "web-api", "-o", "json"))["spec"]["clusterIP"]
     wait_for(lambda: get(f"http://{cluster_ip}/hostname") == name, 30, "the ClusterIP through kube-proxy")
+
+
+def sidecar_processes(deployment: str) -> list[dict[str, str]]:
+    """The host's view of each running sidecar of `deployment` (its main process): UID and capabilities."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if b"/venv/bin/tcp-exporter" in cmdline[1:2] and f"--deployment={deployment}".encode() in cmdline:
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            found.append({"pid": proc.name, "uid": fields["Uid"], "effective": fields["CapEff"]})
+    return found
+
+
+def metric(ip: str, port: int = 9100) -> float | None:
+    text = get(f"http://{ip}:{port}/metrics")
+    for line in (text or "").splitlines():
+        if line.startswith('tcp_exporter_established_connections{port="8080"'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_connections_through_the_service(
+    node_cluster: tuple[Any, Callable[..., str], Any],
+) -> None:
+    # The operator runs as in the other tiers (a process under its ServiceAccount); the sample is applied as the
+    # quickstart says; the sidecar it injects runs from the image built from Dockerfile.sidecar, under the
+    # securityContext the operator wrote, on the real runtime.
+    from harness.operator_proc import Operator, install
+
+    cluster, kubectl, _node = node_cluster
+    install(kubectl)
+    # The sidecar image the manifests install (the other tiers' operator names a test image no node could pull).
+    operator = Operator(
+        cluster,
+        kubectl,
+        env={"TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE": f"ghcr.io/tcp-exporter/tcp-exporter:{__version__}"},
+    )
+    try:
+        kubectl("create", "namespace", "demo")
+        kubectl("apply", "-n", "demo", "-k", str(REPO / "manifests" / "samples"))
+
+        def pod() -> dict[str, Any] | None:
+            items = json.loads(kubectl("-n", "demo", "get", "pods", "-o", "json"))["items"]
+            for p in items:
+                names = [c["name"] for c in p["spec"]["containers"]]
+                statuses = p.get("status", {}).get("containerStatuses", [])
+                if "tcp-exporter" in names and statuses and all(c["ready"] for c in statuses):
+                    return dict(p)
+            return None
+
+        try:
+            running = wait_for(pod, 180, "an injected echo-server pod with every container Ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{kubectl('-n', 'demo', 'describe', 'pods', check=False)[-4000:]}") from None
+        ip = running["status"]["podIP"]
+        (sidecar,) = [c for c in running["status"]["containerStatuses"] if c["name"] == "tcp-exporter"]
+        assert sidecar["restartCount"] == 0 and sidecar["image"].endswith("tcp-exporter:" + __version__)
+        (process,) = sidecar_processes("echo-server")
+        assert process["uid"].split() == ["65532"] * 4 and int(process["effective"], 16) == 0, process
+        service = json.loads(kubectl("-n", "demo", "get", "service", "echo-server", "-o", "json"))["spec"]
+        # kube-proxy programs the Service once its EndpointSlice lists the Ready pod.
+        wait_for(lambda: get(f"http://{service['clusterIP']}:8080/hostname"), 30, "the Service to answer")
+        wait_for(lambda: metric(ip) == 0, 30, "the probe's connection to close")
+        clients = []
+        try:
+            for _ in range(25):  # through the Service's ClusterIP: kube-proxy's DNAT to the pod
+                clients.append(socket.create_connection((service["clusterIP"], 8080), timeout=5))
+            wait_for(lambda: metric(ip) == 25, 30, "the sidecar to count the 25 connections")
+        finally:
+            for c in clients:
+                c.close()
+        wait_for(lambda: metric(ip) == 0, 30, "the count to fall to 0 once they close")
+
+        # conntrack under the securityContext the operator writes for it, on the real runtime: started as UID 0
+        # with NET_ADMIN, SETUID and SETGID, the sidecar serves as UID 65532 holding NET_ADMIN alone.
+        kubectl("-n", "demo", "annotate", "deployment", "echo-server", "tcp-exporter/method=conntrack")
+
+        def conntrack_pod() -> dict[str, Any] | None:
+            found = pod()
+            args = next((c["args"] for c in (found or {}).get("spec", {}).get("containers", [])
+                         if c["name"] == "tcp-exporter"), [])  # fmt: skip
+            return (
+                found
+                if "--method=conntrack" in args and found.get("metadata", {}).get("deletionTimestamp") is None
+                else None
+            )
+
+        running = wait_for(conntrack_pod, 180, "the conntrack sidecar's pod Ready")
+        ip = running["status"]["podIP"]
+        # It drops within its first second (after Python's start): polled, and a sidecar left as root fails.
+        net_admin_only = {"uid": ["65532"] * 4, "effective": 1 << 12}
+        wait_for(
+            lambda: (
+                [
+                    {"uid": p["uid"].split(), "effective": int(p["effective"], 16)}
+                    for p in sidecar_processes("echo-server")
+                ]
+                == [net_admin_only]
+            ),
+            30,
+            "the one conntrack sidecar process to be UID 65532 holding NET_ADMIN alone",
+        )
+
+        def endpoints() -> list[str]:
+            slices = json.loads(kubectl("-n", "demo", "get", "endpointslices", "-o", "json"))["items"]
+            return [a for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready")
+                    for a in e["addresses"]]  # fmt: skip
+
+        wait_for(lambda: endpoints() == [ip], 60, "the Service's endpoints to be the new pod alone")
+        name = running["metadata"]["name"]
+        wait_for(lambda: get(f"http://{service['clusterIP']}:8080/hostname") == name, 30, "the Service to answer")
+        clients = [socket.create_connection((service["clusterIP"], 8080), timeout=5) for _ in range(7)]
+        try:
+            wait_for(lambda: metric(ip) == 7, 30, "the conntrack sidecar to count the 7 connections")
+        finally:
+            for c in clients:
+                c.close()
+    finally:
+        operator.close()
+        kubectl("delete", "namespace", "demo", "--wait=false", check=False)
