@@ -125,7 +125,11 @@ class Node:
             assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{self.logs(name)}"
 
     def _start(self) -> None:
-        _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo", check=True)
+        # The node's address: the control plane's own where it listens there (pods reach the API server), else
+        # added here.
+        self.added_address = NODE_IP not in _run("ip", "-4", "addr", "show", "dev", "lo").stdout
+        if self.added_address:
+            _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo", check=True)
         self._containerd()
         archives = images.agnhost_images(self.kube_bin / "agnhost") + images.product_images()
         for archive in archives:
@@ -368,7 +372,8 @@ state = "{self.dir / "containerd" / "state"}"
             tool = {"ip": "iptables", "ip6": "ip6tables"}.get(family)
             if tool and all(line.startswith("-P ") for line in _run(tool, "-t", name, "-S").stdout.splitlines()):
                 _run("nft", "delete", "table", family, name)
-        _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo")
+        if getattr(self, "added_address", True):
+            _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo")
 
     def _remove_cgroups_and_state(self) -> None:
         for _ in range(3):  # a cgroup empties a moment after its last process is killed

@@ -33,9 +33,9 @@ def node_cluster() -> Iterator[tuple[Any, Callable[..., str], Any]]:
         need(shutil.which(tool) is not None, f"{tool} is needed")
     from harness.localkube import cluster as lk
     from harness.localkube.cluster import kubectl as kubectl_path
-    from harness.nodestack import Node
+    from harness.nodestack import NODE_IP, Node
 
-    cluster = lk.temporary()
+    cluster = lk.temporary(address=NODE_IP)  # the API server where pods reach it
     binary = kubectl_path()
 
     def kubectl(*args: str, check: bool = True, input: str | None = None) -> str:
@@ -155,19 +155,31 @@ def metric(ip: str, port: int = 9100) -> float | None:
 def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_connections_through_the_service(
     node_cluster: tuple[Any, Callable[..., str], Any],
 ) -> None:
-    # The operator runs as in the other tiers (a process under its ServiceAccount); the sample is applied as the
-    # quickstart says; the sidecar it injects runs from the image built from Dockerfile.sidecar, under the
-    # securityContext the operator wrote, on the real runtime.
-    from harness.operator_proc import Operator, install
-
-    cluster, kubectl, _node = node_cluster
-    install(kubectl)
-    # The sidecar image the manifests install (the other tiers' operator names a test image no node could pull).
-    operator = Operator(
-        cluster,
-        kubectl,
-        env={"TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE": f"ghcr.io/tcp-exporter/tcp-exporter:{__version__}"},
+    # `kubectl apply -k manifests/` as a user runs it: the operator runs as a pod from the image built from
+    # Dockerfile.operator, under its ServiceAccount, in its namespace at Pod Security `restricted`, and reaches the
+    # API server through the kubernetes Service (kube-proxy). The sample is applied as the quickstart says; the
+    # sidecar it injects runs from the image built from Dockerfile.sidecar, under the securityContext the operator
+    # wrote, on the real runtime.
+    _cluster, kubectl, _node = node_cluster
+    kubectl("apply", "-k", str(REPO / "manifests"))
+    assert (
+        json.loads(kubectl("get", "namespace", "tcp-exporter", "-o", "json"))["metadata"]["labels"][
+            "pod-security.kubernetes.io/enforce"
+        ]
+        == "restricted"
     )
+
+    def operator_ready() -> bool:
+        pods = json.loads(kubectl("-n", "tcp-exporter", "get", "pods", "-o", "json"))["items"]
+        return any(all(c["ready"] for c in p.get("status", {}).get("containerStatuses", []) or [{"ready": False}])
+                   for p in pods)  # fmt: skip
+
+    try:
+        wait_for(operator_ready, 120, "the operator's pod to be Ready")
+    except AssertionError as exc:
+        described = kubectl("-n", "tcp-exporter", "describe", "pods", check=False)[-3000:]
+        logs = kubectl("-n", "tcp-exporter", "logs", "deploy/tcp-exporter-operator", check=False)[-3000:]
+        raise AssertionError(f"{exc}\n{described}\n{logs}") from None
     try:
         kubectl("create", "namespace", "demo")
         kubectl("apply", "-n", "demo", "-k", str(REPO / "manifests" / "samples"))
@@ -249,5 +261,4 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
             for c in clients:
                 c.close()
     finally:
-        operator.close()
         kubectl("delete", "namespace", "demo", "--wait=false", check=False)

@@ -108,6 +108,7 @@ class Cluster:
     binary: str
     detached: bool
     info_file: str = ""  # where a detached cluster records itself, for make cluster-down
+    address: str = "127.0.0.1"  # where the API server listens; another one is added to lo, and removed on stop
 
     def save(self, path: Path) -> None:
         self.info_file = str(path)
@@ -135,6 +136,8 @@ class Cluster:
             pid = self.pids.get(name)
             if pid is not None:
                 terminate(pid)
+        if self.address != "127.0.0.1":
+            subprocess.run(["ip", "addr", "del", f"{self.address}/32", "dev", "lo"], capture_output=True)
         if remove_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -185,10 +188,14 @@ def _spawn(cluster: Cluster, name: str, args: list[str]) -> int:
     return proc.pid
 
 
-def _make_pki(pki: Path) -> None:
+def _make_pki(pki: Path, address: str) -> None:
     pki.mkdir(parents=True)
     make_ca(pki, "ca", "localkube-ca")
-    make_cert(pki, "apiserver", "ca", "kube-apiserver", "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    # Pods reach the API server as kubernetes.default.svc, at the Service's first address.
+    names = ["IP:127.0.0.1", "DNS:localhost", f"IP:{address}", f"IP:{SERVICE_CIDR.rsplit('.', 1)[0]}.1",
+             "DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
+             "DNS:kubernetes.default.svc.cluster.local"]  # fmt: skip
+    make_cert(pki, "apiserver", "ca", "kube-apiserver", f"subjectAltName={','.join(dict.fromkeys(names))}\n")
     subprocess.run(["openssl", "genrsa", "-out", "sa.key", "2048"], cwd=pki, check=True, capture_output=True)
     subprocess.run(["openssl", "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"], cwd=pki, check=True,
                    capture_output=True)  # fmt: skip
@@ -215,12 +222,16 @@ def kubeconfig_text(server: str, ca_file: Path, token: str, user: str) -> str:
     )
 
 
-def start(state_dir: Path, kubeconfig: Path, detached: bool) -> Cluster:
+def start(state_dir: Path, kubeconfig: Path, detached: bool, address: str = "127.0.0.1") -> Cluster:
+    """`address` other than loopback (the node tier's): the API server listens there, on the host's loopback
+    device, and publishes it as the `kubernetes` Service's endpoint, so that pods on a node reach it."""
     binary = build()
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
+    if address != "127.0.0.1":
+        subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True, capture_output=True)
     pki = state_dir / "pki"
-    _make_pki(pki)
+    _make_pki(pki, address)
     log_dir = state_dir / "logs"
     log_dir.mkdir()
     admin_token = os.urandom(16).hex()
@@ -235,7 +246,7 @@ def start(state_dir: Path, kubeconfig: Path, detached: bool) -> Cluster:
     (state_dir / "audit-policy.yaml").write_text(AUDIT_POLICY)
     etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
     etcd_url = f"http://127.0.0.1:{etcd_port}"
-    server = f"https://127.0.0.1:{api_port}"
+    server = f"https://{address}:{api_port}"
     cluster = Cluster(
         state_dir=str(state_dir),
         kubeconfig=str(kubeconfig),
@@ -246,6 +257,7 @@ def start(state_dir: Path, kubeconfig: Path, detached: bool) -> Cluster:
         etcd_url=etcd_url,
         binary=str(binary),
         detached=detached,
+        address=address,
     )
     peer = f"http://127.0.0.1:{peer_port}"
     cluster.pids["etcd"] = _spawn(
@@ -264,9 +276,9 @@ def start(state_dir: Path, kubeconfig: Path, detached: bool) -> Cluster:
     )
     apiserver_args = [
         f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1",
+        f"--bind-address={address}",
         f"--secure-port={api_port}",
-        "--advertise-address=127.0.0.1",
+        f"--advertise-address={address}",
         f"--tls-cert-file={pki / 'apiserver.crt'}",
         f"--tls-private-key-file={pki / 'apiserver.key'}",
         f"--client-ca-file={pki / 'ca.crt'}",
@@ -277,8 +289,8 @@ def start(state_dir: Path, kubeconfig: Path, detached: bool) -> Cluster:
         f"--service-account-signing-key-file={pki / 'sa.key'}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--allow-privileged=true",
-        # The kubernetes Service endpoints may not point at loopback; nothing here needs them.
-        "--endpoint-reconciler-type=none",
+        # The kubernetes Service's endpoints may not point at loopback: published only where pods need them.
+        f"--endpoint-reconciler-type={'none' if address == '127.0.0.1' else 'lease'}",
         f"--audit-policy-file={state_dir / 'audit-policy.yaml'}",
         f"--audit-log-path={cluster.audit_log}",
         "--audit-log-format=json",
@@ -383,14 +395,19 @@ def local_cluster() -> Cluster | None:
     return None
 
 
-def up() -> Cluster:
+def up(node: bool = False) -> Cluster:
     running = local_cluster()
     if running is not None:
         log(f"already running at {running.server}; kubeconfig {running.kubeconfig}")
         return running
     down()
     LOCAL.mkdir(exist_ok=True)
-    cluster = start(LOCAL / "cluster", LOCAL / "kubeconfig", detached=True)
+    if node:
+        from harness.nodestack import NODE_IP
+
+        cluster = start(LOCAL / "cluster", LOCAL / "kubeconfig", detached=True, address=NODE_IP)
+    else:
+        cluster = start(LOCAL / "cluster", LOCAL / "kubeconfig", detached=True)
     cluster.save(LOCAL / "cluster.json")
     (LOCAL / "bin").mkdir(exist_ok=True)
     link = LOCAL / "bin" / "kubectl"
@@ -443,10 +460,10 @@ def down() -> None:
     (LOCAL / "kubeconfig").unlink(missing_ok=True)
 
 
-def temporary() -> Cluster:
+def temporary(address: str = "127.0.0.1") -> Cluster:
     """A private cluster whose processes die with this process."""
     state = Path(tempfile.mkdtemp(prefix="localkube-"))
-    return start(state, state / "kubeconfig", detached=False)
+    return start(state, state / "kubeconfig", detached=False, address=address)
 
 
 def main(argv: list[str]) -> int:
@@ -454,8 +471,12 @@ def main(argv: list[str]) -> int:
     if cmd == "build":
         print(build())
     elif cmd == "up":
-        cluster = up()
-        if "--node" in argv[1:]:
+        node = "--node" in argv[1:]
+        cluster = up(node)
+        if node:
+            if cluster.address == "127.0.0.1":
+                log("a cluster without a node is running: make cluster-down first, then make cluster-up NODE=1")
+                return 1
             up_node(cluster)
     elif cmd == "down":
         down()
