@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address, ip_network
@@ -144,6 +145,12 @@ def sidecar_processes(deployment: str) -> list[dict[str, str]]:
     return found
 
 
+def endpoints(kubectl: Callable[..., str], namespace: str) -> list[str]:
+    """The Ready addresses of the namespace's EndpointSlices."""
+    slices = json.loads(kubectl("-n", namespace, "get", "endpointslices", "-o", "json"))["items"]
+    return [a for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready") for a in e["addresses"]]
+
+
 def metric(ip: str, port: int = 9100) -> float | None:
     text = get(f"http://{ip}:{port}/metrics")
     for line in (text or "").splitlines():
@@ -152,34 +159,43 @@ def metric(ip: str, port: int = 9100) -> float | None:
     return None
 
 
-def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_connections_through_the_service(
-    node_cluster: tuple[Any, Callable[..., str], Any],
-) -> None:
-    # `kubectl apply -k manifests/` as a user runs it: the operator runs as a pod from the image built from
-    # Dockerfile.operator, under its ServiceAccount, in its namespace at Pod Security `restricted`, and reaches the
-    # API server through the kubernetes Service (kube-proxy). The sample is applied as the quickstart says; the
-    # sidecar it injects runs from the image built from Dockerfile.sidecar, under the securityContext the operator
-    # wrote, on the real runtime.
+@pytest.fixture(scope="module")
+def operator_pod(node_cluster: tuple[Any, Callable[..., str], Any]) -> Callable[..., str]:
+    """`kubectl apply -k manifests/` as a user runs it: the operator runs as a pod from the image built from
+    Dockerfile.operator, under its ServiceAccount, in its namespace at Pod Security `restricted`, and reaches the
+    API server through the kubernetes Service (kube-proxy)."""
     _cluster, kubectl, _node = node_cluster
     kubectl("apply", "-k", str(REPO / "manifests"))
-    assert (
-        json.loads(kubectl("get", "namespace", "tcp-exporter", "-o", "json"))["metadata"]["labels"][
-            "pod-security.kubernetes.io/enforce"
-        ]
-        == "restricted"
-    )
-
-    def operator_ready() -> bool:
-        pods = json.loads(kubectl("-n", "tcp-exporter", "get", "pods", "-o", "json"))["items"]
-        return any(all(c["ready"] for c in p.get("status", {}).get("containerStatuses", []) or [{"ready": False}])
-                   for p in pods)  # fmt: skip
-
+    labels = json.loads(kubectl("get", "namespace", "tcp-exporter", "-o", "json"))["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     try:
-        wait_for(operator_ready, 120, "the operator's pod to be Ready")
+        wait_for(lambda: ready_pods(kubectl, "tcp-exporter"), 120, "the operator's pod to be Ready")
     except AssertionError as exc:
         described = kubectl("-n", "tcp-exporter", "describe", "pods", check=False)[-3000:]
         logs = kubectl("-n", "tcp-exporter", "logs", "deploy/tcp-exporter-operator", check=False)[-3000:]
         raise AssertionError(f"{exc}\n{described}\n{logs}") from None
+    return kubectl
+
+
+def ready_pods(kubectl: Callable[..., str], namespace: str, container: str | None = None) -> list[dict[str, Any]]:
+    """The namespace's pods, not terminating, whose every container is Ready (and that have `container`)."""
+    out = []
+    for p in json.loads(kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]:
+        statuses = p.get("status", {}).get("containerStatuses") or []
+        names = [c["name"] for c in p["spec"]["containers"]]
+        if p["metadata"].get("deletionTimestamp") or (container and container not in names):
+            continue
+        if statuses and all(c["ready"] for c in statuses):
+            out.append(p)
+    return out
+
+
+def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_connections_through_the_service(
+    operator_pod: Callable[..., str],
+) -> None:
+    # The sample is applied as the quickstart says; the sidecar the operator's pod injects runs from the image
+    # built from Dockerfile.sidecar, under the securityContext the operator wrote, on the real runtime.
+    kubectl = operator_pod
     try:
         kubectl("create", "namespace", "demo")
         kubectl("apply", "-n", "demo", "-k", str(REPO / "manifests" / "samples"))
@@ -203,7 +219,9 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
         (process,) = sidecar_processes("echo-server")
         assert process["uid"].split() == ["65532"] * 4 and int(process["effective"], 16) == 0, process
         service = json.loads(kubectl("-n", "demo", "get", "service", "echo-server", "-o", "json"))["spec"]
-        # kube-proxy programs the Service once its EndpointSlice lists the Ready pod.
+        # kube-proxy programs the Service from its EndpointSlice: the injected pod alone (the first, without the
+        # sidecar, may still be terminating), then it answers.
+        wait_for(lambda: endpoints(kubectl, "demo") == [ip], 60, "the Service's endpoints to be the injected pod")
         wait_for(lambda: get(f"http://{service['clusterIP']}:8080/hostname"), 30, "the Service to answer")
         wait_for(lambda: metric(ip) == 0, 30, "the probe's connection to close")
         clients = []
@@ -246,12 +264,7 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
             "the one conntrack sidecar process to be UID 65532 holding NET_ADMIN alone",
         )
 
-        def endpoints() -> list[str]:
-            slices = json.loads(kubectl("-n", "demo", "get", "endpointslices", "-o", "json"))["items"]
-            return [a for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready")
-                    for a in e["addresses"]]  # fmt: skip
-
-        wait_for(lambda: endpoints() == [ip], 60, "the Service's endpoints to be the new pod alone")
+        wait_for(lambda: endpoints(kubectl, "demo") == [ip], 60, "the Service's endpoints to be the new pod alone")
         name = running["metadata"]["name"]
         wait_for(lambda: get(f"http://{service['clusterIP']}:8080/hostname") == name, 30, "the Service to answer")
         clients = [socket.create_connection((service["clusterIP"], 8080), timeout=5) for _ in range(7)]
@@ -262,3 +275,63 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
                 c.close()
     finally:
         kubectl("delete", "namespace", "demo", "--wait=false", check=False)
+
+
+def test_under_pod_security_baseline_conntrack_becomes_sockdiag_and_the_pods_are_admitted_and_run(
+    operator_pod: Callable[..., str],
+) -> None:
+    kubectl = operator_pod
+    kubectl("create", "namespace", "shared")
+    try:
+        kubectl("label", "namespace", "shared", "pod-security.kubernetes.io/enforce=baseline")
+        kubectl("apply", "-n", "shared", "-k", str(REPO / "manifests" / "samples"))
+        kubectl("-n", "shared", "annotate", "deployment", "echo-server", "tcp-exporter/method=conntrack")
+
+        def admitted() -> list[dict[str, Any]]:
+            pods = ready_pods(kubectl, "shared", "tcp-exporter")
+            args = [c.get("args", []) for p in pods for c in p["spec"]["containers"] if c["name"] == "tcp-exporter"]
+            return pods if args and all("--method=sockdiag" in a for a in args) else []
+
+        (pod,) = wait_for(admitted, 180, "a pod with the sockdiag sidecar admitted and Ready under baseline")
+        (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "tcp-exporter"]
+        assert "add" not in sidecar["securityContext"]["capabilities"]
+        events = json.loads(kubectl("-n", "shared", "get", "events", "-o", "json"))["items"]
+        assert any(e["reason"] == "MethodDowngraded" and e["type"] == "Warning" for e in events)
+    finally:
+        kubectl("delete", "namespace", "shared", "--wait=false", check=False)
+
+
+def test_uninstall_leaves_the_pods_running_without_the_sidecar_after_one_rollout(
+    node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
+) -> None:
+    # As the README says: delete the operator first, then `tcp-exporter-operator uninstall`. Last in this module.
+    cluster, kubectl, _node = node_cluster
+    kubectl("create", "namespace", "leaving")
+    try:
+        kubectl("apply", "-n", "leaving", "-k", str(REPO / "manifests" / "samples"))
+        wait_for(lambda: ready_pods(kubectl, "leaving", "tcp-exporter"), 180, "the injected pod Ready")
+
+        def revision() -> int:
+            dep = json.loads(kubectl("-n", "leaving", "get", "deployment", "echo-server", "-o", "json"))
+            return int(dep["metadata"]["annotations"]["deployment.kubernetes.io/revision"])
+
+        before = revision()
+        kubectl("-n", "tcp-exporter", "delete", "deployment", "tcp-exporter-operator", "--wait=true")
+        cli = str(Path(sys.executable).with_name("tcp-exporter-operator"))
+        env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+        done = subprocess.run([cli, "uninstall", "-n", "leaving"], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        def plain() -> list[dict[str, Any]]:
+            pods = json.loads(kubectl("-n", "leaving", "get", "pods", "-o", "json"))["items"]
+            ready = ready_pods(kubectl, "leaving")
+            return (
+                ready if len(pods) == len(ready) == 1 and ready_pods(kubectl, "leaving", "tcp-exporter") == [] else []
+            )
+
+        wait_for(plain, 120, "the pods to run without the sidecar")
+        # One rollout: back to the template as the user wrote it (its first ReplicaSet, reused).
+        assert revision() == before + 1
+        assert json.loads(kubectl("-n", "leaving", "get", "scaledobjects", "-o", "json"))["items"] == []
+    finally:
+        kubectl("delete", "namespace", "leaving", "--wait=false", check=False)
