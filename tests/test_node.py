@@ -301,6 +301,59 @@ def test_under_pod_security_baseline_conntrack_becomes_sockdiag_and_the_pods_are
         kubectl("delete", "namespace", "shared", "--wait=false", check=False)
 
 
+def test_a_scale_in_terminates_a_pod_and_its_sidecar_stops_cleanly_on_sigterm_within_the_grace_period(
+    node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
+) -> None:
+    import datetime
+    import threading
+
+    from kubernetes import client, config, watch
+
+    cluster, kubectl, _node = node_cluster
+    kubectl("create", "namespace", "scaling")
+    api = client.CoreV1Api(config.new_client_from_config(cluster.kubeconfig))
+    seen: dict[str, dict[str, Any]] = {}  # pod -> the last state the kubelet reported of its sidecar, and more
+    stop = threading.Event()
+
+    def follow() -> None:
+        for event in watch.Watch().stream(api.list_namespaced_pod, "scaling", timeout_seconds=120):
+            pod = event["object"]
+            for status in pod.status.container_statuses or []:
+                if status.name == "tcp-exporter":
+                    seen[pod.metadata.name] = {"state": status.state, "deleted": pod.metadata.deletion_timestamp,
+                                               "grace": pod.metadata.deletion_grace_period_seconds}  # fmt: skip
+            if stop.is_set():
+                return
+
+    try:
+        kubectl("apply", "-n", "scaling", "-k", str(REPO / "manifests" / "samples"))
+        kubectl("-n", "scaling", "scale", "deployment", "echo-server", "--replicas=2")
+        wait_for(lambda: len(ready_pods(kubectl, "scaling", "tcp-exporter")) == 2, 180, "2 injected pods Ready")
+        watcher = threading.Thread(target=follow, daemon=True)
+        watcher.start()
+        before = {p["metadata"]["name"] for p in ready_pods(kubectl, "scaling", "tcp-exporter")}
+        kubectl("-n", "scaling", "scale", "deployment", "echo-server", "--replicas=1")
+
+        def removed() -> str | None:
+            left = {
+                p["metadata"]["name"]
+                for p in json.loads(kubectl("-n", "scaling", "get", "pods", "-o", "json"))["items"]
+            }
+            gone = before - left
+            return next(iter(gone)) if len(gone) == 1 and len(left) == 1 else None
+
+        name = wait_for(removed, 60, "one pod to be removed")
+        wait_for(lambda: seen.get(name, {}).get("state") and seen[name]["state"].terminated, 10, "its sidecar's end")
+        ended = seen[name]
+        terminated = ended["state"].terminated
+        assert terminated.exit_code == 0 and terminated.reason == "Completed", terminated  # SIGTERM: a clean stop
+        took = terminated.finished_at - ended["deleted"] + datetime.timedelta(seconds=ended["grace"] or 0)
+        assert took.total_seconds() <= (ended["grace"] or 30), took  # within the grace period
+    finally:
+        stop.set()
+        kubectl("delete", "namespace", "scaling", "--wait=false", check=False)
+
+
 def test_uninstall_leaves_the_pods_running_without_the_sidecar_after_one_rollout(
     node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
 ) -> None:
