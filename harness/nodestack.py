@@ -87,16 +87,16 @@ class Node:
 
     def save(self, path: Path) -> None:
         """What `make cluster-down` needs to stop a detached node."""
-        path.write_text(
-            json.dumps({"dir": str(self.dir), "pids": self.pids, "netns_before": sorted(self.netns_before)})
-        )
+        saved = {"dir": str(self.dir), "pids": self.pids, "added_address": getattr(self, "added_address", True)}
+        path.write_text(json.dumps({**saved, "netns": sorted(self.netns_before), "tables": sorted(self.tables_before)}))
 
     @classmethod
     def load(cls, path: Path, cluster: Any, kubectl: Callable[..., str]) -> Node:
         saved = json.loads(path.read_text())
         node = cls(cluster, kubectl, Path(saved["dir"]), detached=True, start=False)
         node.pids = {name: int(pid) for name, pid in saved["pids"].items()}
-        node.netns_before, node.tables_before = set(saved["netns"]), set(saved["tables"])
+        node.netns_before, node.tables_before = set(saved.get("netns", [])), set(saved.get("tables", []))
+        node.added_address = saved.get("added_address", True)
         return node
 
     # -- start -------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def log(msg: str) -> None:
     print(f"[localkube] {msg}", file=sys.stderr, flush=True)
 
 
-def _ldflags() -> str:
+def version_ldflags() -> str:
     """Stamp the version, as Kubernetes' own build does, so clients and servers report it."""
     major, minor, _ = KUBE_VERSION.lstrip("v").split(".", 2)
     flags = ["-s", "-w"]
@@ -77,7 +77,7 @@ def _ldflags() -> str:
 
 def build() -> Path:
     """The control-plane binary, built from Go modules unless the cache already holds it."""
-    return gobuild.build("localkube", KUBE_VERSION, HERE, {"localkube": "."}, ldflags=_ldflags()) / "localkube"
+    return gobuild.build("localkube", KUBE_VERSION, HERE, {"localkube": "."}, ldflags=version_ldflags()) / "localkube"
 
 
 def kubectl() -> str:

@@ -24,8 +24,10 @@ CNI_PLUGINS = {
 def kube() -> Path:
     """The folder holding nodekube (kubelet, kube-proxy, kube-scheduler) and agnhost (Kubernetes' test server,
     the sample's app and the node's pause)."""
+    from harness.localkube.cluster import version_ldflags  # stamped as the control plane is: the node's version
+
     outputs = {"nodekube": ".", "agnhost": "k8s.io/kubernetes/test/images/agnhost"}
-    return gobuild.build("nodekube", KUBE_VERSION, HERE / "kube", outputs)
+    return gobuild.build("nodekube", KUBE_VERSION, HERE / "kube", outputs, ldflags=version_ldflags())
 
 
 def runtime() -> Path:
