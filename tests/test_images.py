@@ -1,27 +1,25 @@
-"""The images, as far as this machine allows: no container engine runs here, so each Dockerfile's own
-install steps (its COPY sources, ENV and RUN lines, unchanged but for the paths) run in a fresh virtualenv,
-and its entrypoint is started from there as its USER."""
+"""The images: the Dockerfiles lint-clean and pinned, and what the images built from them (by the node tier's
+buildah build) hold. That they run is shown on the real node (tests/test_node.py): the operator's image as the
+operator's pod, the sidecar's as the injected sidecar."""
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
 import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import urllib.request
-from collections.abc import Iterator
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import need
-
-from harness.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 HADOLINT = Path(sys.executable).with_name("hadolint")
@@ -67,55 +65,51 @@ def parse(path: Path) -> Dockerfile:
     return out
 
 
-def build(dockerfile: str, tmp: Path) -> Path:
-    """Run the Dockerfile's install steps with /src and /venv mapped into tmp; return the venv."""
-    spec = parse(REPO / dockerfile)
-    src, venv = tmp / "src", tmp / "venv"
-    src.mkdir()
-    for item in spec.copies:
-        source = REPO / item.rstrip("/")
-        target = src / item.rstrip("/")
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(source, target)
+def image_files(archive: Path) -> tuple[dict[str, Any], set[str]]:
+    """The image config's `config` and every path its layers hold, read from its OCI archive."""
+    with tarfile.open(archive) as tar:
 
-    def mapped(text: str) -> str:
-        return text.replace(spec.venv, str(venv)).replace(spec.workdir, str(src))
+        def blob(digest: str) -> bytes:
+            member = tar.extractfile("blobs/sha256/" + digest.split(":", 1)[1])
+            assert member is not None
+            return member.read()
 
-    env = {**os.environ, **{k: mapped(v) for k, v in spec.env.items()}}
-    env.pop("VIRTUAL_ENV", None)
-    for run in spec.runs:
-        command = mapped(run).replace("python -m venv", f"{shlex.quote(sys.executable)} -m venv", 1)
-        proc = subprocess.run(["sh", "-c", command], cwd=src, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return venv
+        index = json.loads(blob_of(tar, "index.json"))
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        config = json.loads(blob(manifest["config"]["digest"]))["config"]
+        paths: set[str] = set()
+        for layer in manifest["layers"]:
+            with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob(layer["digest"])))) as files:
+                paths.update("/" + name.lstrip("./") for name in files.getnames())
+    return config, paths
 
 
-def importable(venv: Path, module: str) -> bool:
-    return subprocess.run([str(venv / "bin" / "python"), "-c", f"import {module}"], capture_output=True).returncode == 0
+def blob_of(tar: tarfile.TarFile, name: str) -> bytes:
+    member = tar.extractfile(name)
+    assert member is not None
+    return member.read()
 
 
-def as_user(user: str) -> list[str]:
-    uid, _, gid = user.partition(":")
-    return [
-        "setpriv",
-        f"--reuid={uid}",
-        f"--regid={gid or uid}",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ]
+def site_packages(paths: set[str]) -> set[str]:
+    """Top-level names under the image's /venv site-packages."""
+    out = set()
+    for path in paths:
+        parts = path.split("/")
+        if len(parts) > 6 and parts[1:3] == ["venv", "lib"] and parts[4] == "site-packages":
+            out.add(parts[5])
+    return out
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A build folder the image's non-root USER can read (pytest's own tmp_path is private to root)."""
-    need(shutil.which("setpriv") is not None and os.geteuid() == 0, "root and setpriv, to run as the image's USER")
-    path = Path(tempfile.mkdtemp(prefix="tcpx-image-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+@pytest.fixture(scope="module")
+def built() -> dict[str, Path]:
+    """The images as the node tier builds them from the committed Dockerfiles (buildah, cached)."""
+    need(os.geteuid() == 0, "buildah and mmdebstrap build the images as root")
+    for tool in ("buildah", "mmdebstrap"):
+        need(shutil.which(tool) is not None, f"{tool} builds the images")
+    from harness.images import product_images
+
+    sidecar, operator = product_images()
+    return {"sidecar": sidecar, "operator": operator}
 
 
 def test_dockerfiles_are_hadolint_clean() -> None:
@@ -132,62 +126,26 @@ def test_base_image_is_pinned_by_digest_and_runs_as_non_root(dockerfile: str) ->
     assert parse(REPO / dockerfile).user == "65532:65532"
 
 
-@pytest.mark.install
-def test_sidecar_image_install_has_only_its_dependencies_and_serves_as_non_root(workdir: Path) -> None:
-    venv = build("Dockerfile.sidecar", workdir)
-    assert importable(venv, "prometheus_client") and importable(venv, "psutil")
-    assert not importable(venv, "kopf") and not importable(venv, "kubernetes")
-    assert not importable(venv, "tcp_exporter_operator") and not (venv / "bin" / "tcp-exporter-operator").exists()
-    spec = parse(REPO / "Dockerfile.sidecar")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        listen = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            *as_user(spec.user),
-            str(venv / "bin" / spec.entrypoint[0]),
-            f"--watch-port={server.getsockname()[1]}",
-            "--method=sockdiag",
-            f"--listen-address=127.0.0.1:{listen}",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-    def serving() -> str | None:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{listen}/metrics", timeout=2) as resp:
-                return str(resp.read().decode())
-        except OSError:
-            return None
-
-    body = wait_for(serving, 30, "the image's entrypoint to serve")
-    assert "tcp_exporter_established_connections" in body
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 0
-    server.close()
+@pytest.mark.node
+def test_the_sidecar_image_holds_the_sidecar_and_its_dependencies_only_and_runs_as_65532(
+    built: dict[str, Path],
+) -> None:
+    config, paths = image_files(built["sidecar"])
+    assert config["User"] == "65532:65532" and config["Entrypoint"] == ["tcp-exporter"]
+    packages = site_packages(paths)
+    assert {"tcp_exporter", "prometheus_client", "psutil"} <= packages
+    assert not {"tcp_exporter_operator", "kopf", "kubernetes"} & packages
+    assert "/venv/bin/tcp-exporter" in paths and "/venv/bin/tcp-exporter-operator" not in paths
 
 
-@pytest.mark.install
-def test_operator_image_install_has_only_its_dependencies_and_starts(workdir: Path) -> None:
-    venv = build("Dockerfile.operator", workdir)
-    # kopf, and the official Kubernetes client that every API call of the operator goes through.
-    assert importable(venv, "kopf") and importable(venv, "yaml") and importable(venv, "kubernetes")
-    # Nothing of the sidecar's dependencies (prometheus_client serves the operator's own /metrics).
-    assert not importable(venv, "psutil") and importable(venv, "prometheus_client")
-    spec = parse(REPO / "Dockerfile.operator")
-    entry = [*as_user(spec.user), str(venv / "bin" / spec.entrypoint[0])]
-    version = subprocess.run([*entry, "--version"], capture_output=True, text=True)
-    assert version.returncode == 0 and version.stdout.startswith("tcp-exporter-operator ")
-    rendered = subprocess.run(
-        [*entry, "render", "-f", "-"],
-        input=(REPO / "tests/golden/basic.in.yaml").read_text(),
-        capture_output=True,
-        text=True,
-    )
-    assert rendered.returncode == 0, rendered.stderr
-    assert "kind: ScaledObject" in rendered.stdout
+@pytest.mark.node
+def test_the_operator_image_holds_the_operator_and_its_dependencies_only_and_runs_as_65532(
+    built: dict[str, Path],
+) -> None:
+    config, paths = image_files(built["operator"])
+    assert config["User"] == "65532:65532" and config["Entrypoint"] == ["tcp-exporter-operator"]
+    packages = site_packages(paths)
+    # kopf, and the official Kubernetes client that every API call of the operator goes through;
+    # prometheus_client serves the operator's own /metrics; nothing else of the sidecar's.
+    assert {"tcp_exporter_operator", "kopf", "kubernetes", "yaml", "prometheus_client"} <= packages
+    assert "psutil" not in packages
