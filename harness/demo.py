@@ -10,6 +10,12 @@
 5. Prometheus finds the pod through Kubernetes discovery; KEDA's HPA scales the Deployment on the count, and
    the new pods run too; then every sidecar is killed, and KEDA's fallback holds the replica count.
 Everything it starts is stopped at the end. Needs root (network namespaces).
+
+Where the node tier can run (root, buildah, mmdebstrap, libseccomp; `NODE=0` turns it off) the demo runs on
+real pods instead, and says so: a real kubelet, containerd and kube-proxy; the operator as a pod from the image
+built from Dockerfile.operator; the sample's pods started by the kubelet with the sidecar from its image; 250
+connections through the Service; KEDA's HPA adding pods that really start, and removing them once the
+connections close.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,10 +53,80 @@ def show(text: str) -> None:
     print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
 
 
+def node_unavailable() -> str | None:
+    """Why the demo cannot run on a real node here, or None when it can."""
+    if os.environ.get("NODE") == "0":
+        return "NODE=0 was given"
+    for tool in ("buildah", "mmdebstrap", "gcc", "nft"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if subprocess.run(["dpkg", "-s", "libseccomp-dev"], capture_output=True).returncode != 0:
+        return "libseccomp-dev is not installed"
+    return None
+
+
+def node_main() -> int:
+    from harness.nodedemo import scale_on_real_pods
+    from harness.nodestack import NODE_IP, Node
+
+    step("Starting a local control plane and a real node: kubelet, containerd, runc, CNI, kube-proxy, scheduler")
+    show("(the first run builds them from Go modules, and the images from the Dockerfiles)")
+    cluster = localkube.temporary(address=NODE_IP)
+    kubectl = localkube.kubectl()
+
+    def k(*args: str, input: str | None = None, check: bool = True) -> str:
+        proc = subprocess.run(
+            [kubectl, "--kubeconfig", cluster.kubeconfig, *args], text=True, capture_output=True, input=input
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
+        return proc.stdout
+
+    node: Node | None = None
+    keda: Keda | None = None
+    prometheus: Prometheus | None = None
+    try:
+        node = Node(cluster, k)
+        show(k("get", "nodes", "-o", "wide"))
+        step("Starting KEDA (operator, metrics adapter, webhooks) and Prometheus")
+        keda = Keda(cluster, k)
+        prometheus = Prometheus(documented_jobs(("tcp-exporter", "kubernetes-pods"), cluster.kubeconfig, NAMESPACE))
+        show(f"Prometheus at {prometheus.url}, discovering pods in namespace {NAMESPACE} with the documented jobs")
+        step("Installing tcp-exporter: kubectl apply -k manifests/ (the operator runs as a pod)")
+        show(k("apply", "-k", str(REPO / "manifests")))
+
+        def operator_ready() -> bool:
+            pods = json.loads(k("-n", "tcp-exporter", "get", "pods", "-o", "json"))["items"]
+            return any(all(c["ready"] for c in p.get("status", {}).get("containerStatuses") or [{"ready": False}])
+                       for p in pods)  # fmt: skip
+
+        wait_for(operator_ready, 120, "the operator's pod to be Ready")
+        show(k("-n", "tcp-exporter", "get", "pods", "-o", "wide"))
+        step(f"The annotated sample, {CONNECTIONS} connections through its Service, KEDA scaling real pods")
+        scale_on_real_pods(k, NAMESPACE, prometheus.url, CONNECTIONS, 100, say=show)
+        show(k("get", "hpa,deployment,pods", "-n", NAMESPACE, "-o", "wide"))
+    finally:
+        step("Cleaning up: KEDA, Prometheus, the node (pods, mounts, rules, cgroups), the control plane")
+        if prometheus is not None:
+            prometheus.stop()
+        if keda is not None:
+            keda.stop()
+        if node is not None:
+            node.stop()
+        cluster.stop()
+    show("done; nothing left running")
+    return 0
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root: the sidecar runs in network namespaces it creates", file=sys.stderr)
         return 1
+    why_not = node_unavailable()
+    if why_not is None:
+        step("The node tier is available: this demo runs on real pods")
+        return node_main()
+    step(f"No real node ({why_not}): the pods run as a kubelet would, each in a network namespace")
     step("Starting a local Kubernetes control plane (the first run builds it from Go modules)")
     cluster = localkube.temporary()
     kubectl = localkube.kubectl()

@@ -354,6 +354,28 @@ def test_a_scale_in_terminates_a_pod_and_its_sidecar_stops_cleanly_on_sigterm_wi
         kubectl("delete", "namespace", "scaling", "--wait=false", check=False)
 
 
+def test_keda_scales_real_pods_out_on_connections_through_the_service_and_back_in_when_they_close(
+    node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
+) -> None:
+    # KEDA (operator, metrics adapter, webhooks) and Prometheus run on the host, as in the other tiers; the pods
+    # KEDA's HPA asks for are started by the real kubelet, and Prometheus discovers and scrapes them there.
+    from harness.kedastack import Keda
+    from harness.nodedemo import scale_on_real_pods
+    from harness.promstack import Prometheus, documented_jobs
+
+    cluster, kubectl, _node = node_cluster
+    keda = Keda(cluster, kubectl)
+    prometheus = Prometheus(documented_jobs(("tcp-exporter",), cluster.kubeconfig, "autoscale"))
+    try:
+        scaled = scale_on_real_pods(kubectl, "autoscale", prometheus.url, connections=250, threshold=100)
+        assert scaled.out_to == 3 and len(scaled.pods) == 3
+        print(f"\nscale-out to 3 in {scaled.out_seconds:.0f} s, scale-in in {scaled.in_seconds:.0f} s")
+    finally:
+        prometheus.stop()
+        keda.stop()
+        kubectl("delete", "namespace", "autoscale", "--wait=false", check=False)
+
+
 def test_uninstall_leaves_the_pods_running_without_the_sidecar_after_one_rollout(
     node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
 ) -> None:
