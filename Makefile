@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 export TCP_EXPORTER_CACHE ?= $(HOME)/.cache/tcp-exporter
 LOCALKUBE := $(PY) -m harness.localkube
-APT_PACKAGES := iptables nftables conntrack iproute2 openssl util-linux libseccomp-dev gcc
+APT_PACKAGES := iptables nftables conntrack iproute2 openssl util-linux libseccomp-dev gcc buildah mmdebstrap
 STAMP := $(VENV)/.installed
 
 .PHONY: help deps venv tools lint test test-unit demo bench cluster-up cluster-down clean lock release set-version

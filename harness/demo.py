@@ -66,21 +66,13 @@ def node_unavailable() -> str | None:
 
 
 def node_main() -> int:
-    from harness.nodedemo import scale_on_real_pods
+    from harness.nodedemo import ready_pods, scale_on_real_pods
     from harness.nodestack import NODE_IP, Node
 
     step("Starting a local control plane and a real node: kubelet, containerd, runc, CNI, kube-proxy, scheduler")
     show("(the first run builds them from Go modules, and the images from the Dockerfiles)")
     cluster = localkube.temporary(address=NODE_IP)
-    kubectl = localkube.kubectl()
-
-    def k(*args: str, input: str | None = None, check: bool = True) -> str:
-        proc = subprocess.run(
-            [kubectl, "--kubeconfig", cluster.kubeconfig, *args], text=True, capture_output=True, input=input
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
-        return proc.stdout
+    k = localkube.kubectl_runner(cluster)
 
     node: Node | None = None
     keda: Keda | None = None
@@ -95,12 +87,7 @@ def node_main() -> int:
         step("Installing tcp-exporter: kubectl apply -k manifests/ (the operator runs as a pod)")
         show(k("apply", "-k", str(REPO / "manifests")))
 
-        def operator_ready() -> bool:
-            pods = json.loads(k("-n", "tcp-exporter", "get", "pods", "-o", "json"))["items"]
-            return any(all(c["ready"] for c in p.get("status", {}).get("containerStatuses") or [{"ready": False}])
-                       for p in pods)  # fmt: skip
-
-        wait_for(operator_ready, 120, "the operator's pod to be Ready")
+        wait_for(lambda: ready_pods(k, "tcp-exporter", None), 120, "the operator's pod to be Ready")
         show(k("-n", "tcp-exporter", "get", "pods", "-o", "wide"))
         step(f"The annotated sample, {CONNECTIONS} connections through its Service, KEDA scaling real pods")
         scale_on_real_pods(k, NAMESPACE, prometheus.url, CONNECTIONS, 100, say=show)
@@ -129,15 +116,7 @@ def main() -> int:
     step(f"No real node ({why_not}): the pods run as a kubelet would, each in a network namespace")
     step("Starting a local Kubernetes control plane (the first run builds it from Go modules)")
     cluster = localkube.temporary()
-    kubectl = localkube.kubectl()
-
-    def k(*args: str, input: str | None = None, check: bool = True) -> str:
-        proc = subprocess.run(
-            [kubectl, "--kubeconfig", cluster.kubeconfig, *args], text=True, capture_output=True, input=input
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
-        return proc.stdout
+    k = localkube.kubectl_runner(cluster)
 
     operator: Operator | None = None
     keda: Keda | None = None

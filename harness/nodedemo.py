@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness.helpers import wait_for
 
@@ -26,12 +27,13 @@ class Scaled:
     pods: list[str] = field(default_factory=list)
 
 
-def ready_pods(kubectl: Callable[..., str], namespace: str) -> list[dict[str, object]]:
+def ready_pods(kubectl: Callable[..., str], namespace: str, container: str | None = "tcp-exporter") -> list[Any]:
+    """The namespace's pods, not terminating, whose every container is Ready (and that have `container`)."""
     out = []
     for pod in json.loads(kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]:
         statuses = pod.get("status", {}).get("containerStatuses") or []
         names = [c["name"] for c in pod["spec"]["containers"]]
-        if pod["metadata"].get("deletionTimestamp") or "tcp-exporter" not in names:
+        if pod["metadata"].get("deletionTimestamp") or (container and container not in names):
             continue
         if statuses and all(c["ready"] for c in statuses):
             out.append(pod)

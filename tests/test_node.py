@@ -21,6 +21,7 @@ from tcp_exporter import __version__
 
 from harness.helpers import wait_for
 from harness.images import SAMPLE_IMAGE
+from harness.nodedemo import ready_pods
 
 pytestmark = [pytest.mark.node, pytest.mark.cluster]
 NS = "node-e2e"
@@ -30,22 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def node_cluster() -> Iterator[tuple[Any, Callable[..., str], Any]]:
     need(os.geteuid() == 0, "a kubelet and containerd need root")
-    for tool in ("ip", "nft", "iptables", "gcc"):
+    for tool in ("ip", "nft", "iptables", "gcc", "buildah", "mmdebstrap"):
         need(shutil.which(tool) is not None, f"{tool} is needed")
     from harness.localkube import cluster as lk
-    from harness.localkube.cluster import kubectl as kubectl_path
     from harness.nodestack import NODE_IP, Node
 
     cluster = lk.temporary(address=NODE_IP)  # the API server where pods reach it
-    binary = kubectl_path()
-
-    def kubectl(*args: str, check: bool = True, input: str | None = None) -> str:
-        proc = subprocess.run(
-            [binary, "--kubeconfig", cluster.kubeconfig, *args], capture_output=True, text=True, input=input
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}")
-        return proc.stdout
+    kubectl = lk.kubectl_runner(cluster)
 
     node = None
     try:
@@ -169,25 +161,12 @@ def operator_pod(node_cluster: tuple[Any, Callable[..., str], Any]) -> Callable[
     labels = json.loads(kubectl("get", "namespace", "tcp-exporter", "-o", "json"))["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     try:
-        wait_for(lambda: ready_pods(kubectl, "tcp-exporter"), 120, "the operator's pod to be Ready")
+        wait_for(lambda: ready_pods(kubectl, "tcp-exporter", None), 120, "the operator's pod to be Ready")
     except AssertionError as exc:
         described = kubectl("-n", "tcp-exporter", "describe", "pods", check=False)[-3000:]
         logs = kubectl("-n", "tcp-exporter", "logs", "deploy/tcp-exporter-operator", check=False)[-3000:]
         raise AssertionError(f"{exc}\n{described}\n{logs}") from None
     return kubectl
-
-
-def ready_pods(kubectl: Callable[..., str], namespace: str, container: str | None = None) -> list[dict[str, Any]]:
-    """The namespace's pods, not terminating, whose every container is Ready (and that have `container`)."""
-    out = []
-    for p in json.loads(kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]:
-        statuses = p.get("status", {}).get("containerStatuses") or []
-        names = [c["name"] for c in p["spec"]["containers"]]
-        if p["metadata"].get("deletionTimestamp") or (container and container not in names):
-            continue
-        if statuses and all(c["ready"] for c in statuses):
-            out.append(p)
-    return out
 
 
 def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_connections_through_the_service(
@@ -399,7 +378,7 @@ def test_uninstall_leaves_the_pods_running_without_the_sidecar_after_one_rollout
 
         def plain() -> list[dict[str, Any]]:
             pods = json.loads(kubectl("-n", "leaving", "get", "pods", "-o", "json"))["items"]
-            ready = ready_pods(kubectl, "leaving")
+            ready = ready_pods(kubectl, "leaving", None)
             return (
                 ready if len(pods) == len(ready) == 1 and ready_pods(kubectl, "leaving", "tcp-exporter") == [] else []
             )

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -426,11 +427,14 @@ def up_node(cluster: Cluster) -> None:
     if info.exists():
         log("the node is already up")
         return
-    node = Node(cluster, _kubectl_for(cluster), LOCAL / "node", detached=True)
+    node = Node(cluster, kubectl_runner(cluster), LOCAL / "node", detached=True)
     node.save(info)
 
 
-def _kubectl_for(cluster: Cluster):  # type: ignore[no-untyped-def]
+def kubectl_runner(cluster: Cluster) -> Callable[..., str]:
+    """kubectl(*args, check=True, input=None) against `cluster`: its stdout; a RuntimeError with stderr when
+    it fails and `check`."""
+
     def run(*args: str, check: bool = True, input: str | None = None) -> str:
         proc = subprocess.run(
             [kubectl(), "--kubeconfig", cluster.kubeconfig, *args], capture_output=True, text=True, input=input
@@ -449,7 +453,7 @@ def down() -> None:
         from harness.nodestack import Node
 
         cluster = Cluster.load(info) if info.exists() else None
-        Node.load(node_info, cluster, _kubectl_for(cluster) if cluster else lambda *a, **k: "").stop()
+        Node.load(node_info, cluster, kubectl_runner(cluster) if cluster else lambda *a, **k: "").stop()
         node_info.unlink()
         log("node stopped and removed")
     if info.exists():
