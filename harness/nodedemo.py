@@ -40,6 +40,28 @@ def ready_pods(kubectl: Callable[..., str], namespace: str, container: str | Non
     return out
 
 
+def endpoints(kubectl: Callable[..., str], namespace: str) -> list[str]:
+    """The Ready addresses of the namespace's EndpointSlices."""
+    slices = json.loads(kubectl("-n", namespace, "get", "endpointslices", "-o", "json"))["items"]
+    return [a for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready") for a in e["addresses"]]
+
+
+def serves_only(kubectl: Callable[..., str], namespace: str, pod: Any, cluster_ip: str) -> None:
+    """Wait until the Service sends to `pod` alone. kube-proxy programs a Service a moment after its EndpointSlice
+    changes, and until then may still send to a pod that is going (which refuses once it stops): so the
+    EndpointSlice must list `pod` alone, every other pod be gone, and the Service answer from `pod` five times
+    running."""
+    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    wait_for(lambda: endpoints(kubectl, namespace) == [ip], 60, f"the Service's endpoints to be {name} alone")
+
+    def others_gone() -> bool:
+        pods = json.loads(kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]
+        return [p["metadata"]["name"] for p in pods] == [name]
+
+    wait_for(others_gone, 120, f"every pod but {name} to be gone")
+    wait_for(lambda: all(_answers(cluster_ip) == name for _ in range(5)), 30, f"the Service to answer from {name}")
+
+
 def scale_on_real_pods(
     kubectl: Callable[..., str],
     namespace: str,
@@ -64,26 +86,7 @@ def scale_on_real_pods(
     say(f"pod {first['metadata']['name']} Ready on the node: {first['status']['podIP']}")  # type: ignore[index]
     service = json.loads(kubectl("-n", namespace, "get", "service", NAME, "-o", "json"))["spec"]
 
-    def endpoints() -> list[str]:
-        slices = json.loads(kubectl("-n", namespace, "get", "endpointslices", "-o", "json"))["items"]
-        return [
-            a for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready") for a in e["addresses"]
-        ]
-
-    wait_for(lambda: endpoints() == [first["status"]["podIP"]], 60, "the Service's endpoints: the injected pod")  # type: ignore[index]
-    # kube-proxy programs the Service a moment after its EndpointSlice changes (until then it may still send to
-    # the pod the injection replaced, which refuses once it stops): wait for the first pod without a sidecar
-    # to be gone and for the Service to answer from the injected pod, five times running.
-    name = first["metadata"]["name"]  # type: ignore[index]
-    wait_for(
-        lambda: (
-            [p["metadata"]["name"] for p in json.loads(kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]]
-            == [name]
-        ),
-        120,
-        "the pod the injection replaced to be gone",
-    )
-    wait_for(lambda: all(_answers(service["clusterIP"]) == name for _ in range(5)), 30, "the Service to answer")
+    serves_only(kubectl, namespace, first, service["clusterIP"])
     want = min(3, math.ceil(connections / threshold))
     clients = []
     try:

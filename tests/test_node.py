@@ -21,7 +21,7 @@ from tcp_exporter import __version__
 
 from harness.helpers import wait_for
 from harness.images import SAMPLE_IMAGE
-from harness.nodedemo import ready_pods
+from harness.nodedemo import ready_pods, serves_only
 
 pytestmark = [pytest.mark.node, pytest.mark.cluster]
 NS = "node-e2e"
@@ -137,12 +137,6 @@ def sidecar_processes(deployment: str) -> list[dict[str, str]]:
     return found
 
 
-def endpoints(kubectl: Callable[..., str], namespace: str) -> list[str]:
-    """The Ready addresses of the namespace's EndpointSlices."""
-    slices = json.loads(kubectl("-n", namespace, "get", "endpointslices", "-o", "json"))["items"]
-    return [a for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready") for a in e["addresses"]]
-
-
 def metric(ip: str, port: int = 9100) -> float | None:
     text = get(f"http://{ip}:{port}/metrics")
     for line in (text or "").splitlines():
@@ -198,10 +192,8 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
         (process,) = sidecar_processes("echo-server")
         assert process["uid"].split() == ["65532"] * 4 and int(process["effective"], 16) == 0, process
         service = json.loads(kubectl("-n", "demo", "get", "service", "echo-server", "-o", "json"))["spec"]
-        # kube-proxy programs the Service from its EndpointSlice: the injected pod alone (the first, without the
-        # sidecar, may still be terminating), then it answers.
-        wait_for(lambda: endpoints(kubectl, "demo") == [ip], 60, "the Service's endpoints to be the injected pod")
-        wait_for(lambda: get(f"http://{service['clusterIP']}:8080/hostname"), 30, "the Service to answer")
+        # The first pod, without the sidecar, may still be terminating: the Service must send to this one alone.
+        serves_only(kubectl, "demo", running, service["clusterIP"])
         wait_for(lambda: metric(ip) == 0, 30, "the probe's connection to close")
         clients = []
         try:
@@ -243,9 +235,7 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
             "the one conntrack sidecar process to be UID 65532 holding NET_ADMIN alone",
         )
 
-        wait_for(lambda: endpoints(kubectl, "demo") == [ip], 60, "the Service's endpoints to be the new pod alone")
-        name = running["metadata"]["name"]
-        wait_for(lambda: get(f"http://{service['clusterIP']}:8080/hostname") == name, 30, "the Service to answer")
+        serves_only(kubectl, "demo", running, service["clusterIP"])
         clients = [socket.create_connection((service["clusterIP"], 8080), timeout=5) for _ in range(7)]
         try:
             wait_for(lambda: metric(ip) == 7, 30, "the conntrack sidecar to count the 7 connections")
