@@ -487,9 +487,13 @@ def ready_pods(kube: Kube, name: str) -> int:
     for pod in pods:
         if pod.metadata.deletion_timestamp is None and not (pod.status and pod.status.phase == "Running"):
             condition = {"type": "Ready", "status": "True"}
-            kube.core.patch_namespaced_pod_status(
-                pod.metadata.name, kube.ns, {"status": {"phase": "Running", "conditions": [condition]}}
-            )
+            try:
+                kube.core.patch_namespaced_pod_status(
+                    pod.metadata.name, kube.ns, {"status": {"phase": "Running", "conditions": [condition]}}
+                )
+            except ApiException as exc:  # deleted since the list (a rollout removing it): a kubelet moves on
+                if exc.status != 404:
+                    raise
     return len(pods)
 
 
