@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from harness import gobuild
+from harness import gobuild, hostaddr
 from harness.helpers import die_with_parent, wait_for
 from harness.pki import make_ca, make_cert
 
@@ -104,7 +104,7 @@ class Keda:
         # A test address for the adapter's endpoint, on this host's loopback device (an EndpointSlice may not
         # hold 127.0.0.0/8, and this kernel has no dummy links); removed on stop.
         self.address = f"198.18.254.{os.getpid() % 250 + 1}"
-        subprocess.run(["ip", "addr", "add", f"{self.address}/32", "dev", "lo"], check=True, capture_output=True)
+        self.claim = hostaddr.Claim(self.address)
         try:
             make_certs(self.certs, self.address)
             self._start()
@@ -280,5 +280,5 @@ class Keda:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
-            subprocess.run(["ip", "addr", "del", f"{self.address}/32", "dev", "lo"], capture_output=True)
+            self.claim.release()
             shutil.rmtree(self.dir, ignore_errors=True)

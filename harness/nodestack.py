@@ -125,6 +125,7 @@ class Node:
             assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{self.logs(name)}"
 
     def _start(self) -> None:
+        self._sweep_leftovers()
         # The node's address: the control plane's own where it listens there (pods reach the API server), else
         # added here.
         self.added_address = NODE_IP not in _run("ip", "-4", "addr", "show", "dev", "lo").stdout
@@ -294,6 +295,24 @@ state = "{self.dir / "containerd" / "state"}"
         conditions = json.loads(out).get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
+    def _sweep_leftovers(self) -> None:
+        """What a killed run's node left on this host: its pods, shims, bridge, kube-proxy tables and cgroups.
+
+        Safe to take: the control plane holds the node's address (harness/hostaddr.py), so no other node of ours
+        is running here."""
+        if not (Path(f"/sys/class/net/{BRIDGE}").exists() or self._cgroups() or self._proxy_tables()):
+            return
+        log("a node from a run that did not finish was left on this host; removing it")
+        self._kill_pods()
+        _run("pkill", "-KILL", "-f", r"containerd-shim-runc-v2 .*(tcpx-node-[^/ ]*|\.local/node)/containerd\.sock")
+        _run("ip", "link", "delete", BRIDGE)
+        for table in self._proxy_tables():
+            _run("nft", "delete", "table", *table.split(" "))
+        self._remove_cgroups()
+
+    def _proxy_tables(self) -> list[str]:
+        return [t for t in self._nft_tables() if t.endswith(" kube-proxy")]
+
     # -- stop --------------------------------------------------------------------------------------
 
     @staticmethod
@@ -333,16 +352,19 @@ state = "{self.dir / "containerd" / "state"}"
                 terminate(self.pids[name])
         # The pods' processes, by their cgroups (the shims outlive containerd, and the pods the shims).
         for _ in range(3):
-            for group in self._cgroups():
-                with contextlib.suppress(OSError, ValueError):
-                    for pid in (group / "cgroup.procs").read_text().split():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGKILL)
+            self._kill_pods()
             _run("pkill", "-KILL", "-f", f"containerd-shim-runc-v2 .*{self.socket}")
             time.sleep(0.2)
         if "containerd" in self.pids:
             terminate(self.pids["containerd"])
         _run("pkill", "-KILL", "-f", f"containerd-shim-runc-v2 .*{self.dir}")
+
+    def _kill_pods(self) -> None:
+        for group in self._cgroups():
+            with contextlib.suppress(OSError, ValueError):
+                for pid in (group / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
 
     def _remove_mounts_and_namespaces(self) -> None:
         # Mounts under the state folder (the kubelet's root dir, containerd's snapshots and shm), deepest first.
@@ -376,6 +398,10 @@ state = "{self.dir / "containerd" / "state"}"
             _run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo")
 
     def _remove_cgroups_and_state(self) -> None:
+        self._remove_cgroups()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _remove_cgroups(self) -> None:
         for _ in range(3):  # a cgroup empties a moment after its last process is killed
             for group in self._cgroups():
                 with contextlib.suppress(OSError):
@@ -383,4 +409,3 @@ state = "{self.dir / "containerd" / "state"}"
             if not self._cgroups():
                 break
             time.sleep(0.5)
-        shutil.rmtree(self.dir, ignore_errors=True)

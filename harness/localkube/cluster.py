@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness import gobuild
+from harness import gobuild, hostaddr
 from harness.helpers import die_with_parent, pid_alive, terminate
 from harness.pki import make_ca, make_cert
 
@@ -138,7 +138,11 @@ class Cluster:
             if pid is not None:
                 terminate(pid)
         if self.address != "127.0.0.1":
-            subprocess.run(["ip", "addr", "del", f"{self.address}/32", "dev", "lo"], capture_output=True)
+            claim = _CLAIMS.pop(self.state_dir, None)
+            if claim is not None:
+                claim.release()
+            else:  # a detached cluster's, from make cluster-down
+                subprocess.run(["ip", "addr", "del", f"{self.address}/32", "dev", "lo"], capture_output=True)
         if remove_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -223,6 +227,9 @@ def kubeconfig_text(server: str, ca_file: Path, token: str, user: str) -> str:
     )
 
 
+_CLAIMS: dict[str, hostaddr.Claim] = {}  # state_dir -> the address this process's cluster holds
+
+
 def start(state_dir: Path, kubeconfig: Path, detached: bool, address: str = "127.0.0.1") -> Cluster:
     """`address` other than loopback (the node tier's): the API server listens there, on the host's loopback
     device, and publishes it as the `kubernetes` Service's endpoint, so that pods on a node reach it."""
@@ -230,7 +237,7 @@ def start(state_dir: Path, kubeconfig: Path, detached: bool, address: str = "127
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
     if address != "127.0.0.1":
-        subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True, capture_output=True)
+        _CLAIMS[str(state_dir)] = hostaddr.Claim(address)  # one run at a time on this host (harness/hostaddr.py)
     pki = state_dir / "pki"
     _make_pki(pki, address)
     log_dir = state_dir / "logs"
@@ -348,6 +355,8 @@ def start(state_dir: Path, kubeconfig: Path, detached: bool, address: str = "127
     except BaseException:
         cluster.stop(remove_state=False)
         raise
+    if detached and str(state_dir) in _CLAIMS:  # the address stays, listened on, until make cluster-down
+        _CLAIMS.pop(str(state_dir)).release(remove_address=False)
     log(f"control plane {KUBE_VERSION} ready at {server} in {time.monotonic() - started:.1f} s")
     return cluster
 
