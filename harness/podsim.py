@@ -7,8 +7,11 @@ status written through the status subresource: phase Running, Ready, and its pod
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import subprocess
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +69,10 @@ class Kubelet:
         (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "tcp-exporter"]
         server = listener(ns, self.app_port)
         as_container = as_security_context(sidecar["securityContext"])
+        env = {e["name"]: e["value"] for e in sidecar.get("env") or [] if "value" in e}  # the drain's token
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *as_container, EXPORTER, *sidecar["args"], "--log-level=warning"],
+            env={**os.environ, **env},
             preexec_fn=die_with_parent(),
         )
         name = pod["metadata"]["name"]
@@ -137,6 +142,22 @@ class Kubelet:
     def connect(self, pod: RunningPod, count: int) -> None:
         """`count` client connections from the lan to the pod's app port, each accepted by its server."""
         pod.clients += connect(self.net.lan, pod.ip, self.app_port, count)
+
+    def pre_stop(self, pod: RunningPod, deployment: str, timeout: float) -> tuple[int, str]:
+        """What the kubelet does first when it stops the pod: the sidecar's preStop hook (the drain), from the node
+        (this host), the hook's path and headers as the pod spec has them but for a `timeout` of the test's."""
+        template = self.apps.read_namespaced_deployment(deployment, self.ns).spec.template
+        (sidecar,) = [c for c in template.spec.containers if c.name == "tcp-exporter"]
+        hook = sidecar.lifecycle.pre_stop.http_get
+        path = hook.path.split("?", 1)[0] + f"?timeout={timeout}"
+        headers = {h.name: h.value for h in hook.http_headers or []}
+        host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
+        request = urllib.request.Request(f"http://{host}:{hook.port}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout + 10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
 
     def kill_sidecar(self, pod: RunningPod) -> None:
         pod.sidecar.kill()

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address, ip_network
@@ -21,7 +22,7 @@ from tcp_exporter import __version__
 
 from harness.helpers import wait_for
 from harness.images import SAMPLE_IMAGE
-from harness.nodedemo import ready_pods, serves_only
+from harness.nodedemo import endpoints, ready_pods, serves_only
 
 pytestmark = [pytest.mark.node, pytest.mark.cluster]
 NS = "node-e2e"
@@ -270,56 +271,133 @@ def test_under_pod_security_baseline_conntrack_becomes_sockdiag_and_the_pods_are
         kubectl("delete", "namespace", "shared", "--wait=false", check=False)
 
 
-def test_a_scale_in_terminates_a_pod_and_its_sidecar_stops_cleanly_on_sigterm_within_the_grace_period(
+def ask_hostname(conn: socket.socket) -> str:
+    """One keep-alive request on a held connection to agnhost netexec: the pod's name, if the app still serves."""
+    conn.sendall(b"GET /hostname HTTP/1.1\r\nHost: echo\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = conn.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed")
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += conn.recv(4096)
+    return body.decode()
+
+
+def closed_by_peer(conn: socket.socket, deadline: float) -> float | None:
+    """When (monotonic) the server ended the held connection, waiting until `deadline`; None if it did not."""
+    conn.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            if conn.recv(4096) == b"":
+                return time.monotonic()
+        except TimeoutError:
+            continue
+        except OSError:  # reset: the app was killed
+            return time.monotonic()
+    return None
+
+
+def test_a_drained_scale_in_cuts_no_connection_that_ends_in_time_and_the_never_ending_one_at_the_drain(
     node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
 ) -> None:
-    import datetime
+    """tcp-exporter/drain on the real kubelet: 3 pods scaled to 1, the two removed chosen by deletion cost. Pod A's
+    clients leave 3 s in: A ends then, long before the drain's 12 s. Pod B holds one that never ends: B's app keeps
+    serving it until the drain is up, then gets its SIGTERM. Both sidecars export that they drain, new
+    connections go to the pod that stays, and every sidecar stops on SIGTERM with exit 0 within the grace."""
     import threading
 
     from kubernetes import client, config, watch
 
     cluster, kubectl, _node = node_cluster
+    drain = 12
     kubectl("create", "namespace", "scaling")
     api = client.CoreV1Api(config.new_client_from_config(cluster.kubeconfig))
-    seen: dict[str, dict[str, Any]] = {}  # pod -> the last state the kubelet reported of its sidecar, and more
+    ended: dict[tuple[str, str], Any] = {}  # (pod, container) -> its terminated state, as the kubelet reports it
     stop = threading.Event()
 
     def follow() -> None:
-        for event in watch.Watch().stream(api.list_namespaced_pod, "scaling", timeout_seconds=120):
-            pod = event["object"]
-            for status in pod.status.container_statuses or []:
-                if status.name == "tcp-exporter":
-                    seen[pod.metadata.name] = {"state": status.state, "deleted": pod.metadata.deletion_timestamp,
-                                               "grace": pod.metadata.deletion_grace_period_seconds}  # fmt: skip
-            if stop.is_set():
-                return
+        try:
+            for event in watch.Watch().stream(api.list_namespaced_pod, "scaling", timeout_seconds=120):
+                pod = event["object"]
+                for status in pod.status.container_statuses or []:
+                    if status.state and status.state.terminated:
+                        ended[(pod.metadata.name, status.name)] = status.state.terminated
+                if stop.is_set():
+                    return
+        except Exception:  # the watch ends with the namespace (the test has what it needs by then, or fails)
+            return
 
+    held: list[socket.socket] = []
     try:
         kubectl("apply", "-n", "scaling", "-k", str(REPO / "manifests" / "samples"))
-        kubectl("-n", "scaling", "scale", "deployment", "echo-server", "--replicas=2")
-        wait_for(lambda: len(ready_pods(kubectl, "scaling", "tcp-exporter")) == 2, 180, "2 injected pods Ready")
+        kubectl("-n", "scaling", "annotate", "deployment", "echo-server", f"tcp-exporter/drain={drain}s")
+        kubectl("-n", "scaling", "scale", "deployment", "echo-server", "--replicas=3")
+
+        def drained_pods() -> list[dict[str, Any]]:
+            pods = ready_pods(kubectl, "scaling", "tcp-exporter")
+            hooked = [p for p in pods if (p["spec"]["containers"][0].get("lifecycle") or {}).get("preStop")]
+            return hooked if len(hooked) == 3 and len(pods) == 3 else []
+
+        pods = wait_for(drained_pods, 180, "3 pods Ready with the drain's preStop hooks")
+        a, b, c = (p["metadata"]["name"] for p in pods)
+        ip = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
+        for name, cost in ((a, "-100"), (b, "-100"), (c, "100")):  # the ReplicaSet removes A and B
+            kubectl("-n", "scaling", "annotate", "pod", name, f"controller.kubernetes.io/pod-deletion-cost={cost}")
+        leaving = [socket.create_connection((ip[a], 8080), timeout=5) for _ in range(3)]
+        forever = socket.create_connection((ip[b], 8080), timeout=5)
+        held += [*leaving, forever]
+        assert ask_hostname(forever) == b and all(ask_hostname(s) == a for s in leaving)
+        wait_for(lambda: metric(ip[a]) == 3 and metric(ip[b]) == 1, 30, "A's 3 and B's 1 connections counted")
         watcher = threading.Thread(target=follow, daemon=True)
         watcher.start()
-        before = {p["metadata"]["name"] for p in ready_pods(kubectl, "scaling", "tcp-exporter")}
+
         kubectl("-n", "scaling", "scale", "deployment", "echo-server", "--replicas=1")
+        deleted = time.monotonic()
 
-        def removed() -> str | None:
-            left = {
-                p["metadata"]["name"]
-                for p in json.loads(kubectl("-n", "scaling", "get", "pods", "-o", "json"))["items"]
-            }
-            gone = before - left
-            return next(iter(gone)) if len(gone) == 1 and len(left) == 1 else None
+        def draining(name: str) -> bool:
+            text = get(f"http://{ip[name]}:9100/metrics") or ""
+            return any(
+                line.startswith("tcp_exporter_draining{") and line.endswith(" 1.0") for line in text.splitlines()
+            )
 
-        name = wait_for(removed, 60, "one pod to be removed")
-        wait_for(lambda: seen.get(name, {}).get("state") and seen[name]["state"].terminated, 10, "its sidecar's end")
-        ended = seen[name]
-        terminated = ended["state"].terminated
-        assert terminated.exit_code == 0 and terminated.reason == "Completed", terminated  # SIGTERM: a clean stop
-        took = terminated.finished_at - ended["deleted"] + datetime.timedelta(seconds=ended["grace"] or 0)
-        assert took.total_seconds() <= (ended["grace"] or 30), took  # within the grace period
+        wait_for(lambda: draining(a) and draining(b), 10, "A's and B's sidecars to say they drain")
+        # Terminating, both apps still serve their clients; new connections go to C alone.
+        assert all(ask_hostname(s) == a for s in leaving) and ask_hostname(forever) == b
+        service = json.loads(kubectl("-n", "scaling", "get", "service", "echo-server", "-o", "json"))["spec"]
+        wait_for(lambda: endpoints(kubectl, "scaling") == [ip[c]], 30, "the Service's endpoints to be C alone")
+        for _ in range(5):
+            with socket.create_connection((service["clusterIP"], 8080), timeout=5) as fresh:
+                assert ask_hostname(fresh) == c
+        while time.monotonic() < deleted + 3:  # A's clients finish their business 3 s in
+            assert all(ask_hostname(s) == a for s in leaving)
+            time.sleep(0.5)
+        for s in leaving:
+            s.close()
+        left = time.monotonic()
+
+        wait_for(lambda: (a, "echo-server") in ended, 15, "A's app to stop once its clients left")
+        a_stopped = time.monotonic() - left
+        cut = closed_by_peer(forever, deleted + drain + 15)
+        assert cut is not None, "B's never-ending connection was not ended at the drain's end"
+        b_cut = cut - deleted
+        print(f"\nA stopped {a_stopped:.1f} s after its clients left; B's endless connection was cut {b_cut:.1f} s "
+              f"after the scale-in (drain {drain} s)")  # fmt: skip
+        assert a_stopped < 5, a_stopped  # within a poll or two of the drain, not at its end
+        assert drain - 1 <= b_cut <= drain + 8, b_cut  # held for the drain, then the app's SIGTERM
+        wait_for(lambda: all((n, "tcp-exporter") in ended for n in (a, b)), 30, "both sidecars to stop")
+        for name in (a, b):
+            sidecar, app = ended[(name, "tcp-exporter")], ended[(name, "echo-server")]
+            assert sidecar.exit_code == 0 and sidecar.reason == "Completed", sidecar  # SIGTERM: a clean stop
+            assert (sidecar.finished_at - app.finished_at).total_seconds() >= -1  # it outlived (or matched) the app
+        assert [p["metadata"]["name"] for p in ready_pods(kubectl, "scaling", "tcp-exporter")] == [c]
     finally:
         stop.set()
+        for s in held:
+            s.close()
         kubectl("delete", "namespace", "scaling", "--wait=false", check=False)
 
 

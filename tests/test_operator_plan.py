@@ -39,6 +39,7 @@ CASES = [
     ("conntrack", None),
     ("conntrack", "restricted"),
     ("own-prometheus", None),
+    ("drain", None),
 ]
 
 
@@ -592,3 +593,78 @@ def test_a_port_annotation_of_non_ascii_digits_is_refused_with_a_warning_not_a_c
     result = plan(dep, Facts(), CFG)
     assert result.writes == 0
     assert [e.reason for e in result.events] == ["InvalidAnnotation"]
+
+
+# -- drain ----------------------------------------------------------------------------------------
+
+
+def drained(dep: dict[str, Any]) -> dict[str, Any]:
+    """Container name -> its preStop hook, in the Deployment."""
+    return {c["name"]: (c.get("lifecycle") or {}).get("preStop") for c in dep["spec"]["template"]["spec"]["containers"]}
+
+
+def test_a_drain_hooks_the_container_serving_the_port_and_the_sidecar_and_keeps_the_others_own_hooks() -> None:
+    dep = applied(stored("drain"), plan(stored("drain"), Facts(), CFG))
+    hooks = drained(dep)
+    assert hooks["log-shipper"] == {"exec": {"command": ["/bin/flush"]}}  # not serving 8443: its own hook is kept
+    ours = hooks["gateway"]["httpGet"]
+    assert ours["path"] == "/drain?timeout=300" and ours["port"] == 9100 and hooks["tcp-exporter"] == hooks["gateway"]
+    (sidecar,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "tcp-exporter"]
+    token = ours["httpHeaders"][0]["value"]
+    assert sidecar["env"] == [{"name": "TCP_EXPORTER_DRAIN_TOKEN", "value": token}]
+    # The token follows the Deployment's UID: a Deployment of the same name elsewhere has another.
+    other = stored("drain")
+    other["metadata"]["uid"] = "uid-2"
+    assert drained(applied(other, plan(other, Facts(), CFG)))["gateway"]["httpGet"]["httpHeaders"][0]["value"] != token
+    assert parse_args(sidecar["args"], {"TCP_EXPORTER_DRAIN_TOKEN": token}).drain_token == token
+    assert plan(dep, Facts(scaled_object=body(plan(stored("drain"), Facts(), CFG), "ScaledObject")), CFG).writes == 0
+
+
+def test_a_drain_hook_removed_by_hand_is_planned_back_and_turning_the_drain_off_removes_every_hook() -> None:
+    dep = applied(stored("drain"), plan(stored("drain"), Facts(), CFG))
+    lost = copy.deepcopy(dep)
+    del lost["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
+    assert drained(applied(lost, plan(lost, Facts(), CFG)))["gateway"] == drained(dep)["gateway"]
+    dep["metadata"]["annotations"]["tcp-exporter/drain"] = "0"
+    off = applied(dep, plan(dep, Facts(), CFG))
+    assert drained(off) == {"gateway": None, "log-shipper": {"exec": {"command": ["/bin/flush"]}}, "tcp-exporter": None}
+    assert "lifecycle" not in off["spec"]["template"]["spec"]["containers"][0]
+    # And removing the port annotation leaves the app as it was before, its own hook and all.
+    dep = applied(stored("drain"), plan(stored("drain"), Facts(), CFG))
+    del dep["metadata"]["annotations"]["tcp-exporter/port"]
+    clean = applied(dep, plan(dep, Facts(), CFG))
+    assert drained(clean) == {"gateway": None, "log-shipper": {"exec": {"command": ["/bin/flush"]}}}
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda d: d["metadata"]["annotations"].update({"tcp-exporter/drain": "5 min"}), "not a duration"),
+        (lambda d: d["metadata"]["annotations"].update({"tcp-exporter/drain": "²"}), "not a duration"),
+        (lambda d: d["metadata"]["annotations"].update({"tcp-exporter/drain": "25h"}), "not a duration"),
+        (lambda d: d["spec"]["template"]["spec"].pop("terminationGracePeriodSeconds"), "30 (the default)"),
+        (lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=300), "Set it to 305"),
+        (
+            lambda d: d["spec"]["template"]["spec"]["containers"][0].update(
+                lifecycle={"preStop": {"sleep": {"seconds": 5}}}
+            ),
+            "'gateway' has a preStop hook of its own",
+        ),
+    ],
+)
+def test_a_drain_the_pod_cannot_have_is_a_warning_and_no_write(edit: Any, words: str) -> None:
+    dep = stored("drain")
+    edit(dep)
+    result = plan(dep, Facts(), CFG)
+    assert result.writes == 0
+    assert [e.reason for e in result.events] == ["InvalidAnnotation"] and words in result.events[0].message
+
+
+def test_the_operators_drain_default_applies_where_no_annotation_says_otherwise() -> None:
+    dep = stored()  # basic: web serves 8080, grace 30 by default
+    cfg = Config(drain=20)
+    assert drained(applied(dep, plan(dep, Facts(), cfg)))["web"]["httpGet"]["path"] == "/drain?timeout=20"
+    refused = plan(dep, Facts(), Config(drain=26))  # 26 + 5 s to stop > the default grace of 30
+    assert refused.writes == 0 and "the operator setting TCP_EXPORTER_OPERATOR_DRAIN" in refused.events[0].message
+    dep["metadata"]["annotations"]["tcp-exporter/drain"] = "0"
+    assert drained(applied(dep, plan(dep, Facts(), Config(drain=26))))["web"] is None

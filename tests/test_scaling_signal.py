@@ -32,6 +32,7 @@ LONG = "payments-gateway-primary-eu-west-1-canary-release-ab"  # 52: its pod nam
 # Deployment -> connections held by each of its pods. web-api's pod gets an IPv6 pod IP.
 CONNECTIONS = {"web": [150, 31], "web-api": [500], "checkout.v2": [7], LONG: [40, 23]}
 IPV6 = "web-api"
+DRAINED = "web"  # its first pod drains: its connections leave the query
 
 
 def test_each_scaledobject_query_sums_exactly_its_own_pods_on_real_discovery_with_one_or_two_jobs(
@@ -41,7 +42,10 @@ def test_each_scaledobject_query_sums_exactly_its_own_pods_on_real_discovery_wit
     need(shutil.which("setpriv") is not None, "setpriv (util-linux) is needed")
     queries = {}
     for name in CONNECTIONS:
-        body = deployment(name, {"tcp-exporter/port": "web", "tcp-exporter/threshold": "100"})
+        annotations = {"tcp-exporter/port": "web", "tcp-exporter/threshold": "100"}
+        if name == DRAINED:
+            annotations["tcp-exporter/drain"] = "20s"
+        body = deployment(name, annotations)
         body["spec"]["replicas"] = 0  # scaled up once injected: every pod then carries the sidecar
         kube.create(body)
     for name, conns in CONNECTIONS.items():
@@ -98,13 +102,28 @@ def test_each_scaledobject_query_sums_exactly_its_own_pods_on_real_discovery_wit
                     f"both jobs to scrape every pod of {name}",
                 )
 
+            # A draining pod's connections leave the query (the pod is going; its clients must not ask for
+            # replicas back); Prometheus still has them. The drain is asked for as the kubelet's preStop hook does.
+            status, said = kubelet.pre_stop(running[DRAINED][0], DRAINED, timeout=0.5)
+            assert status == 200 and said.startswith("time is up") and "150 connection(s) left" in said, said
+            rest = sum(CONNECTIONS[DRAINED][1:])
+            for prom in (one_job, two_jobs):
+                wait_for(lambda p=prom: p.query(queries[DRAINED]) == rest, 60, f"the query of {DRAINED} to be {rest}")
+                for name, conns in CONNECTIONS.items():
+                    if name != DRAINED:
+                        assert prom.query(queries[name]) == sum(conns)
+            selector = f'namespace="{kube.ns}",tcp_exporter_deployment="{DRAINED}"'
+            assert one_job.query(f"sum(tcp_exporter_established_connections{{{selector}}})") == sum(
+                CONNECTIONS[DRAINED]
+            )
+
             # Missing data is not zero: web-api's sidecar is gone, its query returns nothing; the others hold.
             kubelet.kill_sidecar(running[IPV6][0])
             for prom in (one_job, two_jobs):
                 wait_for(lambda p=prom: p.query(queries[IPV6]) is None, 60, "web-api's query to return no value")
                 for name, conns in CONNECTIONS.items():
                     if name != IPV6:
-                        assert prom.query(queries[name]) == sum(conns)
+                        assert prom.query(queries[name]) == (rest if name == DRAINED else sum(conns))
 
             # The shipped alert rules load and evaluate here.
             wait_for(

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -177,6 +178,8 @@ def test_a_listen_port_in_use_exits_1_with_a_clear_message(watched: tuple[int, s
         (["--watch-port=80", "--user=65532:staff"], {}),
         (["--watch-port=80"], {"TCP_EXPORTER_USER": "-1"}),
         (["--watch-port=80", "--user=4294967295"], {}),
+        (["--watch-port=80", "--drain-token=short"], {}),
+        (["--watch-port=80"], {"TCP_EXPORTER_DRAIN_TOKEN": "a token with spaces in it"}),
     ],
 )
 def test_wrong_flags_and_values_exit_2_with_usage(args: list[str], env: dict[str, str]) -> None:
@@ -317,3 +320,94 @@ def test_a_request_body_is_refused_and_never_parsed_as_the_next_request(request_
     finally:
         proc.proc.terminate()
         proc.finish()
+
+
+# -- drain ----------------------------------------------------------------------------------------
+
+TOKEN = "Zx7-drain-token-for-tests"  # noqa: S105 - a test value
+
+
+def draining(port: int) -> str:
+    return next(line for line in get(port, "/metrics")[1].splitlines() if line.startswith("tcp_exporter_draining"))
+
+
+def test_a_drain_answers_once_the_watched_connections_end_and_marks_the_sidecar_draining_for_good(
+    watched: tuple[int, socket.socket],
+) -> None:
+    port, server = watched
+    listen = free_port()
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    accepted = [server.accept()[0] for _ in clients]
+    proc = Proc([f"--listen-address=127.0.0.1:{listen}", f"--watch-port={port}", "--method=sockdiag",
+                 "--deployment=chat-gateway"])  # fmt: skip
+    try:
+        proc.wait_serving(listen)
+        drain_until_the_connections_end(listen, port, clients + accepted)
+    finally:  # it drops to UID 65532, which clears the parent-death signal: stopped here whatever happens
+        proc.proc.terminate()
+    assert proc.finish()[0] == 0
+
+
+def drain_until_the_connections_end(listen: int, port: int, connections: list[socket.socket]) -> None:
+    assert draining(listen) == 'tcp_exporter_draining{tcp_exporter_deployment="chat-gateway"} 0.0'
+    started = time.monotonic()
+    closer = threading.Timer(1.5, lambda: [c.close() for c in connections])
+    closer.start()
+    status, body = get(listen, "/drain?timeout=20")  # from inside the pod (loopback): no token needed
+    took = time.monotonic() - started
+    assert status == 200 and body.startswith("drained: 0 connection(s) left"), body
+    assert 1.4 < took < 4, took  # held until the connections ended, answered within a poll of it
+    assert draining(listen) == 'tcp_exporter_draining{tcp_exporter_deployment="chat-gateway"} 1.0'
+    # Held connections past the time asked: answered when it is up, saying how many are left.
+    held = socket.create_connection(("127.0.0.1", port))
+    started = time.monotonic()
+    status, body = get(listen, "/drain?timeout=1.5&floor=0")
+    assert status == 200 and body.startswith("time is up") and body.endswith(": 1 connection(s) left\n"), body
+    assert 1.4 < time.monotonic() - started < 3
+    assert get(listen, "/drain?timeout=5&floor=1")[1].startswith("drained: 1 connection(s) left")
+    for bad in ("", "?timeout=", "?timeout=-1", "?timeout=86401", "?timeout=5&timeout=6", "?timeout=5&x=1",
+                "?timeout=5&floor=a"):  # fmt: skip
+        assert get(listen, f"/drain{bad}")[0] == 400, bad
+    held.close()
+
+
+def test_a_drain_from_another_address_is_refused_without_the_token_and_changes_nothing(
+    watched: tuple[int, socket.socket],
+) -> None:
+    """Another pod must not mark this one draining (its connections would leave the scaling signal); the
+    kubelet, which runs preStop hooks from the node, shows the token."""
+    from harness import hostaddr
+    from tests.conftest import need
+
+    need(os.geteuid() == 0, "a second address on lo, for a peer that is not loopback, needs root")
+    port, _server = watched
+    listen = free_port()
+    claim = hostaddr.Claim("198.18.253.250")
+    proc = Proc([f"--listen-address=:{listen}", f"--watch-port={port}", "--method=sockdiag"],
+                env={"TCP_EXPORTER_DRAIN_TOKEN": TOKEN})  # fmt: skip
+    try:
+        proc.wait_serving(listen)
+
+        def from_elsewhere(token: str | None) -> tuple[int, str]:
+            with socket.create_connection(
+                ("198.18.253.250", listen), timeout=5, source_address=("198.18.253.250", 0)
+            ) as s:
+                header = f"X-Tcp-Exporter-Drain: {token}\r\n" if token is not None else ""
+                s.sendall(f"GET /drain?timeout=1 HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n".encode())
+                answer = b""
+                while chunk := s.recv(4096):
+                    answer += chunk
+            head, _, body = answer.decode().partition("\r\n\r\n")
+            return int(head.split()[1]), body
+
+        for token in (None, "", TOKEN[:-1] + "X", TOKEN + "X"):
+            status, body = from_elsewhere(token)
+            assert status == 403 and "token" in body, (token, status, body)
+            assert draining(listen) == "tcp_exporter_draining 0.0"
+        status, body = from_elsewhere(TOKEN)
+        assert status == 200 and body.startswith("drained"), body
+        assert draining(listen) == "tcp_exporter_draining 1.0"
+    finally:
+        proc.proc.terminate()
+        proc.finish()
+        claim.release()

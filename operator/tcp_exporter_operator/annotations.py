@@ -50,6 +50,7 @@ A_PROMETHEUS_NAMESPACE = PREFIX + "prometheus-namespace"
 A_CUSTOM_HEADERS = PREFIX + "custom-headers"
 A_UNSAFE_SSL = PREFIX + "unsafe-ssl"
 A_SCALE_IN = PREFIX + "scale-in-by-connections"
+A_DRAIN = PREFIX + "drain"
 # Every tcp-exporter/* key the operator reads: any other under the prefix is a mistake the user is told of.
 KNOWN_KEYS = frozenset(value for name, value in dict(globals()).items() if name.startswith("A_"))
 # The annotations that shape the injected sidecar (not the ScaledObject): a change of one of them is the user's.
@@ -64,6 +65,9 @@ SIDECAR_INPUTS = (
     A_MEMORY_LIMIT,
 )
 CONTAINER = "tcp-exporter"
+# Seconds a drained app keeps, after its drain, to stop on SIGTERM within the pod's grace period.
+DRAIN_SHUTDOWN = 5
+DEFAULT_GRACE = 30  # Kubernetes' terminationGracePeriodSeconds
 # The operator setting (TCP_EXPORTER_OPERATOR_...) that holds an annotation's default, where it is not named after it.
 SETTINGS = {A_IMAGE: "SIDECAR_IMAGE"}
 INJECTABLE_METHODS = tuple(m for m in sidecar.METHODS if m != "auto")  # the sidecar's one list
@@ -132,6 +136,8 @@ class Spec:
     pod_monitor_labels: dict[str, str] = field(default_factory=dict)
     keda: KedaOptions = field(default_factory=KedaOptions)
     scale_in_by_connections: bool = False  # set pods' deletion cost from their connections (scalein.py)
+    drain: int = 0  # seconds a terminating pod waits for its connections to end before its app's SIGTERM; 0: none
+    drain_containers: tuple[str, ...] = ()  # the app containers that wait (a preStop hook each)
 
 
 def tracked(annotations: Mapping[str, str]) -> bool:
@@ -201,6 +207,69 @@ def _resolve_ports(raw: str, deployment: Mapping[str, Any]) -> tuple[int, ...]:
                 f"of this pod template (names: {known})"
             )
     return tuple(sorted(set(ports)))
+
+
+_DURATION = re.compile(r"^([0-9]{1,6})(s|m|h)?$")
+_DURATION_UNIT = {"s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def duration(text: str, where: str, high: int) -> int:
+    """`90`, `90s`, `5m`, `1h` -> seconds, 0 to `high`; InvalidSpec naming `where` otherwise."""
+    found = _DURATION.fullmatch(text.strip()) if text.isascii() else None
+    seconds = int(found.group(1)) * _DURATION_UNIT[found.group(2)] if found else -1
+    if not 0 <= seconds <= high:
+        raise InvalidSpec(f"{where}: {text[:40]!r} is not a duration from 0 to {high} s (such as 90, 90s, 5m, 1h)")
+    return seconds
+
+
+def is_drain_hook(hook: Any) -> bool:
+    """Whether a container's preStop hook is the one this operator adds (a GET of the sidecar's drain)."""
+    if not isinstance(hook, Mapping) or not isinstance(hook.get("httpGet"), Mapping):
+        return False
+    headers = hook["httpGet"].get("httpHeaders")
+    return isinstance(headers, list) and any(
+        isinstance(h, Mapping) and h.get("name") == sidecar.DRAIN_HEADER for h in headers
+    )
+
+
+def pre_stop(container: Mapping[str, Any]) -> Any:
+    lifecycle = container.get("lifecycle")
+    return lifecycle.get("preStop") if isinstance(lifecycle, Mapping) else None
+
+
+def _drain(
+    annotations: Mapping[str, str], cfg: Config, deployment: Mapping[str, Any], ports: tuple[int, ...]
+) -> tuple[int, tuple[str, ...]]:
+    """(seconds, the containers that wait) of the drain asked for; InvalidSpec when the pod cannot have it."""
+    if A_DRAIN in annotations:
+        where = A_DRAIN
+        seconds = duration(annotations[A_DRAIN], A_DRAIN, sidecar.DRAIN_MAX_SECONDS)
+    else:
+        where, seconds = f"the operator setting {SETTING_PREFIX}DRAIN", cfg.drain
+    if seconds == 0:
+        return 0, ()
+    apps = [c for c in containers_of(deployment) if c.get("name") != CONTAINER]
+    serving = [
+        c for c in apps if any(isinstance(p, Mapping) and p.get("containerPort") in ports for p in c.get("ports") or [])
+    ]
+    targets = serving or apps  # the containers that declare a watched port; if none does, every app container
+    for container in targets:
+        hook = pre_stop(container)
+        if hook is not None and not is_drain_hook(hook):
+            raise InvalidSpec(
+                f"{where} asks for a drain, but container {str(container.get('name'))[:63]!r} has a preStop hook of "
+                f'its own, which the drain\'s would replace; remove one of them (set {A_DRAIN}: "0" for none)'
+            )
+    grace = (template_of(deployment).get("spec") or {}).get("terminationGracePeriodSeconds")
+    grace = grace if type(grace) is int else DEFAULT_GRACE
+    if seconds + DRAIN_SHUTDOWN > grace:
+        raise InvalidSpec(
+            f"{where} asks for a drain of {seconds} s, but the pods' terminationGracePeriodSeconds is {grace}"
+            f"{' (the default)' if grace == DEFAULT_GRACE else ''}: Kubernetes kills a pod at its end, drain or not. "
+            f"Set it to {seconds + DRAIN_SHUTDOWN} or more ({DRAIN_SHUTDOWN} s for the app to stop after its drain), "
+            "or drain for less"
+        )
+    return seconds, tuple(str(c.get("name")) for c in targets)
 
 
 def _quantity(annotations: Mapping[str, str], key: str, default: str) -> str:
@@ -412,9 +481,15 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
             raise InvalidSpec(
                 f"the {kind} request {resources['requests'][kind]} is above its limit {resources['limits'][kind]}"
             )
+    drain, drain_containers = _drain(annotations, cfg, deployment, ports)
+    inputs = {key: annotations.get(key) for key in SIDECAR_INPUTS}
+    if A_DRAIN in annotations:  # only when set: the digests recorded before the drain existed stay valid
+        inputs[A_DRAIN] = annotations[A_DRAIN]
     return Spec(
         deployment=deployment["metadata"]["name"],
-        inputs=digest({key: annotations.get(key) for key in SIDECAR_INPUTS}),
+        inputs=digest(inputs),
+        drain=drain,
+        drain_containers=drain_containers,
         annotate="annotations" in cfg.discovery,
         pod_monitor_labels=parse_pod_monitor_labels(annotations, cfg),
         keda=keda,

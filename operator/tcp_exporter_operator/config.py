@@ -65,6 +65,8 @@ class Config:
     # Seconds a Deployment's pods are Ready before the operator checks that its Prometheus has their connection
     # series (a Warning, NoConnectionMetrics, when not); 0: no check.
     signal_check_after: int = 120
+    # Seconds a terminating pod waits for its connections to end: the default of the tcp-exporter/drain annotation.
+    drain: int = 0
 
     def __post_init__(self) -> None:
         if self.max_rollout_seconds < 1:
@@ -75,6 +77,8 @@ class Config:
             raise ValueError(
                 f"{PREFIX}SIGNAL_CHECK_AFTER={self.signal_check_after}: give a number of seconds, 0 (no check) or more"
             )
+        if not 0 <= self.drain <= 86400:
+            raise ValueError(f"{PREFIX}DRAIN={self.drain}: give a number of seconds from 0 (no drain) to 86400")
         unknown = [d for d in self.discovery if d not in DISCOVERY_PATHS]
         if unknown or not self.discovery:
             raise ValueError(

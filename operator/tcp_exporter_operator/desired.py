@@ -23,6 +23,8 @@ from tcp_exporter_operator.annotations import (
     Status,
     annotations_of,
     digest,
+    is_drain_hook,
+    pre_stop,
     template_of,
 )
 from tcp_exporter_operator.events import LABELS, api_version
@@ -38,7 +40,45 @@ SCALED_OBJECT_NAME_MAX = 63 - len(HPA_PREFIX)
 NONROOT_UID = 65532
 
 
-def sidecar_container(spec: Spec) -> dict[str, Any]:
+def drain_token(deployment: Mapping[str, Any]) -> str:
+    """What the kubelet shows the sidecar when a preStop hook asks for a drain: derived from the Deployment's UID,
+    which only those who may read the Deployment see (rendered offline, without a UID: from its namespace and name,
+    which anyone could guess, so that a pod elsewhere could mark these pods draining; docs/security.md)."""
+    meta = deployment.get("metadata") or {}
+    seed = meta.get("uid") or f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"
+    return hashlib.sha256(f"tcp-exporter/drain:{seed}".encode()).hexdigest()[:32]
+
+
+def drain_hook(spec: Spec, token: str) -> dict[str, Any]:
+    """The preStop hook that holds a container's SIGTERM until the pod's connections end or `spec.drain` passes."""
+    return {
+        "httpGet": {
+            "path": f"{sidecar.DRAIN_PATH}?timeout={spec.drain}",
+            "port": spec.metrics_port,
+            "scheme": "HTTP",
+            "httpHeaders": [{"name": sidecar.DRAIN_HEADER, "value": token}],
+        }
+    }
+
+
+def without_drain_hook(container: Mapping[str, Any]) -> dict[str, Any]:
+    """The container without the preStop hook this operator added (and without a lifecycle left empty)."""
+    if not is_drain_hook(pre_stop(container)):
+        return dict(container)
+    lifecycle = {k: v for k, v in container["lifecycle"].items() if k != "preStop"}
+    new = {k: v for k, v in container.items() if k != "lifecycle"}
+    if lifecycle:
+        new["lifecycle"] = lifecycle
+    return new
+
+
+def with_drain_hook(container: Mapping[str, Any], hook: Mapping[str, Any]) -> dict[str, Any]:
+    new = dict(container)
+    new["lifecycle"] = {**(container.get("lifecycle") or {}), "preStop": copy.deepcopy(dict(hook))}
+    return new
+
+
+def sidecar_container(spec: Spec, token: str = "") -> dict[str, Any]:
     capabilities = sidecar.METHOD_CAPABILITIES.get(spec.method, ())
     security: dict[str, Any] = {
         "allowPrivilegeEscalation": False,
@@ -55,7 +95,7 @@ def sidecar_container(spec: Spec) -> dict[str, Any]:
         security.update({"runAsNonRoot": False, "runAsUser": 0})
     else:
         security.update({"runAsNonRoot": True, "runAsUser": NONROOT_UID, "runAsGroup": NONROOT_UID})
-    return {
+    container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
@@ -70,6 +110,12 @@ def sidecar_container(spec: Spec) -> dict[str, Any]:
         },
         "securityContext": security,
     }
+    if spec.drain:
+        container["env"] = [{"name": sidecar.env_name("--drain-token"), "value": token}]
+        # The kubelet stops every container at once: the sidecar waits on its own drain too, so that it keeps
+        # counting and answering the app's hook until the connections end.
+        container["lifecycle"] = {"preStop": drain_hook(spec, token)}
+    return container
 
 
 def prometheus_annotations(spec: Spec) -> dict[str, str]:
@@ -88,18 +134,33 @@ class Injection:
     container: dict[str, Any]
     pod_annotations: dict[str, str]
     status: dict[str, Any]
+    # The app containers that wait on the drain, and the preStop hook each gets (None: no drain).
+    drain_containers: tuple[str, ...] = ()
+    drain_hook: dict[str, Any] | None = None
 
 
 def injection(deployment: Mapping[str, Any], spec: Spec, recorded: Status | None) -> Injection:
-    container = sidecar_container(spec)
+    token = drain_token(deployment) if spec.drain else ""
+    container = sidecar_container(spec, token)
+    hook = drain_hook(spec, token) if spec.drain else None
     pod_annotations = prometheus_annotations_wanted(deployment, spec, recorded)
-    return Injection(container, pod_annotations, status(spec, pod_annotations, container))
+    drained = {name: hook for name in spec.drain_containers} if hook else {}
+    return Injection(
+        container, pod_annotations, status(spec, pod_annotations, container, drained), spec.drain_containers, hook
+    )
 
 
-def status(spec: Spec, pod_annotations: Mapping[str, str], container: Mapping[str, Any]) -> dict[str, Any]:
+def status(
+    spec: Spec,
+    pod_annotations: Mapping[str, str],
+    container: Mapping[str, Any],
+    drained: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """What tcp-exporter/status records: enough to undo the injection, a hash to tell drift, and a digest of the
     user's annotations that shape the sidecar, to tell an upgrade of the operator from a change of the user's."""
-    injected = {"container": container, "podAnnotations": dict(pod_annotations)}
+    injected: dict[str, Any] = {"container": container, "podAnnotations": dict(pod_annotations)}
+    if drained:
+        injected["drain"] = dict(drained)
     return {
         "version": __version__,
         "inputs": spec.inputs,
@@ -139,7 +200,11 @@ def inject(deployment: Mapping[str, Any], added: Injection, recorded: Status | N
         template_meta["annotations"] = annotations
     else:
         template_meta.pop("annotations", None)
-    containers = [c for c in template["spec"].get("containers") or [] if c.get("name") != CONTAINER]
+    containers = [without_drain_hook(c) for c in template["spec"].get("containers") or [] if c.get("name") != CONTAINER]
+    if added.drain_hook is not None:
+        containers = [
+            with_drain_hook(c, added.drain_hook) if c.get("name") in added.drain_containers else c for c in containers
+        ]
     template["spec"]["containers"] = [*containers, copy.deepcopy(added.container)]
     meta = new["metadata"]
     meta["annotations"] = {**(meta.get("annotations") or {}), A_STATUS: json.dumps(added.status, sort_keys=True)}
@@ -159,7 +224,9 @@ def uninject(deployment: Mapping[str, Any], recorded: Status | None) -> dict[str
         else:
             template_meta.pop("annotations")
     if template.get("spec", {}).get("containers"):
-        template["spec"]["containers"] = [c for c in template["spec"]["containers"] if c.get("name") != CONTAINER]
+        template["spec"]["containers"] = [
+            without_drain_hook(c) for c in template["spec"]["containers"] if c.get("name") != CONTAINER
+        ]
     meta = new.get("metadata", {})
     if meta.get("annotations"):
         meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != A_STATUS}
@@ -179,9 +246,15 @@ def query(namespace: str, name: str) -> str:
     match; `max by (namespace, pod, port)` keeps one series per pod and port when two scrape jobs (the
     annotation job and a PodMonitor, say) collect the same sidecar. No `or vector(0)`: when no sidecar is
     seen the query returns nothing, KEDA reports an error instead of 0, and the fallback holds the replicas.
+
+    A draining pod's connections are left out (`unless` its tcp_exporter_draining is 1): the pod is going, and
+    the clients it still holds must not ask for the replicas back. A sidecar too old to export it is counted.
     """
     selector = f"namespace={promql_string(namespace)},{sidecar.DEPLOYMENT_LABEL}={promql_string(name)}"
-    return f"sum(max by (namespace, pod, {sidecar.PORT_LABEL}) ({sidecar.METRIC_ESTABLISHED}{{{selector}}}))"
+    return (
+        f"sum(max by (namespace, pod, {sidecar.PORT_LABEL}) ({sidecar.METRIC_ESTABLISHED}{{{selector}}})"
+        f" unless on (namespace, pod) (max by (namespace, pod) ({sidecar.METRIC_DRAINING}{{{selector}}}) == 1))"
+    )
 
 
 def child_name(name: str, suffix: str = "", limit: int = 253) -> str:

@@ -14,6 +14,8 @@ from tcp_exporter_operator.annotations import (
     Status,
     annotations_of,
     containers_of,
+    is_drain_hook,
+    pre_stop,
     quantity_value,
     template_of,
 )
@@ -46,6 +48,10 @@ def in_sync(deployment: Mapping[str, Any], recorded: Status | None, desired: Map
     wanted_containers = {c.get("name"): c for c in containers_of(desired)}
     if set(actual) != set(wanted_containers) or not matches(wanted_containers[CONTAINER], actual[CONTAINER]):
         return False
+    for name, container in wanted_containers.items():  # the drain's preStop hooks on the app containers
+        hook, found = pre_stop(container), pre_stop(actual[name])
+        if (is_drain_hook(hook) or is_drain_hook(found)) and not matches(hook, found):
+            return False
     return matches(annotations_of(template_of(desired)), annotations_of(template_of(deployment)))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -57,6 +58,12 @@ def user(text: str) -> tuple[int, int]:
         return privileges.parse_user(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def drain_token(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", text):
+        raise argparse.ArgumentTypeError("give a token of 16 to 128 letters, digits, '-' or '_'")
+    return text
 
 
 def label_value(text: str) -> str:
@@ -150,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         "needs (conntrack: NET_ADMIN) and none once the method chosen needs none (default 65532:65532; 0 stays "
         "root, still with no other capability)",
     )
+    parser.add_argument(
+        "--drain-token",
+        type=drain_token,
+        default=None,
+        metavar="TOKEN",
+        help=f"who shows it in the {c.DRAIN_HEADER} header may ask for {c.DRAIN_PATH} from outside the pod (the "
+        "kubelet running a preStop hook); without it, only from inside the pod (loopback). Better given as "
+        f"{c.env_name('--drain-token')}",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None, help="default info")
     parser.add_argument("--log-format", choices=("text", "json"), default=None, help="default text")
     parser.add_argument("--version", action="version", version=f"tcp-exporter {__version__}")
@@ -210,6 +226,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
         args.user = from_env("--user", user, privileges.DEFAULT_USER)
     if args.deployment is None:
         args.deployment = from_env("--deployment", label_value, None)
+    if args.drain_token is None:
+        args.drain_token = from_env("--drain-token", drain_token, None)
     if args.log_level is None:
         args.log_level = from_env("--log-level", choice(("debug", "info", "warning", "error")), "info")
     if args.log_format is None:
@@ -275,7 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         landing = LANDING.format(ports=", ".join(map(str, ports)), method=method.name)
         try:
-            server = serve(args.listen_address, make_registry(collector), collector, landing, args.max_connections)
+            server = serve(
+                args.listen_address,
+                make_registry(collector),
+                collector,
+                landing,
+                args.max_connections,
+                drain_token=args.drain_token,
+            )
         except OSError as exc:
             host, port = args.listen_address
             log.error("cannot listen on %s:%d: %s", host or "*", port, exc.strerror or exc)

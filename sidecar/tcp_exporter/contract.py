@@ -32,10 +32,19 @@ METRIC_COUNT_FAILURES = "tcp_exporter_count_failures"  # exposed with the _total
 METRIC_BUILD_INFO = "tcp_exporter_build"  # exposed as tcp_exporter_build_info
 METRIC_CONNTRACK_RESYNCS = "tcp_exporter_conntrack_resyncs"  # exposed with the _total suffix; conntrack only
 METRIC_CONNTRACK_LOSSES = "tcp_exporter_conntrack_event_losses"  # exposed with the _total suffix; conntrack only
+METRIC_DRAINING = "tcp_exporter_draining"  # 1 once a drain began (the pod is terminating), else 0
 PORT_LABEL = "port"
 # Set by --deployment: which Deployment's pods a connection series belongs to, so that a query selects one
 # Deployment exactly (pod-name patterns cannot: names have dots and dashes, share prefixes, and are truncated).
 DEPLOYMENT_LABEL = "tcp_exporter_deployment"
+
+# A drain: GET DRAIN_PATH?timeout=SECONDS[&floor=N] holds its answer until the watched ports' ESTABLISHED
+# connections are at most N (default 0) or SECONDS have passed, and marks the sidecar as draining for good. The
+# operator puts it in the pod's preStop hooks. Asked for from inside the pod (loopback), or by whoever shows the
+# token (DRAIN_HEADER: the kubelet running a preStop hook, which connects from the node): never by another pod.
+DRAIN_PATH = "/drain"
+DRAIN_HEADER = "X-Tcp-Exporter-Drain"
+DRAIN_MAX_SECONDS = 86400
 
 
 def env_name(flag: str) -> str:

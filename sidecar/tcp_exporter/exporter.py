@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import logging
 import platform
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -18,7 +22,7 @@ from prometheus_client.registry import Collector
 from tcp_exporter import __version__
 from tcp_exporter import contract as c
 from tcp_exporter.methods import Counts, Method
-from tcp_exporter.server import Response, Route, Server, listening_socket
+from tcp_exporter.server import Request, Response, Route, Server, listening_socket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,9 +45,16 @@ class Coalescer(Generic[T]):
         self.finished = float("-inf")
         self.outcome: tuple[T | None, BaseException | None] = (None, None)
 
-    def __call__(self) -> T:
+    def __call__(self, fresh: bool = False) -> T:
+        """`fresh`: a run that started after the call, whatever the window (a drain must not end on a count
+        taken before it began)."""
         with self.cond:
-            if not self.running and self.outcome[1] is None and time.monotonic() - self.finished < self.window:
+            if (
+                not fresh
+                and not self.running
+                and self.outcome[1] is None
+                and time.monotonic() - self.finished < self.window
+            ):
                 # A count that ended moments ago: a tight scrape loop shares it instead of pinning the CPU limit.
                 return self.outcome[0]  # type: ignore[return-value]
             wanted = self.generation + (2 if self.running else 1)
@@ -90,6 +101,7 @@ class ConnectionCollector(Collector):
         self.extra: tuple[list[str], list[str]] = ([c.DEPLOYMENT_LABEL], [deployment]) if deployment else ([], [])
         self.failures = 0
         self.last_duration = 0.0
+        self.draining_since: float | None = None  # monotonic time a drain began (Drain)
         self.count = Coalescer(self._timed_count, share_window)
 
     def _timed_count(self) -> Counts:
@@ -137,6 +149,13 @@ class ConnectionCollector(Collector):
                 accepted.add_metric([str(port), *self.extra[1]], counts.accepted[port])
             yield established
             yield accepted
+        draining = GaugeMetricFamily(
+            c.METRIC_DRAINING,
+            "1 once a drain began (the pod is terminating: leave its connections out of the scaling signal), else 0.",
+            labels=self.extra[0],
+        )
+        draining.add_metric(self.extra[1], 0 if self.draining_since is None else 1)
+        yield draining
         yield GaugeMetricFamily(
             c.METRIC_COUNT_SUCCESS, "1 if the last count succeeded, else 0.", value=1 if counts is not None else 0
         )
@@ -168,11 +187,82 @@ class ConnectionCollector(Collector):
         yield build
 
 
+class Drain:
+    """GET /drain?timeout=SECONDS[&floor=N]: mark the sidecar draining (for good), then answer once the watched
+    ports hold at most N ESTABLISHED connections (default 0) or SECONDS have passed, counting every `poll` seconds.
+
+    A preStop hook of the pod calls it, so that the app gets its SIGTERM only once its clients have left. Only from
+    inside the pod (loopback) or with the token (the kubelet, from the node): another pod that could mark this one
+    draining would take its connections out of its Deployment's scaling signal.
+    """
+
+    def __init__(self, collector: ConnectionCollector, token: str | None, poll: float = 1.0) -> None:
+        self.collector = collector
+        self.token = token
+        self.poll = poll
+
+    def allowed(self, request: Request) -> bool:
+        given = request.headers.get(c.DRAIN_HEADER.lower(), "")
+        if self.token and hmac.compare_digest(given.encode("latin-1"), self.token.encode()):
+            return True
+        try:
+            peer = ipaddress.ip_address(request.peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        mapped = getattr(peer, "ipv4_mapped", None)
+        return (mapped or peer).is_loopback
+
+    @staticmethod
+    def parse(query: str) -> tuple[float, int]:
+        """(timeout, floor) from the query string; ValueError with what is wrong."""
+        fields = urllib.parse.parse_qs(query, keep_blank_values=True, max_num_fields=4)
+        unknown = set(fields) - {"timeout", "floor"}
+        if unknown or any(len(v) != 1 for v in fields.values()):
+            raise ValueError("give timeout=SECONDS and optionally floor=N, once each")
+        timeout_text = fields.get("timeout", [""])[0]
+        if not re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,3})?", timeout_text) or float(timeout_text) > c.DRAIN_MAX_SECONDS:
+            raise ValueError(f"timeout: seconds from 0 to {c.DRAIN_MAX_SECONDS}")
+        floor_text = fields.get("floor", ["0"])[0]
+        if not re.fullmatch(r"[0-9]{1,9}", floor_text):
+            raise ValueError("floor: a whole number of connections")
+        return float(timeout_text), int(floor_text)
+
+    def established(self) -> int | None:
+        try:
+            return sum(self.collector.count(fresh=True).established.values())
+        except Exception:  # counted again at the next poll; the timeout bounds the wait
+            return None
+
+    async def __call__(self, server: Server, request: Request) -> Response:
+        text = "text/plain; charset=utf-8"
+        if not self.allowed(request):
+            return Response(403, text, b"a drain is asked for from inside the pod, or with the pod's token\n")
+        try:
+            timeout, floor = self.parse(request.query)
+        except ValueError as exc:
+            return Response(400, text, f"{exc}\n".encode())
+        started = time.monotonic()
+        if self.collector.draining_since is None:
+            self.collector.draining_since = started
+            log.info("draining: waiting up to %.0f s for at most %d connection(s)", timeout, floor)
+        while True:
+            left = await server.off_loop(self.established)
+            waited = time.monotonic() - started
+            if left is not None and left <= floor:
+                log.info("drained: %d connection(s) left after %.1f s", left, waited)
+                return Response(200, text, f"drained: {left} connection(s) left after {waited:.1f} s\n".encode())
+            if waited >= timeout:
+                log.info("drain time is up after %.1f s: %s connection(s) left", waited, left)
+                return Response(200, text, f"time is up after {waited:.1f} s: {left} connection(s) left\n".encode())
+            await asyncio.sleep(min(self.poll, timeout - waited))
+
+
 LANDING = """<!doctype html>
 <html><head><title>tcp-exporter</title></head>
 <body><h1>tcp-exporter</h1>
 <p>Counting ESTABLISHED inbound TCP connections on port(s) {ports} with the {method} method.</p>
-<ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li></ul>
+<ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li>
+<li>/drain?timeout=SECONDS: wait for the connections to end (from inside the pod, or with its token)</li></ul>
 </body></html>
 """
 
@@ -221,6 +311,7 @@ def serve(
     collector: ConnectionCollector,
     landing: str,
     max_connections: int = 64,
+    drain_token: str | None = None,
 ) -> Server:
     """Bind and start serving in a thread; raises OSError if the address cannot be bound."""
     return Server(
@@ -228,4 +319,5 @@ def serve(
         routes(registry, collector, landing),
         max_connections=max_connections,
         inline=frozenset({c.HEALTH_PATH, "/"}),  # cheap (no count): answered even while every count thread is busy
+        waiting={c.DRAIN_PATH: Drain(collector, drain_token)},
     )

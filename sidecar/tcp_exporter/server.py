@@ -23,14 +23,16 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 MAX_HEAD = 8192  # bytes of request line and headers; Prometheus sends a few hundred
 MAX_REQUESTS = 100  # per kept-alive connection (Prometheus reuses one per scrape interval: ~4 a minute)
 COUNT_THREADS = 2
+T = TypeVar("T")
 GRACE = 0.5  # seconds a new or kept-alive connection may wait for its next request before it is first to go
 
 
@@ -44,6 +46,7 @@ class Response:
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Content Too Large",
@@ -51,6 +54,20 @@ REASONS = {
 }
 # A route: given the request's headers (lower-cased names), the response. Routes run on the counting pool.
 Route = Callable[[dict[str, str]], Response]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a waiting route is given: the headers (lower-cased names), the query string, the peer's address."""
+
+    headers: dict[str, str]
+    query: str
+    peer: str
+
+
+# A waiting route (a drain): a coroutine on the server's loop, which may wait long without holding a thread; it
+# runs blocking work (a count) through `Server.off_loop`.
+WaitingRoute = Callable[["Server", Request], Awaitable[Response]]
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -88,9 +105,11 @@ class Server:
         idle_timeout: float = 30.0,
         write_timeout: float = 10.0,
         inline: frozenset[str] = frozenset(),
+        waiting: dict[str, WaitingRoute] | None = None,
     ) -> None:
         self.sock = sock
         self.routes = routes
+        self.waiting = waiting or {}
         self.inline = inline  # paths whose route is cheap: run on the loop, not queued on the counting pool
         self.max_connections = max_connections
         self.header_timeout = header_timeout
@@ -194,10 +213,13 @@ class Server:
             response = Response(413, "text/plain; charset=utf-8", b"request bodies are not accepted\n")
             return await self._write(writer, response, False, False)
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close" and not last
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         route = self.routes.get(path)
         if method not in ("GET", "HEAD"):
             response = Response(405, "text/plain; charset=utf-8", b"method not allowed\n")
+        elif path in self.waiting:
+            peer = writer.get_extra_info("peername")
+            response = await self.waiting[path](self, Request(headers, query, str(peer[0]) if peer else ""))
         elif route is None:
             response = Response(404, "text/plain; charset=utf-8", b"not found\n")
         elif path in self.inline:
@@ -206,6 +228,10 @@ class Server:
             response = await self.loop.run_in_executor(self.pool, self._unless_gone, writer, route, headers)
         self._note(writer, on_client=True)  # from here the client has to take the answer
         return await self._write(writer, response, keep_alive, method == "HEAD")
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """`fn` on the counting pool, awaited from a waiting route."""
+        return await self.loop.run_in_executor(self.pool, fn)
 
     @staticmethod
     def _unless_gone(writer: asyncio.StreamWriter, route: Route, headers: dict[str, str]) -> Response:
