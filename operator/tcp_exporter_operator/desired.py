@@ -144,7 +144,7 @@ def injection(deployment: Mapping[str, Any], spec: Spec, recorded: Status | None
     container = sidecar_container(spec, token)
     hook = drain_hook(spec, token) if spec.drain else None
     pod_annotations = prometheus_annotations_wanted(deployment, spec, recorded)
-    drained = {name: hook for name in spec.drain_containers} if hook else {}
+    drained = {"containers": list(spec.drain_containers), "hook": hook} if hook else None
     return Injection(
         container, pod_annotations, status(spec, pod_annotations, container, drained), spec.drain_containers, hook
     )
