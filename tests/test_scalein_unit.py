@@ -11,14 +11,14 @@ from tcp_exporter_operator.scalein import DeletionCosts, Target, TokenBucket, de
 from harness.hostile import Prometheus, answer
 
 
-def test_every_pod_is_written_once_then_only_on_a_material_change_unless_scale_in_is_imminent() -> None:
+def test_nothing_is_written_in_steady_state_and_every_difference_once_a_scale_in_is_coming() -> None:
     counts = {"a": 10, "b": 50}
-    assert decide(counts, {}, exact=False) == [("a", 10), ("b", 50)]
-    # b moved by 2 (not more than max(2, 20% of 50)): not material; a by 3 of 10: material.
-    assert decide({"a": 13, "b": 52}, counts, exact=False) == [("a", 13)]
-    # Imminent: every difference is written, the largest first.
-    assert decide({"a": 11, "b": 52}, counts, exact=True) == [("b", 52), ("a", 11)]
-    assert decide(counts, counts, exact=True) == []
+    # No scale-in coming: not even a pod never written, however far a count moves.
+    assert decide(counts, {}, coming=False) == []
+    assert decide({"a": 500, "b": 0}, counts, coming=False) == []
+    # Coming: pods never written first, then every difference, the largest first; nothing already right.
+    assert decide({"a": 11, "b": 52, "c": 0}, counts, coming=True) == [("c", 0), ("b", 52), ("a", 11)]
+    assert decide(counts, counts, coming=True) == []
 
 
 def test_scale_in_is_imminent_when_kedas_formula_wants_fewer_replicas_than_there_are() -> None:
@@ -60,14 +60,15 @@ class Pods:
 def test_writes_stay_within_the_overall_rate_under_churn_and_the_rest_waits(monkeypatch: Any) -> None:
     series: list[dict[str, Any]] = []
     monkeypatch.setattr(scalein, "query", lambda url, headers: series)
-    targets = {("shop", f"web-{d}"): Target(100, 1, 10, "http://p") for d in range(4)}
+    # A threshold no count reaches: KEDA's formula wants 1 of 10 replicas, a scale-in is coming throughout.
+    targets = {("shop", f"web-{d}"): Target(10**6, 1, 10, "http://p") for d in range(4)}
     pods = Pods()
     costs = DeletionCosts(
         pods, targets, period=1, rate=30, headers={}, may_write=lambda: True, allowed=lambda url: True
     )  # type: ignore[arg-type]
     costs.bucket = TokenBucket(30, clock=lambda: 0.0)  # no time passes: the burst is all there is
     for round_ in range(3):
-        # Churn: every pod's count jumps each round, far beyond the hysteresis.
+        # Churn: every pod's count jumps each round.
         series[:] = [
             {
                 "metric": {"namespace": "shop", "tcp_exporter_deployment": d, "pod": f"{d}-{p}"},
@@ -116,7 +117,8 @@ def test_a_prometheus_answering_inf_nan_or_garbage_for_one_namespace_leaves_anot
         sample("team-b", "web-api-2", "1e12"),  # capped at the int32 the annotation holds
     ]
     monkeypatch.setattr(scalein, "query", lambda url, headers: series)
-    targets = {(ns, "web-api"): Target(100, 1, 2, "http://p") for ns in ("team-a", "team-b")}
+    # A threshold no count reaches: a scale-in is coming, so every valid count is written.
+    targets = {(ns, "web-api"): Target(2**32, 1, 2, "http://p") for ns in ("team-a", "team-b")}
     pods = Pods()
     costs = DeletionCosts(
         pods, targets, period=1, rate=30, headers={}, may_write=lambda: True, allowed=lambda url: True

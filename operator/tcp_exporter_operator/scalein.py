@@ -6,16 +6,16 @@ Prometheus address), from the very series KEDA scales on. The operator then need
 watch of pods (the most numerous objects of a cluster) and no scrape of its own; the price is Prometheus' scrape
 interval of lag, which the write policy below allows for.
 
-When it writes (Kubernetes' documentation warns against updating the annotation from a metric continuously):
-- a pod never written: once;
-- a scale-in is imminent (KEDA's formula, max(min-replicas, ceil(total / threshold)), is below the Deployment's
-  replicas): every pod whose count differs from what was written, so the ranking is exact when the HPA acts;
-- otherwise only when a pod's count has moved materially from what was written (hysteresis: more than
-  `MIN_STEP` connections and more than `REL_STEP` of the written value);
-While a scale-in is imminent the period is `URGENCY` times shorter, so that the costs trail the counts by
-little more than Prometheus' scrape interval. Never more than `PER_DEPLOYMENT` pods per Deployment per period,
-nor more than the configured rate overall (a token bucket); what does not fit waits for the next period, the
-largest changes first.
+When it writes (the pod-deletion-cost KEP and Kubernetes' documentation warn against updating the annotation from
+a metric continuously): only while a scale-in is coming, that is while KEDA's formula, max(min-replicas,
+ceil(total / threshold)), is below the Deployment's replicas, which is what the HPA recommends all through its
+scale-down stabilization window before it acts. Then every pod whose count differs from what was written is
+written, so the ranking is exact when the HPA acts, and the period is `URGENCY` times shorter, so that the costs
+trail the counts by little more than Prometheus' scrape interval. In steady state (no scale-in coming) nothing is
+written at all, however the counts move: a cost left from an earlier scale-in is only read when pods are removed,
+and before that the next imminent scale-in rewrites it. Never more than `PER_DEPLOYMENT` pods per Deployment per
+period, nor more than the configured rate overall (a token bucket); what does not fit waits for the next period,
+the largest changes first.
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ QUERY = (
     f"sum by ({_BY}) (max by ({_BY}, {sidecar.PORT_LABEL}) "
     f'({sidecar.METRIC_ESTABLISHED}{{{sidecar.DEPLOYMENT_LABEL}!=""}}))'
 )
-MIN_STEP = 2  # connections: a smaller change is never material
-REL_STEP = 0.2  # of the written value: nor is a smaller relative one
 PER_DEPLOYMENT = 50  # pods written per Deployment per period at most
 QUERY_TIMEOUT = 10.0  # seconds for the whole exchange, connecting included
 MAX_ANSWER = 64 * 2**20  # bytes: 20,000 pods' samples are about 4 MB
@@ -71,16 +69,15 @@ def imminent(counts: Mapping[str, int], target: Target) -> bool:
     return wanted < target.replicas
 
 
-def material(count: int, written: int) -> bool:
-    return abs(count - written) > max(MIN_STEP, REL_STEP * written)
-
-
-def decide(counts: Mapping[str, int], written: Mapping[str, int], exact: bool) -> list[tuple[str, int]]:
-    """(pod, cost) to write, most needed first: pods never written, then by how far their count has moved."""
+def decide(counts: Mapping[str, int], written: Mapping[str, int], coming: bool) -> list[tuple[str, int]]:
+    """(pod, cost) to write, most needed first: nothing unless a scale-in is coming; then every pod whose count
+    differs from what was written, pods never written first, then by how far their count has moved."""
+    if not coming:
+        return []
     out = []
     for pod, count in counts.items():
         old = written.get(pod)
-        if old is None or (old != count if exact else material(count, old)):
+        if old != count:
             out.append((pod, count, math.inf if old is None else abs(count - old)))
     out.sort(key=lambda entry: -entry[2])
     return [(pod, count) for pod, count, _ in out]
@@ -278,9 +275,9 @@ class DeletionCosts:
             written = self.written.setdefault(key, {})
             for gone in set(written) - set(pods):
                 del written[gone]
-            exact = imminent(pods, targets[key])
-            self.urgent = self.urgent or exact
-            for pod, cost in decide(pods, written, exact)[:PER_DEPLOYMENT]:
+            coming = imminent(pods, targets[key])
+            self.urgent = self.urgent or coming
+            for pod, cost in decide(pods, written, coming)[:PER_DEPLOYMENT]:
                 if not self.bucket.take():
                     return writes  # the overall limit: the rest next period
                 if not self.confined and time.monotonic() >= self.check_after:
