@@ -1,6 +1,6 @@
 """Scale-in without cutting connections, measured on real pods: how many connections each way of scaling in cuts.
 
-    python -m bench.drain [--drain 90] [--mean 20] [--endless 6] [--variants default,least,drain] [--json PATH]
+    python -m bench.drain [--rounds 2] [--drain 90] [--mean 20] [--endless 6] [--variants default,least,drain]
 
 On the node tier (a real kubelet, containerd and kube-proxy running the sidecar image built from
 Dockerfile.sidecar), with real KEDA, the real HPA and a real Prometheus on the host: the sample Deployment
@@ -15,7 +15,8 @@ again through the Service for the rest of its lifetime, as real clients do. Each
   least    tcp-exporter/scale-in-by-connections: the least-connected pods are removed
   drain    least + tcp-exporter/drain: the removed pods leave the Service and wait for their clients to leave
 
-Reported per variant: connections cut, split into those that would have ended within the drain and the rest
+Each round runs every variant once, in turn. Reported per variant, per scale-in (the mean over the rounds):
+connections cut, split into those that would have ended within the drain and the rest
 (endless, or meant to last longer than the drain); the scale-in's time, from the HPA's decision to the last
 removed pod gone; and the most replicas the Deployment had afterwards (a drain must not bring replicas back).
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -182,7 +184,7 @@ def run_variant(
 ) -> dict[str, Any]:
     from harness.nodedemo import _state, endpoints, ready_pods
 
-    rng = random.Random(f"{variant}-{args.seed}")
+    rng = random.Random(f"{variant}-{namespace}-{args.seed}")
     core.create_namespaced_service(
         namespace, yaml.safe_load((REPO / "manifests" / "samples" / "service.yaml").read_text())
     )
@@ -254,6 +256,8 @@ def run_variant(
             else:
                 cut_later += 1
     after = [n for t, n in replicas if t >= decided - dropped]
+    # Replicas climbing back: any rise after the HPA's first step down (a 6 -> 4 -> 3 in two steps is no rise).
+    rises = sum(1 for before, now in itertools.pairwise(after) if now > before)
     return {
         "variant": variant,
         "sessions": len(clients.sessions),
@@ -265,6 +269,7 @@ def run_variant(
         "scale_in_seconds": finished - decided,
         "replicas_after_decision_max": max(after),
         "replicas_after_decision_min": min(after),
+        "replicas_rises": rises,
         "failed_connects": clients.failed_connects,
         "replicas": replicas,
     }
@@ -280,7 +285,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from harness.operator_proc import Operator, install
     from harness.promstack import Prometheus, documented_jobs
 
-    namespaces = {v: f"drain-{v}" for v in args.variants}
+    runs = [(r, v) for r in range(args.rounds) for v in args.variants]
+    namespaces = {run: f"drain-{run[1]}-{run[0]}" for run in runs}
     cluster = lk.temporary(address=NODE_IP)
     kubectl = lk.kubectl_runner(cluster)
     node = keda = prometheus = operator = None
@@ -306,9 +312,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         operator = Operator(cluster, kubectl, env=env)
         api = config.new_client_from_config(config_file=cluster.kubeconfig)
         apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-        for variant, namespace in namespaces.items():
+        for (round_, variant), namespace in namespaces.items():
             kubectl("create", "namespace", namespace)
             result = run_variant(variant, kubectl, apps, core, prometheus.url, namespace, args)
+            result["round"] = round_
             log(
                 f"{variant}: {result['cut']} cut ({result['cut_would_have_ended_within_drain']} would have ended "
                 f"within the drain), scale-in {result['scale_in_seconds']:.0f} s, replicas after: "
@@ -333,8 +340,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "low_finite": LOW,
         "stabilization_seconds": STABILIZATION,
         "scrape_interval": args.scrape,
-        "variants": results,
+        "rounds": args.rounds,
+        "runs": results,
+        "variants": summary(results),
     }
+
+
+def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant, the mean per scale-in over its rounds (replicas afterwards: the range over all)."""
+    out = []
+    for variant in VARIANTS:
+        runs = [r for r in results if r["variant"] == variant]
+        if not runs:
+            continue
+        mean = {
+            key: sum(r[key] for r in runs) / len(runs)
+            for key in (
+                "cut",
+                "cut_would_have_ended_within_drain",
+                "cut_meant_to_last_longer",
+                "cut_endless",
+                "scale_in_seconds",
+                "sessions",
+                "replicas_rises",
+            )
+        }
+        low = min(r["replicas_after_decision_min"] for r in runs)
+        high = max(r["replicas_after_decision_max"] for r in runs)
+        out.append({"variant": variant, "scale_ins": len(runs), **mean, "replicas_min": low, "replicas_max": high})
+    return out
 
 
 TITLES = {
@@ -347,21 +381,22 @@ TITLES = {
 def table(r: dict[str, Any]) -> str:
     lines = [
         f"| scale-in 6 -> 3 | connections cut | of them, would have ended within {r['drain_seconds']} s "
-        "| meant to last longer | endless | scale-in took (s) | replicas afterwards |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| meant to last longer | endless | scale-in took (s) | replicas afterwards | replicas rose again |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for v in r["variants"]:
-        low, high = v["replicas_after_decision_min"], v["replicas_after_decision_max"]
+        low, high = v["replicas_min"], v["replicas_max"]
         lines.append(
-            f"| {TITLES[v['variant']]} | {v['cut']} | {v['cut_would_have_ended_within_drain']} "
-            f"| {v['cut_meant_to_last_longer']} | {v['cut_endless']} | {v['scale_in_seconds']:.0f} "
-            f"| {low if low == high else f'{low}-{high}'} |"
+            f"| {TITLES[v['variant']]} | {v['cut']:.1f} | {v['cut_would_have_ended_within_drain']:.1f} "
+            f"| {v['cut_meant_to_last_longer']:.1f} | {v['cut_endless']:.1f} | {v['scale_in_seconds']:.0f} "
+            f"| {low if low == high else f'{high} -> {low}'} | {v['replicas_rises']:.0f} |"
         )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="scale-ins of each variant")
     parser.add_argument("--drain", type=int, default=90, help="seconds of tcp-exporter/drain in variant (c)")
     parser.add_argument("--mean", type=float, default=20.0, help="mean connection lifetime, seconds")
     parser.add_argument("--endless", type=int, default=6, help="connections that never end")
@@ -384,7 +419,7 @@ def main() -> int:
     r = run(args)
     print(
         f"\n## Scale-in without cutting connections: 6 -> 3 real pods by KEDA's HPA, lifetimes Exp(mean "
-        f"{args.mean:.0f} s) + {args.endless} endless, drain {args.drain} s\n"
+        f"{args.mean:.0f} s) + {args.endless} endless, drain {args.drain} s; per scale-in, mean of {args.rounds}\n"
     )
     print(table(r))
     write_results(args.json, r)

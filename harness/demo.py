@@ -31,7 +31,7 @@ import time
 
 from kubernetes import config
 
-from harness.helpers import wait_for
+from harness.helpers import sidecar_in, wait_for
 from harness.kedastack import Keda
 from harness.localkube import cluster as localkube
 from harness.netns import in_netns, lan
@@ -143,13 +143,13 @@ def main() -> int:
 
         def injected() -> dict[str, object] | None:
             dep = json.loads(k("get", "deployment", NAME, "-n", NAMESPACE, "-o", "json"))
-            names = [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]]
-            return dep if "tcp-exporter" in names else None
+            return dep if sidecar_in(dep["spec"]["template"]["spec"]) is not None else None
 
         dep = wait_for(injected, 60, "the operator to inject the sidecar")
         template = dep["spec"]["template"]  # type: ignore[index]
         step(f"The injected pod template (kubectl get deployment {NAME} -o yaml)")
-        show(json.dumps({"metadata": template["metadata"], "containers": template["spec"]["containers"]}, indent=2))
+        shown = {k: template["spec"][k] for k in ("initContainers", "containers") if k in template["spec"]}
+        show(json.dumps({"metadata": template["metadata"], **shown}, indent=2))
         show("tcp-exporter/status: " + dep["metadata"]["annotations"]["tcp-exporter/status"])  # type: ignore[index]
         so = wait_for(
             lambda: json.loads(k("get", "scaledobjects", "-n", NAMESPACE, "-o", "json"))["items"],
@@ -166,7 +166,7 @@ def main() -> int:
             try:
                 (running,) = wait_for(lambda: kubelet.sync(NAME) or None, 60, "the pod")
                 kubelet.connect(running, CONNECTIONS)
-                args = next(c["args"] for c in template["spec"]["containers"] if c["name"] == "tcp-exporter")
+                args = sidecar_in(template["spec"])["args"]
                 show(f"pod {running.name} ({running.ip}, network namespace {running.netns})")
                 show(f"sidecar: tcp-exporter {' '.join(args)}")
 

@@ -8,9 +8,19 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def sidecar_in(pod_spec: Any) -> Any:
+    """The tcp-exporter container of a pod (or pod template) spec, as a dict or the client's object: a regular
+    container, or a native sidecar among the init containers; None if it has none."""
+    if isinstance(pod_spec, dict):
+        every = (pod_spec.get("containers") or []) + (pod_spec.get("initContainers") or [])
+        return next((c for c in every if c.get("name") == "tcp-exporter"), None)
+    every = (pod_spec.containers or []) + (pod_spec.init_containers or [])
+    return next((c for c in every if c.name == "tcp-exporter"), None)
 
 
 def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:

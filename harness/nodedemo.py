@@ -32,7 +32,7 @@ def ready_pods(kubectl: Callable[..., str], namespace: str, container: str | Non
     out = []
     for pod in json.loads(kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]:
         statuses = pod.get("status", {}).get("containerStatuses") or []
-        names = [c["name"] for c in pod["spec"]["containers"]]
+        names = [c["name"] for c in pod["spec"]["containers"] + (pod["spec"].get("initContainers") or [])]
         if pod["metadata"].get("deletionTimestamp") or (container and container not in names):
             continue
         if statuses and all(c["ready"] for c in statuses):

@@ -242,7 +242,9 @@ class Kube:
         )
 
     def containers(self, name: str) -> dict[str, Any]:
-        return {c.name: c for c in self.get(name).spec.template.spec.containers}
+        """The pod template's containers by name, a native sidecar (an init container) included."""
+        spec = self.get(name).spec.template.spec
+        return {c.name: c for c in (spec.init_containers or []) + spec.containers}
 
     def scaled_object(self, name: str) -> dict[str, Any] | None:
         """The ScaledObject the operator names for the Deployment `name` (the same name up to 54 characters)."""

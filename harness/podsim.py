@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes import client
 
 from harness.exporter_proc import EXPORTER, as_security_context
-from harness.helpers import die_with_parent, wait_for
+from harness.helpers import die_with_parent, sidecar_in, wait_for
 from harness.netns import Lan, connect, listener
 
 
@@ -55,7 +55,7 @@ class Kubelet:
         def ready() -> list[dict[str, Any]] | None:
             items = self.core.list_namespaced_pod(self.ns, label_selector=selector).items
             pods = [p for p in items if p.metadata.deletion_timestamp is None]
-            with_sidecar = [p for p in pods if any(c.name == "tcp-exporter" for c in p.spec.containers)]
+            with_sidecar = [p for p in pods if sidecar_in(p.spec) is not None]
             if len(with_sidecar) == count:
                 return [client.ApiClient().sanitize_for_serialization(p) for p in with_sidecar]
             return None
@@ -66,7 +66,7 @@ class Kubelet:
         slot = self.free.pop(0)
         ns = self.net.pods[slot]
         ip = self.net.pod_v6[slot] if ipv6 else self.net.pod_v4[slot]
-        (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "tcp-exporter"]
+        sidecar = sidecar_in(pod["spec"])
         server = listener(ns, self.app_port)
         as_container = as_security_context(sidecar["securityContext"])
         env = {e["name"]: e["value"] for e in sidecar.get("env") or [] if "value" in e}  # the drain's token
@@ -100,6 +100,19 @@ class Kubelet:
                         }
                         for c in pod["spec"]["containers"]
                     ],
+                    "initContainerStatuses": [  # a native sidecar runs on (and counts as the pod's)
+                        {
+                            "name": c["name"],
+                            "image": c["image"],
+                            "imageID": "",
+                            "ready": True,
+                            "started": True,
+                            "restartCount": 0,
+                            "state": {"running": {"startedAt": now}},
+                        }
+                        for c in pod["spec"].get("initContainers") or []
+                        if c.get("restartPolicy") == "Always"
+                    ],
                 }
             },
         )
@@ -116,7 +129,7 @@ class Kubelet:
         live = [
             p
             for p in sorted(items, key=lambda p: (p.metadata.creation_timestamp, p.metadata.name))
-            if p.metadata.deletion_timestamp is None and any(c.name == "tcp-exporter" for c in p.spec.containers)
+            if p.metadata.deletion_timestamp is None and sidecar_in(p.spec) is not None
         ]
         names = {p.metadata.name for p in live}
         owned = self.owned.setdefault(deployment, set())
@@ -147,8 +160,8 @@ class Kubelet:
         """What the kubelet does first when it stops the pod: the sidecar's preStop hook (the drain), from the node
         (this host), the hook's path and headers as the pod spec has them but for a `timeout` of the test's."""
         template = self.apps.read_namespaced_deployment(deployment, self.ns).spec.template
-        (sidecar,) = [c for c in template.spec.containers if c.name == "tcp-exporter"]
-        hook = sidecar.lifecycle.pre_stop.http_get
+        app = next(c for c in template.spec.containers if c.lifecycle and c.lifecycle.pre_stop)
+        hook = app.lifecycle.pre_stop.http_get  # the app's hook (a native sidecar has none: it outlives the app)
         path = hook.path.split("?", 1)[0] + f"?timeout={timeout}"
         headers = {h.name: h.value for h in hook.http_headers or []}
         host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip

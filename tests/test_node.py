@@ -20,7 +20,7 @@ import pytest
 from conftest import need
 from tcp_exporter import __version__
 
-from harness.helpers import wait_for
+from harness.helpers import sidecar_in, wait_for
 from harness.images import SAMPLE_IMAGE
 from harness.nodedemo import endpoints, ready_pods, serves_only
 
@@ -177,9 +177,17 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
         def pod() -> dict[str, Any] | None:
             items = json.loads(kubectl("-n", "demo", "get", "pods", "-o", "json"))["items"]
             for p in items:
-                names = [c["name"] for c in p["spec"]["containers"]]
-                statuses = p.get("status", {}).get("containerStatuses", [])
-                if "tcp-exporter" in names and statuses and all(c["ready"] for c in statuses):
+                status = p.get("status", {})
+                statuses = status.get("containerStatuses", []) + status.get("initContainerStatuses", [])
+                # The sidecar is a native one (the operator's auto on this 1.37 API server): an init container
+                # that runs for the pod's life, its readiness among the init containers' statuses.
+                sidecar = p["spec"]["initContainers"][-1] if p["spec"].get("initContainers") else {}
+                if (
+                    sidecar.get("name") == "tcp-exporter"
+                    and sidecar.get("restartPolicy") == "Always"
+                    and statuses
+                    and all(c["ready"] for c in statuses)
+                ):
                     return dict(p)
             return None
 
@@ -188,7 +196,8 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{kubectl('-n', 'demo', 'describe', 'pods', check=False)[-4000:]}") from None
         ip = running["status"]["podIP"]
-        (sidecar,) = [c for c in running["status"]["containerStatuses"] if c["name"] == "tcp-exporter"]
+        statuses = running["status"]["containerStatuses"] + running["status"]["initContainerStatuses"]
+        (sidecar,) = [c for c in statuses if c["name"] == "tcp-exporter"]
         assert sidecar["restartCount"] == 0 and sidecar["image"].endswith("tcp-exporter:" + __version__)
         (process,) = sidecar_processes("echo-server")
         assert process["uid"].split() == ["65532"] * 4 and int(process["effective"], 16) == 0, process
@@ -212,8 +221,7 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
 
         def conntrack_pod() -> dict[str, Any] | None:
             found = pod()
-            args = next((c["args"] for c in (found or {}).get("spec", {}).get("containers", [])
-                         if c["name"] == "tcp-exporter"), [])  # fmt: skip
+            args = (sidecar_in(found["spec"]) or {}).get("args", []) if found else []
             return (
                 found
                 if "--method=conntrack" in args and found.get("metadata", {}).get("deletionTimestamp") is None
@@ -259,11 +267,11 @@ def test_under_pod_security_baseline_conntrack_becomes_sockdiag_and_the_pods_are
 
         def admitted() -> list[dict[str, Any]]:
             pods = ready_pods(kubectl, "shared", "tcp-exporter")
-            args = [c.get("args", []) for p in pods for c in p["spec"]["containers"] if c["name"] == "tcp-exporter"]
+            args = [sidecar_in(p["spec"]).get("args", []) for p in pods]
             return pods if args and all("--method=sockdiag" in a for a in args) else []
 
         (pod,) = wait_for(admitted, 180, "a pod with the sockdiag sidecar admitted and Ready under baseline")
-        (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "tcp-exporter"]
+        sidecar = sidecar_in(pod["spec"])
         assert "add" not in sidecar["securityContext"]["capabilities"]
         events = json.loads(kubectl("-n", "shared", "get", "events", "-o", "json"))["items"]
         assert any(e["reason"] == "MethodDowngraded" and e["type"] == "Warning" for e in events)
@@ -323,7 +331,7 @@ def test_a_drained_scale_in_cuts_no_connection_that_ends_in_time_and_the_never_e
         try:
             for event in watch.Watch().stream(api.list_namespaced_pod, "scaling", timeout_seconds=120):
                 pod = event["object"]
-                for status in pod.status.container_statuses or []:
+                for status in (pod.status.container_statuses or []) + (pod.status.init_container_statuses or []):
                     if status.state and status.state.terminated:
                         ended[(pod.metadata.name, status.name)] = status.state.terminated
                 if stop.is_set():

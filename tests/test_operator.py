@@ -230,15 +230,57 @@ def test_deleting_the_deployment_deletes_its_scaledobject(operator: Operator, ku
     wait_for(lambda: kube.scaled_object("gone") is None, 60, "the garbage collector to delete the ScaledObject")
 
 
+def test_auto_injects_a_native_sidecar_on_1_37_and_a_mode_change_moves_it_in_one_rollout_each_way(
+    operator: Operator, kube: Kube, cluster: Any, kubectl: Callable[..., str]
+) -> None:
+    name = "ws-gateway.eu-1"
+    body = deployment(name, {"tcp-exporter/port": "8080"})
+    body["spec"]["template"]["spec"]["initContainers"] = [
+        {"name": "migrate", "image": "example.test/migrate:1", "command": ["/migrate"]}
+    ]
+    kube.create(body)
+    injected(kube, name)
+    kube.converged(operator, name)
+
+    def where() -> tuple[list[tuple[str, str | None]], list[str]]:
+        spec = kube.get(name).spec.template.spec
+        return [(c.name, c.restart_policy) for c in spec.init_containers or []], [c.name for c in spec.containers]
+
+    # auto, against this API server (1.37): a native sidecar, last of the init containers, the user's kept first.
+    assert where() == ([("migrate", None), ("tcp-exporter", "Always")], ["app"])
+    status = json.loads(kube.get(name).metadata.annotations["tcp-exporter/status"])
+    assert status["mode"] == "native"
+    rollouts = kube.rollouts(name)
+
+    def revision() -> int:
+        return int(kube.get(name).metadata.annotations["deployment.kubernetes.io/revision"])
+
+    first = revision()
+    operator.stop()
+    regular = Operator(cluster, kubectl, env={"TCP_EXPORTER_OPERATOR_SIDECAR_MODE": "container"})
+    try:
+        wait_for(lambda: where() == ([("migrate", None)], ["app", "tcp-exporter"]), 30, "the sidecar moved")
+        assert "mode" not in json.loads(kube.get(name).metadata.annotations["tcp-exporter/status"])
+        kube.converged(regular, name)
+        assert kube.rollouts(name) == rollouts + 1 and revision() == first + 1
+    finally:
+        regular.close()
+        operator.start()
+    wait_for(lambda: where() == ([("migrate", None), ("tcp-exporter", "Always")], ["app"]), 30, "moved back")
+    kube.converged(operator, name)
+    # Back to the very template of before: its ReplicaSet is rolled back to, no third one; one revision more.
+    assert kube.rollouts(name) == rollouts + 1 and revision() == first + 2
+
+
 def test_a_scaledobject_deleted_or_a_sidecar_removed_by_hand_is_restored(operator: Operator, kube: Kube) -> None:
     kube.create(deployment("heal", {"tcp-exporter/port": "8080"}))
     injected(kube, "heal")
     kube.custom.delete_namespaced_custom_object(*KEDA, kube.ns, "scaledobjects", "heal")
     wait_for(lambda: kube.scaled_object("heal"), 30, "the ScaledObject to come back")
     dep = kube.get("heal")
-    index = [c.name for c in dep.spec.template.spec.containers].index("tcp-exporter")
+    index = [c.name for c in dep.spec.template.spec.init_containers].index("tcp-exporter")  # a native sidecar
     kube.apps.patch_namespaced_deployment(
-        "heal", kube.ns, [{"op": "remove", "path": f"/spec/template/spec/containers/{index}"}]
+        "heal", kube.ns, [{"op": "remove", "path": f"/spec/template/spec/initContainers/{index}"}]
     )
     wait_for(lambda: "tcp-exporter" in kube.containers("heal"), 30, "the sidecar to come back")
 

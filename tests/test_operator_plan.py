@@ -14,7 +14,7 @@ import pytest
 import yaml
 from tcp_exporter import contract
 from tcp_exporter.cli import parse_args
-from tcp_exporter_operator.annotations import A_PORT, A_STATUS, parse_spec
+from tcp_exporter_operator.annotations import A_PORT, A_STATUS, parse_spec, sidecar_of
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import (
     SCALED_OBJECT_NAME_MAX,
@@ -91,8 +91,7 @@ def test_render_takes_a_namespace_the_clusters_configmap_and_prints_the_podmonit
     assert {d["metadata"]["namespace"] for d in docs.values()} == {"shop"}
     assert docs["ScaledObject"]["spec"]["triggers"][0]["metadata"]["threshold"] == "42"  # the ConfigMap's
     assert "ownerReferences" not in docs["PodMonitor"]["metadata"]
-    sidecar = [c for c in docs["Deployment"]["spec"]["template"]["spec"]["containers"] if c["name"] == "tcp-exporter"]
-    assert sidecar[0]["image"] == "registry.test/te:1"
+    assert sidecar_of(docs["Deployment"])["image"] == "registry.test/te:1"
     assert "PodMonitor" not in {
         d["kind"] for d in yaml.safe_load_all(subprocess.run(cmd, capture_output=True, text=True).stdout)
     }
@@ -130,7 +129,7 @@ def test_the_clis_answer_a_missing_or_malformed_file_and_missing_credentials_in_
 
 def test_rendered_sidecar_args_are_accepted_by_the_real_sidecar_cli() -> None:
     docs = list(yaml.safe_load_all(render("named-ports", None).stdout))
-    (sidecar,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "tcp-exporter"]
+    sidecar = sidecar_of(docs[0])
     args = parse_args(sidecar["args"], {})
     assert args.watch_port == [1883, 5672]
     assert args.listen_address == ("", 9200)
@@ -139,7 +138,8 @@ def test_rendered_sidecar_args_are_accepted_by_the_real_sidecar_cli() -> None:
 
 # -- plan -----------------------------------------------------------------------------------------
 
-CFG = Config()
+CFG = Config()  # auto, unresolved: a native sidecar
+CONTAINER_CFG = Config(sidecar_mode="container")
 
 
 def stored(name: str = "basic") -> dict[str, Any]:
@@ -208,7 +208,7 @@ def test_planning_leaves_the_deployment_it_reads_as_it_was() -> None:
 
 def test_equal_quantities_in_another_form_cause_no_patch() -> None:
     dep = applied(stored(), plan(stored(), Facts(), CFG))
-    (sidecar,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "tcp-exporter"]
+    sidecar = sidecar_of(dep)
     sidecar["resources"]["requests"]["cpu"] = "0.01"  # the API server may write 10m back as 0.01 or vice versa
     sidecar["resources"]["limits"]["memory"] = str(96 * 1024 * 1024)
     assert plan(dep, Facts(scaled_object={"spec": {}}), CFG).deployment_patch is None
@@ -222,10 +222,50 @@ def test_a_new_operator_version_alone_does_not_roll_the_pods() -> None:
     assert plan(dep, Facts(scaled_object={"spec": {}}), CFG).deployment_patch is None
 
 
-def test_a_sidecar_removed_by_hand_is_planned_back() -> None:
-    dep = applied(stored(), plan(stored(), Facts(), CFG))
-    dep["spec"]["template"]["spec"]["containers"] = dep["spec"]["template"]["spec"]["containers"][:1]
-    assert plan(dep, Facts(), CFG).deployment_patch is not None
+@pytest.mark.parametrize("cfg", [CFG, CONTAINER_CFG], ids=["native", "container"])
+def test_a_sidecar_removed_by_hand_is_planned_back(cfg: Config) -> None:
+    dep = applied(stored(), plan(stored(), Facts(), cfg))
+    pod = dep["spec"]["template"]["spec"]
+    pod["containers"] = [c for c in pod["containers"] if c["name"] != "tcp-exporter"]
+    pod.pop("initContainers", None)
+    assert sidecar_of(applied(dep, plan(dep, Facts(), cfg))) is not None
+
+
+def test_a_native_sidecar_is_the_last_init_container_and_a_mode_change_moves_it_with_the_users_own_kept() -> None:
+    original = stored()
+    original["spec"]["template"]["spec"]["initContainers"] = [{"name": "migrate", "image": "registry.test/m:1"}]
+    native = applied(original, plan(original, Facts(), CFG))
+    pod = native["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["migrate", "tcp-exporter"]
+    assert pod["initContainers"][1]["restartPolicy"] == "Always"
+    assert "tcp-exporter" not in [c["name"] for c in pod["containers"]]
+    assert json.loads(native["metadata"]["annotations"][A_STATUS])["mode"] == "native"
+    # The operator configured for regular containers moves it (one rollout), and back; nothing else changes.
+    moved = applied(native, plan(native, Facts(), CONTAINER_CFG))
+    pod = moved["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["migrate"]
+    assert pod["containers"][-1]["name"] == "tcp-exporter" and "restartPolicy" not in pod["containers"][-1]
+    assert "mode" not in json.loads(moved["metadata"]["annotations"][A_STATUS])
+    assert plan(moved, Facts(scaled_object={"spec": {}}), CONTAINER_CFG).deployment_patch is None
+    back = applied(moved, plan(moved, Facts(), CFG))
+    assert back["spec"]["template"] == native["spec"]["template"]
+    # Removing the annotation leaves the user's init container alone, and no empty list behind.
+    del back["metadata"]["annotations"]["tcp-exporter/port"]
+    clean = applied(back, plan(back, Facts(), CFG))
+    assert clean["spec"]["template"]["spec"]["initContainers"] == original["spec"]["template"]["spec"]["initContainers"]
+    without = applied(stored(), plan(stored(), Facts(), CFG))
+    del without["metadata"]["annotations"]["tcp-exporter/port"]
+    assert "initContainers" not in applied(without, plan(without, Facts(), CFG))["spec"]["template"]["spec"]
+
+
+def test_auto_means_native_from_kubernetes_1_33_where_native_sidecars_cannot_be_turned_off() -> None:
+    assert Config().resolved((1, 37)).sidecar_mode == "native"
+    assert Config().resolved((1, 33)).sidecar_mode == "native"
+    assert Config().resolved((1, 32)).sidecar_mode == "container"  # the feature gate may be off there
+    assert Config().resolved(None).native()  # unknown (render, offline): every supported version has it
+    assert Config(sidecar_mode="container").resolved((1, 37)).sidecar_mode == "container"
+    with pytest.raises(ValueError, match="SIDECAR_MODE"):
+        Config(sidecar_mode="init")
 
 
 def test_removing_the_port_annotation_undoes_exactly_what_was_added() -> None:
@@ -599,40 +639,53 @@ def test_a_port_annotation_of_non_ascii_digits_is_refused_with_a_warning_not_a_c
 
 
 def drained(dep: dict[str, Any]) -> dict[str, Any]:
-    """Container name -> its preStop hook, in the Deployment."""
-    return {c["name"]: (c.get("lifecycle") or {}).get("preStop") for c in dep["spec"]["template"]["spec"]["containers"]}
+    """Container name -> its preStop hook, in the Deployment (init containers included)."""
+    pod = dep["spec"]["template"]["spec"]
+    return {
+        c["name"]: (c.get("lifecycle") or {}).get("preStop") for c in pod["containers"] + pod.get("initContainers", [])
+    }
 
 
-def test_a_drain_hooks_the_container_serving_the_port_and_the_sidecar_and_keeps_the_others_own_hooks() -> None:
-    dep = applied(stored("drain"), plan(stored("drain"), Facts(), CFG))
+@pytest.mark.parametrize("cfg", [CFG, CONTAINER_CFG], ids=["native", "container"])
+def test_a_drain_hooks_the_container_serving_the_port_and_the_sidecar_and_keeps_the_others_own_hooks(
+    cfg: Config,
+) -> None:
+    dep = applied(stored("drain"), plan(stored("drain"), Facts(), cfg))
     hooks = drained(dep)
     assert hooks["log-shipper"] == {"exec": {"command": ["/bin/flush"]}}  # not serving 8443: its own hook is kept
     ours = hooks["gateway"]["httpGet"]
-    assert ours["path"] == "/drain?timeout=300" and ours["port"] == 9100 and hooks["tcp-exporter"] == hooks["gateway"]
-    (sidecar,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "tcp-exporter"]
+    assert ours["path"] == "/drain?timeout=300" and ours["port"] == 9100
+    if cfg.native():  # the kubelet keeps a native sidecar running until the app has exited: no hook of its own
+        assert hooks["tcp-exporter"] is None
+    else:  # a regular container is stopped with the app: it waits on its own drain too
+        assert hooks["tcp-exporter"] == hooks["gateway"]
+    sidecar = sidecar_of(dep)
     token = ours["httpHeaders"][0]["value"]
     assert sidecar["env"] == [{"name": "TCP_EXPORTER_DRAIN_TOKEN", "value": token}]
     # The token follows the Deployment's UID: a Deployment of the same name elsewhere has another.
     other = stored("drain")
     other["metadata"]["uid"] = "uid-2"
-    assert drained(applied(other, plan(other, Facts(), CFG)))["gateway"]["httpGet"]["httpHeaders"][0]["value"] != token
+    assert drained(applied(other, plan(other, Facts(), cfg)))["gateway"]["httpGet"]["httpHeaders"][0]["value"] != token
     assert parse_args(sidecar["args"], {"TCP_EXPORTER_DRAIN_TOKEN": token}).drain_token == token
-    assert plan(dep, Facts(scaled_object=body(plan(stored("drain"), Facts(), CFG), "ScaledObject")), CFG).writes == 0
+    assert plan(dep, Facts(scaled_object=body(plan(stored("drain"), Facts(), cfg), "ScaledObject")), cfg).writes == 0
 
 
-def test_a_drain_hook_removed_by_hand_is_planned_back_and_turning_the_drain_off_removes_every_hook() -> None:
-    dep = applied(stored("drain"), plan(stored("drain"), Facts(), CFG))
+@pytest.mark.parametrize("cfg", [CFG, CONTAINER_CFG], ids=["native", "container"])
+def test_a_drain_hook_removed_by_hand_is_planned_back_and_turning_the_drain_off_removes_every_hook(
+    cfg: Config,
+) -> None:
+    dep = applied(stored("drain"), plan(stored("drain"), Facts(), cfg))
     lost = copy.deepcopy(dep)
     del lost["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
-    assert drained(applied(lost, plan(lost, Facts(), CFG)))["gateway"] == drained(dep)["gateway"]
+    assert drained(applied(lost, plan(lost, Facts(), cfg)))["gateway"] == drained(dep)["gateway"]
     dep["metadata"]["annotations"]["tcp-exporter/drain"] = "0"
-    off = applied(dep, plan(dep, Facts(), CFG))
+    off = applied(dep, plan(dep, Facts(), cfg))
     assert drained(off) == {"gateway": None, "log-shipper": {"exec": {"command": ["/bin/flush"]}}, "tcp-exporter": None}
     assert "lifecycle" not in off["spec"]["template"]["spec"]["containers"][0]
     # And removing the port annotation leaves the app as it was before, its own hook and all.
-    dep = applied(stored("drain"), plan(stored("drain"), Facts(), CFG))
+    dep = applied(stored("drain"), plan(stored("drain"), Facts(), cfg))
     del dep["metadata"]["annotations"]["tcp-exporter/port"]
-    clean = applied(dep, plan(dep, Facts(), CFG))
+    clean = applied(dep, plan(dep, Facts(), cfg))
     assert drained(clean) == {"gateway": None, "log-shipper": {"exec": {"command": ["/bin/flush"]}}}
 
 

@@ -35,6 +35,7 @@ def test_status_shows_each_annotated_deployment_and_exits_1_while_one_needs_atte
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert set(rows) == {"web-api", "checkout.v2"}  # the unannotated one is not listed
     assert rows["web-api"]["problems"] == [] and rows["web-api"]["method"] == "sockdiag"
+    assert rows["web-api"]["sidecar"] == "native"  # auto, on this 1.37 API server
     assert rows["web-api"]["scaledObject"] == "web-api" and rows["web-api"]["max"] == 10
     assert rows["checkout.v2"]["problems"] == ["not injected", "no ScaledObject", "a Warning"]
     assert "is neither a port number nor a container port name" in rows["checkout.v2"]["lastWarning"]

@@ -138,6 +138,7 @@ class Spec:
     scale_in_by_connections: bool = False  # set pods' deletion cost from their connections (scalein.py)
     drain: int = 0  # seconds a terminating pod waits for its connections to end before its app's SIGTERM; 0: none
     drain_containers: tuple[str, ...] = ()  # the app containers that wait (a preStop hook each)
+    native: bool = False  # injected as a native sidecar (an init container with restartPolicy Always)
 
 
 def tracked(annotations: Mapping[str, str]) -> bool:
@@ -161,6 +162,18 @@ def template_of(deployment: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def containers_of(deployment: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(template_of(deployment).get("spec", {}).get("containers") or [])
+
+
+def init_containers_of(deployment: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(template_of(deployment).get("spec", {}).get("initContainers") or [])
+
+
+def sidecar_of(deployment: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The container named tcp-exporter, as a regular container or a native sidecar (an init container)."""
+    for container in containers_of(deployment) + init_containers_of(deployment):
+        if isinstance(container, Mapping) and container.get("name") == CONTAINER:
+            return container
+    return None
 
 
 def _integer(annotations: Mapping[str, str], key: str, default: int, low: int, high: int | None = None) -> int:
@@ -427,7 +440,7 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
     metrics_port = _integer(annotations, A_METRICS_PORT, cfg.metrics_port, 1, 65535)
     if metrics_port in ports:
         raise InvalidSpec(f"{A_METRICS_PORT}: {metrics_port} is also a watched port")
-    for container in containers_of(deployment):
+    for container in containers_of(deployment) + init_containers_of(deployment):
         if container.get("name") == CONTAINER:
             continue
         if any(int(p.get("containerPort", 0)) == metrics_port for p in container.get("ports") or []):
@@ -504,6 +517,7 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
         scaled_object=toggle,
         scale_in_by_connections=scale_in,
         resources=resources,
+        native=cfg.native(),
     )
 
 
@@ -577,6 +591,7 @@ class Status:
     method: str | None = None
     pod_annotations: tuple[str, ...] = ()  # the pod-template annotations the operator added
     hash: str | None = None
+    mode: str | None = None  # "native" for a native sidecar; absent for a regular container
 
     @classmethod
     def of(cls, value: Any) -> Status:
@@ -598,6 +613,7 @@ class Status:
             method=text("method"),
             pod_annotations=items("podAnnotations", str),
             hash=text("hash"),
+            mode=text("mode"),
         )
 
     def same_injection(self, other: Status) -> bool:

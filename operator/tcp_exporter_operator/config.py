@@ -8,11 +8,16 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from tcp_exporter import __version__
 
 PREFIX = "TCP_EXPORTER_OPERATOR_"
+# How the sidecar is injected: native (an init container with restartPolicy Always, which the kubelet starts
+# before the app and stops after it: Kubernetes 1.33+, where native sidecars are GA and cannot be turned off),
+# container (a regular container, stopped with the app), or auto: native where the API server is 1.33 or later.
+SIDECAR_MODES = ("auto", "native", "container")
+NATIVE_SINCE = (1, 33)
 # How the cluster's Prometheus finds the sidecars (see manifests/monitoring):
 #  annotations: a scrape job on the pods' prometheus.io/* annotations (the operator adds them);
 #  port-name:   a scrape job on the sidecar's container port name, tcp-metrics;
@@ -67,8 +72,11 @@ class Config:
     signal_check_after: int = 120
     # Seconds a terminating pod waits for its connections to end: the default of the tcp-exporter/drain annotation.
     drain: int = 0
+    sidecar_mode: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.sidecar_mode not in SIDECAR_MODES:
+            raise ValueError(f"{PREFIX}SIDECAR_MODE={self.sidecar_mode!r}: give one of {', '.join(SIDECAR_MODES)}")
         if self.max_rollout_seconds < 1:
             raise ValueError(
                 f"{PREFIX}MAX_ROLLOUT_SECONDS={self.max_rollout_seconds}: give a number of seconds, 1 or more"
@@ -84,6 +92,18 @@ class Config:
             raise ValueError(
                 f"{PREFIX}DISCOVERY={','.join(self.discovery)!r}: give one or more of {', '.join(DISCOVERY_PATHS)}"
             )
+
+    def native(self) -> bool:
+        """Whether the sidecar is injected as a native sidecar. `auto` is resolved against the API server's version
+        when the operator starts (`resolved`); left unresolved (render, offline) it means native, as on every
+        Kubernetes version still supported."""
+        return self.sidecar_mode != "container"
+
+    def resolved(self, server: tuple[int, int] | None) -> Config:
+        """`auto` made native or container for an API server of this (major, minor) version (None: unknown)."""
+        if self.sidecar_mode != "auto" or server is None:
+            return self
+        return replace(self, sidecar_mode="native" if server >= NATIVE_SINCE else "container")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

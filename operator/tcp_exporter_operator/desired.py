@@ -61,6 +61,10 @@ def drain_hook(spec: Spec, token: str) -> dict[str, Any]:
     }
 
 
+def is_native(container: Mapping[str, Any]) -> bool:
+    return container.get("restartPolicy") == "Always"
+
+
 def without_drain_hook(container: Mapping[str, Any]) -> dict[str, Any]:
     """The container without the preStop hook this operator added (and without a lifecycle left empty)."""
     if not is_drain_hook(pre_stop(container)):
@@ -110,11 +114,16 @@ def sidecar_container(spec: Spec, token: str = "") -> dict[str, Any]:
         },
         "securityContext": security,
     }
+    if spec.native:
+        # A native sidecar: the kubelet starts it before the app containers, keeps it running while they
+        # terminate (their preStop hooks included), and stops it only once they have exited.
+        container["restartPolicy"] = "Always"
     if spec.drain:
         container["env"] = [{"name": sidecar.env_name("--drain-token"), "value": token}]
-        # The kubelet stops every container at once: the sidecar waits on its own drain too, so that it keeps
-        # counting and answering the app's hook until the connections end.
-        container["lifecycle"] = {"preStop": drain_hook(spec, token)}
+        if not spec.native:
+            # A regular container is stopped with the app, at once: the sidecar waits on its own drain too, so
+            # that it keeps counting and answering the app's hook until the connections end.
+            container["lifecycle"] = {"preStop": drain_hook(spec, token)}
     return container
 
 
@@ -131,7 +140,7 @@ class Injection:
     """What the operator adds to a Deployment, built once per plan: the sidecar, the pod-template annotations, and
     the status that records both (as the annotation's JSON object)."""
 
-    container: dict[str, Any]
+    container: dict[str, Any]  # the sidecar: a native one (an init container) when it has restartPolicy Always
     pod_annotations: dict[str, str]
     status: dict[str, Any]
     # The app containers that wait on the drain, and the preStop hook each gets (None: no drain).
@@ -161,7 +170,7 @@ def status(
     injected: dict[str, Any] = {"container": container, "podAnnotations": dict(pod_annotations)}
     if drained:
         injected["drain"] = dict(drained)
-    return {
+    recorded = {
         "version": __version__,
         "inputs": spec.inputs,
         "ports": list(spec.ports),
@@ -169,6 +178,9 @@ def status(
         "podAnnotations": sorted(pod_annotations),
         "hash": digest(injected),
     }
+    if spec.native:  # absent for a regular container, as before native sidecars: those statuses stay valid
+        recorded["mode"] = "native"
+    return recorded
 
 
 def prometheus_annotations_wanted(deployment: Mapping[str, Any], spec: Spec, recorded: Status | None) -> dict[str, str]:
@@ -205,7 +217,19 @@ def inject(deployment: Mapping[str, Any], added: Injection, recorded: Status | N
         containers = [
             with_drain_hook(c, added.drain_hook) if c.get("name") in added.drain_containers else c for c in containers
         ]
-    template["spec"]["containers"] = [*containers, copy.deepcopy(added.container)]
+    inits = [c for c in template["spec"].get("initContainers") or [] if c.get("name") != CONTAINER]
+    sidecar = copy.deepcopy(added.container)
+    if is_native(sidecar):
+        # Last of the init containers: the user's own run first, as they would without it, and it starts just
+        # before the app containers.
+        template["spec"]["containers"] = containers
+        template["spec"]["initContainers"] = [*inits, sidecar]
+    else:
+        template["spec"]["containers"] = [*containers, sidecar]
+        if inits:
+            template["spec"]["initContainers"] = inits
+        else:
+            template["spec"].pop("initContainers", None)
     meta = new["metadata"]
     meta["annotations"] = {**(meta.get("annotations") or {}), A_STATUS: json.dumps(added.status, sort_keys=True)}
     return new
@@ -227,6 +251,12 @@ def uninject(deployment: Mapping[str, Any], recorded: Status | None) -> dict[str
         template["spec"]["containers"] = [
             without_drain_hook(c) for c in template["spec"]["containers"] if c.get("name") != CONTAINER
         ]
+    if template.get("spec", {}).get("initContainers"):
+        inits = [c for c in template["spec"]["initContainers"] if c.get("name") != CONTAINER]
+        if inits:
+            template["spec"]["initContainers"] = inits
+        else:
+            template["spec"].pop("initContainers")
     meta = new.get("metadata", {})
     if meta.get("annotations"):
         meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != A_STATUS}

@@ -14,6 +14,7 @@ from tcp_exporter_operator.annotations import (
     Status,
     annotations_of,
     containers_of,
+    init_containers_of,
     is_drain_hook,
     pre_stop,
     quantity_value,
@@ -46,7 +47,13 @@ def in_sync(deployment: Mapping[str, Any], recorded: Status | None, desired: Map
         return False
     actual = {c.get("name"): c for c in containers_of(deployment)}
     wanted_containers = {c.get("name"): c for c in containers_of(desired)}
-    if set(actual) != set(wanted_containers) or not matches(wanted_containers[CONTAINER], actual[CONTAINER]):
+    actual_inits = {c.get("name"): c for c in init_containers_of(deployment)}
+    wanted_inits = {c.get("name"): c for c in init_containers_of(desired)}
+    # The sidecar where it is wanted: among the containers, or a native sidecar among the init containers.
+    if set(actual) != set(wanted_containers) or set(actual_inits) != set(wanted_inits):
+        return False
+    wanted_sidecar = wanted_containers.get(CONTAINER) or wanted_inits.get(CONTAINER)
+    if not matches(wanted_sidecar, actual.get(CONTAINER) or actual_inits.get(CONTAINER)):
         return False
     for name, container in wanted_containers.items():  # the drain's preStop hooks on the app containers
         hook, found = pre_stop(container), pre_stop(actual[name])
@@ -87,6 +94,17 @@ def deployment_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> 
             ops.append({"op": "add", "path": "/spec/template/metadata/annotations", "value": dict(new_pod)})
         else:
             ops.append({"op": "remove", "path": "/spec/template/metadata/annotations"})
+    old_inits = (template_of(current).get("spec") or {}).get("initContainers")
+    new_inits = init_containers_of(desired)
+    if (old_inits or []) != new_inits:  # the native sidecar, added, moved or removed
+        path = "/spec/template/spec/initContainers"
+        if old_inits is None:
+            # Nothing at that path to test: the pod spec it goes into is the precondition (before the containers'
+            # replace below, which would change it). Not the resourceVersion: controllers' status writes move it.
+            ops.append({"op": "test", "path": "/spec/template/spec", "value": template_of(current).get("spec")})
+        else:
+            ops.append({"op": "test", "path": path, "value": old_inits})
+        ops.append({"op": "add", "path": path, "value": new_inits} if new_inits else {"op": "remove", "path": path})
     if containers_of(current) != containers_of(desired):
         ops.append({"op": "test", "path": "/spec/template/spec/containers", "value": containers_of(current)})
         ops.append({"op": "replace", "path": "/spec/template/spec/containers", "value": containers_of(desired)})

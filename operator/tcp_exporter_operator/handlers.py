@@ -6,6 +6,7 @@ own informers do, `controller.py`), so nothing of kopf's is written to users' De
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -59,6 +60,17 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.execution.max_workers = 2  # kopf's own handlers: login and probes
     config = memo.config if hasattr(memo, "config") else Config.from_env()
     kube = Kube()
+    if config.sidecar_mode == "auto":
+        try:
+            version = kube.server_version()
+        except Exception as exc:  # no answer: left unresolved, native (every supported version has it)
+            logging.getLogger(__name__).warning("reading the API server's version: %s", exc)
+            version = None
+        config = config.resolved(version)
+    logging.getLogger(__name__).info(
+        "the sidecar is injected as %s",
+        "a native sidecar (an init container that outlives the app)" if config.native() else "a regular container",
+    )
     peering = None
     if not settings.peering.standalone and settings.peering.mandatory:
         settings.peering.clusterwide = True  # one ClusterKopfPeering, whatever namespaces are watched

@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import queue
+import re
 import socket
 import threading
 import time
@@ -139,6 +140,12 @@ class Kube:
     def check_credentials(self) -> None:
         """One cheap authenticated read (a namespace list of one), re-logging in if refused; raises ApiError."""
         self.call(lambda api: client.CoreV1Api(api).list_namespace(limit=1, _preload_content=False))
+
+    def server_version(self) -> tuple[int, int] | None:
+        """The API server's (major, minor) version; None when it does not say in numbers."""
+        info = self.call(lambda api: client.VersionApi(api).get_code(_request_timeout=REQUEST_TIMEOUT))
+        major, minor = (re.match(r"[0-9]+", str(v or "")) for v in (info.major, info.minor))
+        return (int(major.group()), int(minor.group())) if major and minor else None
 
     # -- Deployments ------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from tcp_exporter_operator.annotations import (
     containers_of,
     parse_spec,
     recorded_status,
+    sidecar_of,
     template_of,
     unknown_keys,
 )
@@ -190,7 +191,7 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     result = Plan()
     annotations = annotations_of(deployment)
     recorded = recorded_status(deployment)
-    has_container = any(c.get("name") == CONTAINER for c in containers_of(deployment))
+    has_container = sidecar_of(deployment) is not None
 
     if A_PORT not in annotations:
         if recorded is not None:

@@ -26,12 +26,11 @@ from tcp_exporter_operator import metrics, scalein
 from tcp_exporter_operator.annotations import (
     A_PROMETHEUS,
     A_PROMETHEUS_NAMESPACE,
-    CONTAINER,
     InvalidSpec,
     annotations_of,
     asks_for_scaled_object,
     prometheus_address,
-    template_of,
+    sidecar_of,
 )
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import promql_string
@@ -122,8 +121,7 @@ class SignalCheck:
         annotations = annotations_of(deployment or {})
         sidecar_spec = None
         if deployment is not None and asks_for_scaled_object(annotations) and A_PROMETHEUS_NAMESPACE not in annotations:
-            containers = (template_of(deployment).get("spec") or {}).get("containers") or []
-            sidecar_spec = next((c for c in containers if isinstance(c, dict) and c.get("name") == CONTAINER), None)
+            sidecar_spec = sidecar_of(deployment)
         url = None
         if sidecar_spec is not None:
             try:
