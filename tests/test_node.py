@@ -377,9 +377,12 @@ def test_a_drained_scale_in_cuts_no_connection_that_ends_in_time_and_the_never_e
         assert all(ask_hostname(s) == a for s in leaving) and ask_hostname(forever) == b
         service = json.loads(kubectl("-n", "scaling", "get", "service", "echo-server", "-o", "json"))["spec"]
         wait_for(lambda: endpoints(kubectl, "scaling") == [ip[c]], 30, "the Service's endpoints to be C alone")
-        for _ in range(5):
+
+        def fresh_to_c() -> bool:  # kube-proxy programs the Service a moment after its EndpointSlice changes
             with socket.create_connection((service["clusterIP"], 8080), timeout=5) as fresh:
-                assert ask_hostname(fresh) == c
+                return ask_hostname(fresh) == c
+
+        wait_for(lambda: all(fresh_to_c() for _ in range(5)), 15, "new connections through the Service to go to C")
         while time.monotonic() < deleted + 3:  # A's clients finish their business 3 s in
             assert all(ask_hostname(s) == a for s in leaving)
             time.sleep(0.5)
