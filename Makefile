@@ -87,6 +87,7 @@ bench: tools
 	@$(PY) -m bench.operator
 	@$(PY) -m bench.signal
 	@$(PY) -m bench.scalein
+	@$(PY) -m bench.drain
 
 VERSION_NOW = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidecar/tcp_exporter/__init__.py)
 

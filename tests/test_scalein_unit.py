@@ -21,12 +21,15 @@ def test_nothing_is_written_in_steady_state_and_every_difference_once_a_scale_in
     assert decide(counts, counts, coming=True) == []
 
 
-def test_scale_in_is_imminent_when_kedas_formula_wants_fewer_replicas_than_there_are() -> None:
+def test_scale_in_is_imminent_when_kedas_formula_wants_fewer_replicas_and_the_hpas_tolerance_lets_it_act() -> None:
     target = Target(threshold=100, min_replicas=2, replicas=6, prometheus="http://p")
     assert imminent({"a": 150, "b": 200}, target)  # ceil(350 / 100) = 4 < 6
     assert not imminent({"a": 300, "b": 300}, target)  # 6
     assert imminent({"a": 0}, target)  # the minimum, 2, is still below 6
     assert not imminent({"a": 0}, Target(100, 6, 6, "http://p"))  # already at the minimum
+    # KEDA's formula wants 19 of 20, but 185 / 200 is within the HPA's 10% tolerance: no scale-in comes.
+    assert not imminent({"a": 185}, Target(10, 1, 20, "http://p"))
+    assert imminent({"a": 179}, Target(10, 1, 20, "http://p"))
 
 
 def test_the_token_bucket_allows_its_rate_and_no_more() -> None:

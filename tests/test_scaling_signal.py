@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import need
+from tcp_exporter_operator import scalein
 
 from harness.helpers import wait_for
 from harness.netns import lan
@@ -112,6 +113,17 @@ def test_each_scaledobject_query_sums_exactly_its_own_pods_on_real_discovery_wit
                 for name, conns in CONNECTIONS.items():
                     if name != DRAINED:
                         assert prom.query(queries[name]) == sum(conns)
+            # Connection-aware scale-in's query leaves the draining pod out too (it is being deleted already; its
+            # connections would hide a second step of the scale-in), and counts each other pod once.
+            for prom in (one_job, two_jobs):
+                result = prom.api("query", query=scalein.QUERY)["result"]
+                per_pod = {
+                    s["metric"]["pod"]: float(s["value"][1])
+                    for s in result
+                    if s["metric"]["namespace"] == kube.ns and s["metric"]["tcp_exporter_deployment"] == DRAINED
+                }
+                assert sorted(per_pod.values()) == sorted(CONNECTIONS[DRAINED][1:]), per_pod
+                assert running[DRAINED][0].name not in per_pod
             selector = f'namespace="{kube.ns}",tcp_exporter_deployment="{DRAINED}"'
             assert one_job.query(f"sum(tcp_exporter_established_connections{{{selector}}})") == sum(
                 CONNECTIONS[DRAINED]

@@ -170,7 +170,8 @@ def init_containers_of(deployment: Mapping[str, Any]) -> list[Mapping[str, Any]]
 
 def sidecar_of(deployment: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The container named tcp-exporter, as a regular container or a native sidecar (an init container)."""
-    for container in containers_of(deployment) + init_containers_of(deployment):
+    sidecars = [c for c in init_containers_of(deployment) if c.get("restartPolicy") == "Always"]  # run with it
+    for container in containers_of(deployment) + sidecars:
         if isinstance(container, Mapping) and container.get("name") == CONTAINER:
             return container
     return None

@@ -142,6 +142,14 @@ def render(
     if not all(isinstance(d, dict) for d in documents):
         print(f"tcp-exporter-operator: render: {path}: every document must be a Kubernetes object", file=sys.stderr)
         return 2
+    if cfg.sidecar_mode == "auto" and any(d.get("kind") == "Deployment" for d in documents):
+        # The operator resolves auto against the API server's version; offline, render cannot.
+        print(
+            "tcp-exporter-operator: render: SIDECAR_MODE=auto renders a native sidecar, as the operator injects it on "
+            "Kubernetes 1.33+; for an older cluster set TCP_EXPORTER_OPERATOR_SIDECAR_MODE=container (or in the "
+            "--config-map) so that what you commit is what the operator keeps",
+            file=sys.stderr,
+        )
     out: list[dict[str, Any]] = []
     failed = False
     for doc in documents:

@@ -46,6 +46,23 @@ def login_handler(**_: Any) -> kopf.ConnectionInfo:
         raise kopf.LoginError(f"no usable in-cluster ServiceAccount or kubeconfig: {exc}") from exc
 
 
+VERSION_TRIES = 10  # reads of the API server's version, 3 s apart, before the start fails
+
+
+def server_version(kube: Kube) -> tuple[int, int] | None:
+    """The API server's version, for SIDECAR_MODE=auto. Never guessed: a wrong guess rolls every injected
+    Deployment twice (and native sidecars on an API server without them keep pods in Init), so an API server
+    that does not answer fails the start, and the pod restarts."""
+    for attempt in range(VERSION_TRIES):
+        try:
+            return kube.server_version()
+        except Exception as exc:
+            logging.getLogger(__name__).warning("reading the API server's version (try %d): %s", attempt + 1, exc)
+            if attempt + 1 < VERSION_TRIES:
+                time.sleep(3)
+    raise RuntimeError("the API server's version could not be read: TCP_EXPORTER_OPERATOR_SIDECAR_MODE=auto needs it")
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """kopf's settings, and the controller started: it runs the watches and workers, kopf only logs in and serves
@@ -61,12 +78,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     config = memo.config if hasattr(memo, "config") else Config.from_env()
     kube = Kube()
     if config.sidecar_mode == "auto":
-        try:
-            version = kube.server_version()
-        except Exception as exc:  # no answer: left unresolved, native (every supported version has it)
-            logging.getLogger(__name__).warning("reading the API server's version: %s", exc)
-            version = None
-        config = config.resolved(version)
+        config = config.resolved(server_version(kube))
     logging.getLogger(__name__).info(
         "the sidecar is injected as %s",
         "a native sidecar (an init container that outlives the app)" if config.native() else "a regular container",

@@ -42,10 +42,15 @@ log = logging.getLogger(__name__)
 COST = "controller.kubernetes.io/pod-deletion-cost"
 _BY = f"namespace, pod, {sidecar.DEPLOYMENT_LABEL}"
 # Every opted-in pod's connections, each pod once however many jobs scrape it (as the ScaledObject's query).
+# Draining pods left out, as the ScaledObject's query leaves them out: they are being deleted already, and their
+# connections would make a second step of a scale-in look not coming.
 QUERY = (
     f"sum by ({_BY}) (max by ({_BY}, {sidecar.PORT_LABEL}) "
     f'({sidecar.METRIC_ESTABLISHED}{{{sidecar.DEPLOYMENT_LABEL}!=""}}))'
+    f" unless on (namespace, pod) (max by (namespace, pod) "
+    f'({sidecar.METRIC_DRAINING}{{{sidecar.DEPLOYMENT_LABEL}!=""}}) == 1)'
 )
+TOLERANCE = 0.1  # the HPA's: a usage ratio within 10% of 1 changes no replicas
 PER_DEPLOYMENT = 50  # pods written per Deployment per period at most
 QUERY_TIMEOUT = 10.0  # seconds for the whole exchange, connecting included
 MAX_ANSWER = 64 * 2**20  # bytes: 20,000 pods' samples are about 4 MB
@@ -64,9 +69,12 @@ class Target:
 
 
 def imminent(counts: Mapping[str, int], target: Target) -> bool:
-    """Whether KEDA's formula asks for fewer replicas than the Deployment has: a scale-in may come any moment."""
-    wanted = max(target.min_replicas, math.ceil(sum(counts.values()) / target.threshold))
-    return wanted < target.replicas
+    """Whether the HPA, fed KEDA's metric, recommends fewer replicas than the Deployment has: a scale-in may come
+    any moment. KEDA's formula, max(min-replicas, ceil(total / threshold)), below the replicas, and the usage
+    ratio, total / (threshold x replicas), below the HPA's tolerance (within it the HPA changes nothing)."""
+    total = sum(counts.values())
+    wanted = max(target.min_replicas, math.ceil(total / target.threshold))
+    return wanted < target.replicas and total < (1 - TOLERANCE) * target.threshold * target.replicas
 
 
 def decide(counts: Mapping[str, int], written: Mapping[str, int], coming: bool) -> list[tuple[str, int]]:
@@ -270,14 +278,13 @@ class DeletionCosts:
             if key not in targets:
                 del self.written[key]  # opted out, or gone: nothing more is written for it
         writes = 0
-        self.urgent = False
+        coming = {key: imminent(pods, targets[key]) for key, pods in counts.items()}
+        self.urgent = any(coming.values())  # for every Deployment, before the rate limit may end the round
         for key, pods in counts.items():
             written = self.written.setdefault(key, {})
             for gone in set(written) - set(pods):
                 del written[gone]
-            coming = imminent(pods, targets[key])
-            self.urgent = self.urgent or coming
-            for pod, cost in decide(pods, written, coming)[:PER_DEPLOYMENT]:
+            for pod, cost in decide(pods, written, coming[key])[:PER_DEPLOYMENT]:
                 if not self.bucket.take():
                     return writes  # the overall limit: the rest next period
                 if not self.confined and time.monotonic() >= self.check_after:

@@ -73,7 +73,7 @@ def row(deployment: Mapping[str, Any], scaled_object: Mapping[str, Any] | None, 
         "name": meta.get("name"),
         "version": status.version if status else None,
         "method": status.method if status else None,
-        "sidecar": (status.mode or "container") if status else None,  # native: an init container
+        "sidecar": ("native" if status.mode == "native" else "container") if status else None,
         "scaledObject": (scaled_object or {}).get("metadata", {}).get("name"),
         "ready": conditions.get("Ready"),
         "active": conditions.get("Active"),
