@@ -78,6 +78,20 @@ class Kubelet:
         name = pod["metadata"]["name"]
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         ready = [{"type": t, "status": "True", "lastTransitionTime": now} for t in ("Ready", "ContainersReady")]
+
+        native = [c for c in pod["spec"].get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+
+        def started(c: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "name": c["name"],
+                "image": c["image"],
+                "imageID": "",
+                "ready": True,
+                "started": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": now}},
+            }
+
         self.core.patch_namespaced_pod_status(
             name,
             self.ns,
@@ -88,31 +102,9 @@ class Kubelet:
                     "podIPs": [{"ip": ip}],
                     "startTime": now,
                     "conditions": [*ready, {"type": "PodScheduled", "status": "True", "lastTransitionTime": now}],
-                    "containerStatuses": [
-                        {
-                            "name": c["name"],
-                            "image": c["image"],
-                            "imageID": "",
-                            "ready": True,
-                            "started": True,
-                            "restartCount": 0,
-                            "state": {"running": {"startedAt": now}},
-                        }
-                        for c in pod["spec"]["containers"]
-                    ],
-                    "initContainerStatuses": [  # a native sidecar runs on (and counts as the pod's)
-                        {
-                            "name": c["name"],
-                            "image": c["image"],
-                            "imageID": "",
-                            "ready": True,
-                            "started": True,
-                            "restartCount": 0,
-                            "state": {"running": {"startedAt": now}},
-                        }
-                        for c in pod["spec"].get("initContainers") or []
-                        if c.get("restartPolicy") == "Always"
-                    ],
+                    "containerStatuses": [started(c) for c in pod["spec"]["containers"]],
+                    # A native sidecar runs on beside them (an init container that never completes).
+                    "initContainerStatuses": [started(c) for c in native],
                 }
             },
         )
