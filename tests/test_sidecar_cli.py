@@ -144,17 +144,29 @@ def test_landing_page_health_and_unknown_paths(watched: tuple[int, socket.socket
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_it_cleanly_within_a_second(watched: tuple[int, socket.socket], sig: int) -> None:
+def test_signal_stops_it_cleanly_within_a_second_with_scrapers_held_open_and_nothing_logged_as_an_error(
+    watched: tuple[int, socket.socket], sig: int
+) -> None:
     port, _server = watched
     listen = free_port()
     proc = Proc([f"--listen-address=127.0.0.1:{listen}", f"--watch-port={port}", "--method=sockdiag"])
     proc.wait_serving(listen)
+    # A keep-alive scraper between two requests, one halfway through its request, one that never spoke.
+    kept = socket.create_connection(("127.0.0.1", listen))
+    kept.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+    half = socket.create_connection(("127.0.0.1", listen))
+    half.sendall(b"GET /metr")
+    silent = [socket.create_connection(("127.0.0.1", listen)) for _ in range(40)]
+    assert get(listen, "/healthz")[0] == 200  # all accepted by now
     started = time.monotonic()
     proc.proc.send_signal(sig)
     code, _out, err = proc.finish()
     assert time.monotonic() - started < 1.0
     assert code == 0
-    assert "stopped" in err
+    assert "stopped" in err and "ERROR" not in err and "Traceback" not in err, err
+    for s in (kept, half, *silent):
+        s.close()
 
 
 def test_a_listen_port_in_use_exits_1_with_a_clear_message(watched: tuple[int, socket.socket]) -> None:

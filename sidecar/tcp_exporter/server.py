@@ -136,7 +136,15 @@ class Server:
             self.server.close()
             for writer in list(self.connections):
                 writer.close()
-            await asyncio.sleep(0)
+            # Each connection's handler ends on its closed stream (a read sees EOF): let them, and take their
+            # outcomes, rather than leave them to the loop's stop, which asyncio logs as errors ("Task was
+            # destroyed but it is pending"). Not cancelled: asyncio's stream callback logs a cancelled handler too.
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            if others:
+                await asyncio.wait(others, timeout=1)
+            for task in others:
+                if task.done() and not task.cancelled():
+                    task.exception()
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=2)
         self.loop.call_soon_threadsafe(self.loop.stop)
