@@ -8,8 +8,9 @@ interval of lag, which the write policy below allows for.
 
 When it writes (the pod-deletion-cost KEP and Kubernetes' documentation warn against updating the annotation from
 a metric continuously): only while a scale-in is coming, that is while KEDA's formula, max(min-replicas,
-ceil(total / threshold)), is below the Deployment's replicas, which is what the HPA recommends all through its
-scale-down stabilization window before it acts. Then every pod whose count differs from what was written is
+ceil(total / threshold)), is below the Deployment's replicas and the usage is below the HPA's tolerance (draining
+pods left out, as KEDA's query leaves them out), which is what the HPA recommends all through its scale-down
+stabilization window before it acts. Then every pod whose count differs from what was written is
 written, so the ranking is exact when the HPA acts, and the period is `URGENCY` times shorter, so that the costs
 trail the counts by little more than Prometheus' scrape interval. In steady state (no scale-in coming) nothing is
 written at all, however the counts move: a cost left from an earlier scale-in is only read when pods are removed,
