@@ -23,6 +23,7 @@ NATIVE_SINCE = (1, 33)
 #  port-name:   a scrape job on the sidecar's container port name, tcp-metrics;
 #  podmonitor:  the Prometheus Operator, through a PodMonitor the operator creates when that CRD exists.
 DISCOVERY_PATHS = ("annotations", "port-name", "podmonitor")
+INJECTIONS = ("patch", "webhook")
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,39 @@ class Config:
     # Seconds a terminating pod waits for its connections to end: the default of the tcp-exporter/drain annotation.
     drain: int = 0
     sidecar_mode: str = "auto"
+    # Where the sidecar is injected: patch (into the Deployment's pod template) or webhook (into each pod as it is
+    # created, by a mutating admission webhook: the Deployment stays as written, for GitOps). webhook.py.
+    injection: str = "patch"
+    webhook_address: str = ":9443"  # where the webhook's HTTPS server listens (host:port)
+    # The MutatingWebhookConfiguration whose caBundle the operator keeps (WEBHOOK_CERTS=operator).
+    webhook_configuration: str = "tcp-exporter"
+    # The Secret (namespace/name) of the serving certificate; its namespace is the operator's, never injected.
+    webhook_secret: str = "tcp-exporter/tcp-exporter-webhook-tls"  # noqa: S105 - a name, not a secret
+    # The names (or IP addresses) the serving certificate is for: those of the webhook's Service.
+    webhook_hosts: tuple[str, ...] = (
+        "tcp-exporter-webhook.tcp-exporter.svc",
+        "tcp-exporter-webhook.tcp-exporter.svc.cluster.local",
+    )
+    # operator: the operator issues and renews the certificate and keeps the caBundle; external: something else
+    # (cert-manager) fills the Secret and the caBundle, the operator only reads the Secret.
+    webhook_certs: str = "operator"
+    webhook_cert_validity: int = 365 * 86400  # seconds a certificate the operator issues is valid
 
     def __post_init__(self) -> None:
+        if self.injection not in INJECTIONS:
+            raise ValueError(f"{PREFIX}INJECTION={self.injection!r}: give one of {', '.join(INJECTIONS)}")
+        if self.webhook_certs not in ("operator", "external"):
+            raise ValueError(f"{PREFIX}WEBHOOK_CERTS={self.webhook_certs!r}: give operator or external")
+        namespace, slash, name = self.webhook_secret.partition("/")
+        if not (namespace and slash and name):
+            raise ValueError(f"{PREFIX}WEBHOOK_SECRET={self.webhook_secret!r}: give NAMESPACE/NAME")
+        if self.webhook_cert_validity < 60:
+            raise ValueError(f"{PREFIX}WEBHOOK_CERT_VALIDITY={self.webhook_cert_validity}: give 60 seconds or more")
+        _, colon, port = self.webhook_address.rpartition(":")
+        if not colon or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{PREFIX}WEBHOOK_ADDRESS={self.webhook_address!r}: give HOST:PORT or :PORT")
+        if self.injection == "webhook" and not self.webhook_hosts:
+            raise ValueError(f"{PREFIX}WEBHOOK_HOSTS is empty: give the webhook Service's DNS names")
         if self.sidecar_mode not in SIDECAR_MODES:
             raise ValueError(f"{PREFIX}SIDECAR_MODE={self.sidecar_mode!r}: give one of {', '.join(SIDECAR_MODES)}")
         if self.max_rollout_seconds < 1:
@@ -92,6 +124,11 @@ class Config:
             raise ValueError(
                 f"{PREFIX}DISCOVERY={','.join(self.discovery)!r}: give one or more of {', '.join(DISCOVERY_PATHS)}"
             )
+
+    @property
+    def own_namespace(self) -> str:
+        """The operator's namespace (the webhook Secret's): its pods are never injected."""
+        return self.webhook_secret.partition("/")[0]
 
     def native(self) -> bool:
         """Whether the sidecar is injected as a native sidecar. `auto` is resolved against the API server's version

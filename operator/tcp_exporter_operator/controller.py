@@ -23,7 +23,16 @@ from typing import Any
 import urllib3
 
 from tcp_exporter_operator import metrics
-from tcp_exporter_operator.annotations import A_PORT, A_SCALE_IN, InvalidSpec, address_allowed, parse_spec, tracked
+from tcp_exporter_operator.annotations import (
+    A_PORT,
+    A_SCALE_IN,
+    A_STATUS,
+    InvalidSpec,
+    address_allowed,
+    parse_spec,
+    sidecar_of,
+    tracked,
+)
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import is_ours
 from tcp_exporter_operator.diff import SCALED_OBJECT_OPTIONAL, child_action
@@ -57,13 +66,21 @@ WORKERS = 8  # threads reconciling Deployments; each holds one Deployment at a t
 # Liveness fails when work has waited this long with no worker finishing anything: wedged, a restart helps. A
 # reconcile's retries take about 30 s at most, and every API call has a deadline.
 STALLED_SECONDS = 300.0
+WEBHOOK_READ_TIMEOUT = 3.0  # seconds for the webhook's read of a pod's Deployment (the API server waits 5 at most)
 
 
-def unchanged(deployment: Mapping[str, Any]) -> tuple[int, int]:
+def unchanged(deployment: Mapping[str, Any], pods: bool = False) -> tuple[int, ...]:
     """What a plan of this Deployment depends on, of the Deployment itself: its spec (by generation) and its
-    annotations. The controllers' status updates, most of a Deployment's watch events, change neither."""
+    annotations. The controllers' status updates, most of a Deployment's watch events, change neither. With
+    `pods` (webhook injection, where the plan also counts the pods without the sidecar), the pod counts of its
+    status too: a pod created, or replaced, is planned again."""
     meta = deployment["metadata"]
-    return int(meta.get("generation") or 0), hash(tuple(sorted((meta.get("annotations") or {}).items())))
+    state = int(meta.get("generation") or 0), hash(tuple(sorted((meta.get("annotations") or {}).items())))
+    if not pods:
+        return state
+    status = deployment.get("status") or {}
+    counts = (status.get(k) for k in ("replicas", "updatedReplicas", "readyReplicas", "availableReplicas"))
+    return (*state, *(c if type(c) is int else -1 for c in counts))
 
 
 def older(version: str | None, than: str) -> bool:
@@ -94,14 +111,15 @@ class Controller:
     ) -> None:
         self.config = config
         self.kube = kube
+        self.webhook = config.injection == "webhook"
         self.events = EventPoster(kube)
         self.namespaces = namespaces
         self.indexes = Indexes()
         self.warned: dict[str, set[tuple[str, str]]] = {}  # uid -> the Warnings posted while they hold
-        self.synced: dict[str, tuple[int, int]] = {}  # uid -> unchanged(): the Deployment as last found in sync
+        self.synced: dict[str, tuple[int, ...]] = {}  # uid -> unchanged(): the Deployment as last found in sync
         # uid -> unchanged(): the Deployment as it was when the API server refused a write for it. Not retried
         # until it changes, or until the next full pass (an admin may have fixed a policy meanwhile).
-        self.refusals: dict[str, tuple[int, int]] = {}
+        self.refusals: dict[str, tuple[int, ...]] = {}
         self.scale_in_installed = True  # until check_scale_in has asked the API server
         self.rollouts = Rollouts(config.max_concurrent_rollouts, hold=config.max_rollout_seconds)
         self.awaiting: dict[str, tuple[str, float]] = {}  # uid -> (our write's resourceVersion, until when)
@@ -115,6 +133,9 @@ class Controller:
         self.queue = WorkQueue[Key, Item](newest)
         self.received: dict[Key, float] = {}  # key -> when its oldest unhandled event arrived
         self.ready = threading.Event()  # every watch has listed once
+        # Webhook injection: whether each Deployment seen is tracked (annotated), so that a pod of one that is not
+        # is answered without an API call.
+        self.tracked_keys: dict[Key, bool] = {}
         self.scale_targets: dict[Key, Target] = {}  # (namespace, name) -> what scale-in needs of each opted in
         self.signal = SignalCheck(
             config,
@@ -234,6 +255,11 @@ class Controller:
         be seen without what it carried) is queued, a deletion forgotten; the rest dropped. Whether it is tracked."""
         meta = body["metadata"]
         is_tracked = type != "DELETED" and tracked(meta.get("annotations") or {})
+        if self.webhook:
+            if type == "DELETED":
+                self.tracked_keys.pop((meta["namespace"], meta["name"]), None)
+            else:
+                self.tracked_keys[(meta["namespace"], meta["name"])] = A_PORT in (meta.get("annotations") or {})
         if is_tracked or meta.get("uid") in self.deployments.known:
             self.dispatch(type, body)
             self.scale_target(body if is_tracked else None, (meta["namespace"], meta["name"]))
@@ -345,7 +371,7 @@ class Controller:
                 )
                 return None
             self.awaiting.pop(uid, None)
-        state = unchanged(body)
+        state = self.state(body)
         # Nothing the plan reads of the Deployment has changed since it was last found in sync (its children's
         # edits come through their own events, CRDs through full passes, both planned afresh), or since a write
         # for it was refused (retried when it changes, and by every full pass): no need to plan again.
@@ -415,7 +441,11 @@ class Controller:
                 if current is None or current["metadata"].get("deletionTimestamp"):
                     self.rollouts.unreserve(deployment["metadata"].get("uid", ""))
                     return "in_sync"
-                facts = replace(self.indexes.facts_for(current, hpas), scale_in_installed=self.scale_in_installed)
+                facts = replace(
+                    self.indexes.facts_for(current, hpas),
+                    scale_in_installed=self.scale_in_installed,
+                    uninjected_pods=self.uninjected_pods(current),
+                )
                 uid = current["metadata"].get("uid", "")
                 result = plan(current, facts, self.config)
                 if result.upgrade and paced(current) and not self.rollouts.reserve(uid):
@@ -440,7 +470,7 @@ class Controller:
                 finally:
                     self.rollouts.unreserve(uid)  # a no-op once the rollout has started
                 if result.writes == 0 and not result.upgrade_deferred:
-                    self.synced[uid] = unchanged(current)
+                    self.synced[uid] = self.state(current)
                 else:
                     self.synced.pop(uid, None)
                 log.log(
@@ -463,7 +493,7 @@ class Controller:
                         raise
                     self.refused(failing, exc)
                     if not _transient(exc):
-                        self.refusals[failing["metadata"].get("uid", "")] = unchanged(failing)
+                        self.refusals[failing["metadata"].get("uid", "")] = self.state(failing)
                     return "failed"
                 log.warning("reconciling %s/%s failed (%s); retrying in %s s", namespace, name, exc, delay)
                 time.sleep(delay)
@@ -473,6 +503,38 @@ class Controller:
             "gave up reconciling %s/%s for now: it kept changing; the next event or resync retries", namespace, name
         )
         return "failed"
+
+    def state(self, deployment: Mapping[str, Any]) -> tuple[int, ...]:
+        return unchanged(deployment, pods=self.webhook)
+
+    def uninjected_pods(self, deployment: Mapping[str, Any]) -> tuple[int, int] | None:
+        """Webhook injection: (pods created without the sidecar, pods) of an annotated Deployment's running pods;
+        None in patch mode, or where there is nothing to count."""
+        meta = deployment["metadata"]
+        match = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels")
+        if not self.webhook or A_PORT not in (meta.get("annotations") or {}) or not match:
+            return None
+        if A_STATUS in (meta.get("annotations") or {}):
+            return None  # still injected in its template (moving to the webhook): its pods have the sidecar
+        live = (None, "Pending", "Running")
+        pods = [
+            p
+            for p in self.kube.list_pods(meta["namespace"], match)
+            if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") in live
+        ]
+        missing = [p for p in pods if sidecar_of({"spec": {"template": {"spec": p.get("spec") or {}}}}) is None]
+        return len(missing), len(pods)
+
+    def lookup(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """The webhook's look-up of a pod's Deployment: read afresh (its settings exactly as they are now), unless
+        the watch knows it is not annotated (the pods of most Deployments cost no API call)."""
+        if self.tracked_keys.get((namespace, name)) is False:
+            return None
+        return self.kube.get_deployment(namespace, name, timeout=WEBHOOK_READ_TIMEOUT)
+
+    def psa_level(self, namespace: str) -> str | None:
+        levels = list(self.indexes.psa_levels.get(namespace, [None]))
+        return levels[0] if levels else None
 
     def apply(self, deployment: Mapping[str, Any], plan: Plan) -> None:
         kube = self.kube

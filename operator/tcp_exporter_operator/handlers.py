@@ -12,6 +12,7 @@ from typing import Any
 
 import kopf
 
+from tcp_exporter_operator import webhook
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.controller import Controller
 from tcp_exporter_operator.kube import ApiError, Kube, load_configuration
@@ -97,6 +98,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         getattr(memo, "priority", settings.peering.priority),
     )
     memo.controller.start()
+    if config.injection == "webhook":
+        controller = memo.controller
+        memo.webhook = webhook.start(config, kube, controller.lookup, controller.psa_level, controller.stopping)
 
 
 @kopf.on.probe(id="credentials")
@@ -131,3 +135,5 @@ def controller_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.controller.stop()
+    if getattr(memo, "webhook", None) is not None:
+        memo.webhook.shutdown()

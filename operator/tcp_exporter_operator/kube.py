@@ -12,6 +12,7 @@ generated models, and building those for every Deployment would cost more than t
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import logging
@@ -149,12 +150,12 @@ class Kube:
 
     # -- Deployments ------------------------------------------------------------------------------
 
-    def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get_deployment(self, namespace: str, name: str, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
         try:
             return self.call(
                 lambda api: self._json(
                     client.AppsV1Api(api).read_namespaced_deployment(
-                        name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                        name, namespace, _preload_content=False, _request_timeout=timeout
                     )
                 )
             )
@@ -257,6 +258,100 @@ class Kube:
             if exc.status == 404:
                 return False
             raise
+        return True
+
+    def list_pods(self, namespace: str, match_labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The namespace's pods with these labels (webhook mode: which of a Deployment's pods lack the sidecar),
+        from the API server's watch cache (resourceVersion 0: no quorum read for a check)."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(match_labels.items()))
+        body = self.call(
+            lambda api: self._json(
+                client.CoreV1Api(api).list_namespaced_pod(
+                    namespace, label_selector=selector, resource_version="0", _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
+        )  # fmt: skip
+        return list(body.get("items") or [])
+
+    # -- the webhook's serving certificate (INJECTION=webhook) ---------------------------------------
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.call(
+                lambda api: self._json(
+                    client.CoreV1Api(api).read_namespaced_secret(
+                        name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                    )
+                )
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def write_secret(self, namespace: str, name: str, data: Mapping[str, bytes], version: str | None) -> bool:
+        """Create the Secret (version None) or replace it at `version`; False if another writer came first."""
+        body: Any = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/managed-by": MANAGED_BY},
+                **({"resourceVersion": version} if version else {}),
+            },
+            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+        }
+        core = client.CoreV1Api
+        try:
+            if version is None:
+                self.call(
+                    lambda api: core(api).create_namespaced_secret(
+                        namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                    ),
+                    write=("Secret", "create"),
+                )
+            else:
+                self.call(
+                    lambda api: core(api).replace_namespaced_secret(
+                        name, namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                    ),
+                    write=("Secret", "update"),
+                )
+        except ApiError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def set_ca_bundle(self, name: str, bundle: str) -> bool:
+        """Every webhook of the MutatingWebhookConfiguration `name` trusting `bundle` (base64 PEM); whether a write
+        was needed. A JSON patch preconditioned on the resourceVersion read, so an edit in between is not undone."""
+        admission = client.AdmissionregistrationV1Api
+        config = self.call(
+            lambda api: self._json(
+                admission(api).read_mutating_webhook_configuration(
+                    name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
+        )
+        ops: list[dict[str, Any]] = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": config["metadata"]["resourceVersion"]}
+        ]
+        for i, hook in enumerate(config.get("webhooks") or []):
+            if (hook.get("clientConfig") or {}).get("caBundle") != bundle:
+                ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle})
+        if len(ops) == 1:
+            return False
+        self.call(
+            lambda api: admission(api).patch_mutating_webhook_configuration(
+                name, ops, _content_type=JSON_PATCH, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+            write=("MutatingWebhookConfiguration", "patch"),
+        )
+        log.info("webhook: the caBundle of MutatingWebhookConfiguration %s updated", name)
         return True
 
     # -- children: ScaledObjects and PodMonitors ---------------------------------------------------

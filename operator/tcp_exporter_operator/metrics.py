@@ -67,6 +67,22 @@ SIGNAL_CHECKS = Counter(
     ["result"],
 )
 
+WEBHOOK_REQUESTS = Counter(
+    "tcp_exporter_operator_webhook_requests_total",
+    "Pod creations the injection webhook answered, by result: injected, skipped (not a pod to inject), error "
+    "(unanswerable: the API server's failurePolicy Ignore creates the pod without the sidecar)",
+    ["result"],
+)
+WEBHOOK_SECONDS = Histogram(
+    "tcp_exporter_operator_webhook_seconds",
+    "Time to answer a pod creation (the look-up of its Deployment included)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+WEBHOOK_CERT_EXPIRY = Gauge(
+    "tcp_exporter_operator_webhook_certificate_expiry_seconds",
+    "When the webhook's serving certificate expires (Unix time); it is renewed at two thirds of its life",
+)
+
 
 def write_result(status: int | None) -> str:
     """The `result` label of a write answered with this HTTP status (None: no answer)."""

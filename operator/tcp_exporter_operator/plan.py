@@ -64,6 +64,8 @@ class Facts:
     # Whether the operator may patch pods (the scale-in component, or the chart's scaleIn.enabled): without it a
     # Deployment that asks for connection-aware scale-in is still injected and scaled, with a Warning.
     scale_in_installed: bool = True
+    # Webhook injection: (pods of the Deployment created without the sidecar, its pods); None where not counted.
+    uninjected_pods: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,24 +254,11 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
         )
 
     added = injection(deployment, spec, recorded)
-    desired = inject(deployment, added, recorded)
-    result.desired = desired
     paths = discovery_paths(added, facts, cfg)
-    wanted = Status.of(added.status)
-    if not in_sync(deployment, recorded, desired, wanted):
-        upgrade = (
-            recorded is not None
-            and recorded != Status()  # an unreadable status tells nothing: not an upgrade
-            and recorded.inputs in (None, spec.inputs)  # None: recorded by a release before inputs
-            and recorded.hash != wanted.hash
-        )
-        result.deployment_patch = deployment_patch(deployment, desired)
-        result.upgrade = upgrade
-        verb = "Updated" if recorded else "Injected"
-        what = f"port {','.join(map(str, spec.ports))}, method {spec.method}"
-        if upgrade:
-            verb, what = UPGRADED, f"{(recorded.version if recorded else None) or '?'} -> {wanted.version}"
-        result.events.append(Event("Normal", verb, f"{verb.lower()} the {CONTAINER} sidecar ({what})"))
+    if cfg.injection == "webhook":
+        webhook_injection(deployment, recorded, facts, result)
+    else:
+        patch_injection(deployment, spec, added, recorded, result)
     wanted_pm = pod_monitor(deployment, spec) if "podmonitor" in paths else None
     pm_action = child_action(wanted_pm, facts.pod_monitor)
     if pm_action is not None:
@@ -340,6 +329,63 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
             Event("Normal", "ScaledObjectUpdated", f"ScaledObject {wanted_so['metadata']['name']} updated")
         )
     return result
+
+
+def patch_injection(
+    deployment: Mapping[str, Any], spec: Spec, added: Injection, recorded: Status | None, result: Plan
+) -> None:
+    """INJECTION=patch: the sidecar in the Deployment's pod template, patched in when it is not there as wanted."""
+    desired = inject(deployment, added, recorded)
+    result.desired = desired
+    wanted = Status.of(added.status)
+    if not in_sync(deployment, recorded, desired, wanted):
+        upgrade = (
+            recorded is not None
+            and recorded != Status()  # an unreadable status tells nothing: not an upgrade
+            and recorded.inputs in (None, spec.inputs)  # None: recorded by a release before inputs
+            and recorded.hash != wanted.hash
+        )
+        result.deployment_patch = deployment_patch(deployment, desired)
+        result.upgrade = upgrade
+        verb = "Updated" if recorded else "Injected"
+        what = f"port {','.join(map(str, spec.ports))}, method {spec.method}"
+        if upgrade:
+            verb, what = UPGRADED, f"{(recorded.version if recorded else None) or '?'} -> {wanted.version}"
+        result.events.append(Event("Normal", verb, f"{verb.lower()} the {CONTAINER} sidecar ({what})"))
+
+
+NOT_INJECTED = "PodsNotInjected"
+
+
+def webhook_injection(deployment: Mapping[str, Any], recorded: Status | None, facts: Facts, result: Plan) -> None:
+    """INJECTION=webhook: the Deployment is left as written; the webhook injects its pods as they are created. A
+    template the patch mode injected before is given back as it was (its pods are then created, and injected,
+    anew); pods that came up without the sidecar (the webhook did not answer) are reported."""
+    if recorded is not None:
+        result.deployment_patch = deployment_patch(deployment, uninject(deployment, recorded))
+        result.events.append(
+            Event(
+                "Normal",
+                "InjectionMoved",
+                f"the {CONTAINER} sidecar is now injected into each pod as it is created (INJECTION=webhook): "
+                "taken out of the pod template, which is as written again",
+            )
+        )
+        return
+    missing, pods = facts.uninjected_pods or (0, 0)
+    if missing:
+        name = deployment["metadata"]["name"]
+        result.events.append(
+            Event(
+                "Warning",
+                NOT_INJECTED,
+                f"{missing} of this Deployment's {pods} pods were created without the {CONTAINER} sidecar: the "
+                "injection webhook did not answer when they were created (its failurePolicy Ignore lets pods start "
+                "without it), and their connections are not counted. Once the webhook runs again: kubectl -n "
+                f"{deployment['metadata'].get('namespace', 'default')} rollout restart deployment/{name} "
+                "(docs/troubleshooting.md)",
+            )
+        )
 
 
 def discovery_paths(added: Injection, facts: Facts, cfg: Config) -> list[str]:

@@ -2,7 +2,9 @@
 
 For each Deployment that carries the operator's status annotation: one JSON patch that removes the sidecar, the
 pod-template annotations the operator added (the status annotation lists them) and the status annotation
-itself: one rollout per Deployment. Then every ScaledObject and PodMonitor labelled as the operator's is deleted.
+itself: one rollout per Deployment. Then every ScaledObject and PodMonitor labelled as the operator's is deleted,
+and the injection webhook's configuration (INJECTION=webhook); the pods that webhook injected keep their sidecar
+until replaced, and a line per Deployment says so and how (nothing of it is in the Deployment to take out).
 The users' own `tcp-exporter/*` annotations are theirs and stay (an operator installed again would act on them).
 Run it after the operator is deleted, or it would inject again whatever is still annotated.
 """
@@ -21,6 +23,7 @@ from tcp_exporter_operator.desired import uninject
 from tcp_exporter_operator.diff import deployment_patch
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY
 from tcp_exporter_operator.kube import ApiError, Conflict, Kube
+from tcp_exporter_operator.webhook import INJECTED, owning_deployment
 
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 
@@ -78,6 +81,54 @@ def children(kube: Kube, kind: str, namespace: str | None) -> Iterator[dict[str,
             raise
 
 
+WEBHOOK_SELECTOR = "app.kubernetes.io/name=tcp-exporter-operator,app.kubernetes.io/component=webhook"
+
+
+def webhook_configurations(kube: Kube) -> list[str]:
+    """The injection webhook's MutatingWebhookConfigurations (INJECTION=webhook), by their labels."""
+    body = kube.call(
+        lambda api: client.AdmissionregistrationV1Api(api).list_mutating_webhook_configuration(
+            label_selector=WEBHOOK_SELECTOR, _preload_content=False
+        )
+    )
+    return [str(item["metadata"]["name"]) for item in json.loads(body.data).get("items") or []]
+
+
+def delete_webhook_configuration(kube: Kube, name: str) -> None:
+    try:
+        kube.call(
+            lambda api: client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(
+                name, _preload_content=False
+            )
+        )
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+
+
+def webhook_pods(kube: Kube, namespace: str | None) -> list[str]:
+    """One line per Deployment whose running pods got the sidecar from the webhook: those pods keep it until they
+    are replaced (nothing of it is in the Deployment to take out), so the line says how."""
+
+    def page(api: client.ApiClient, token: str | None) -> Any:
+        core = client.CoreV1Api(api)
+        if namespace is None:
+            return core.list_pod_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
+        return core.list_namespaced_pod(namespace, limit=500, _continue=token, _preload_content=False)
+
+    owners: dict[tuple[str, str], int] = {}
+    for pod in _pages(kube, page):
+        meta = pod["metadata"]
+        if INJECTED in (meta.get("annotations") or {}) and not meta.get("deletionTimestamp"):
+            key = (meta.get("namespace", ""), owning_deployment(pod) or f"pod/{meta.get('name')}")
+            owners[key] = owners.get(key, 0) + 1
+    return [
+        f"Deployment {ns}/{name}: {count} pods run the sidecar the webhook injected; they keep it until replaced: "
+        f"kubectl -n {ns} rollout restart deployment/{name}"
+        for (ns, name), count in sorted(owners.items())
+    ]
+
+
 ATTEMPTS = 5  # patches of one Deployment that may meet a conflict (it changed since read) before giving up
 
 
@@ -133,6 +184,13 @@ def uninstall(kube: Kube, namespaces: tuple[str, ...], dry_run: bool, out: TextI
                 done = "would delete" if dry_run else "deleted"
                 print(f"{kind} {cmeta['namespace']}/{cmeta['name']}: {done}", file=out)
                 changed += 1
+        for line in webhook_pods(kube, namespace):
+            print(line, file=out)
+    for config in webhook_configurations(kube):
+        if not dry_run:
+            delete_webhook_configuration(kube, config)
+        print(f"MutatingWebhookConfiguration {config}: {'would delete' if dry_run else 'deleted'}", file=out)
+        changed += 1
     summary = f"{changed} objects {'to change' if dry_run else 'changed'}"
     print(summary + (f", {failed} could not be changed" if failed else ""), file=out)
     return changed, failed

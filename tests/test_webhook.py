@@ -1,0 +1,285 @@
+"""Injection at pod creation (INJECTION=webhook) on the real control plane: kube-apiserver calls the operator's
+webhook for the pods the real ReplicaSet controller creates, over TLS it trusts through the caBundle the operator
+keeps. The Deployment stays as written (what Argo CD and Flux compare), its pods get the sidecar; a webhook that
+is down blocks no pod and the operator then says which pods lack it; the certificate is renewed under load."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from tcp_exporter_operator.webhook import INJECTED, remaining
+
+from harness.helpers import wait_for
+from harness.operator_proc import (
+    NAMESPACE,
+    OPERATOR,
+    Audit,
+    Kube,
+    Operator,
+    deployment,
+    free_port,
+    install,
+    operator_writes,
+)
+
+pytestmark = pytest.mark.cluster
+
+CONFIGURATION = "tcp-exporter"
+SECRET = "tcp-exporter-webhook-tls"  # noqa: S105 - a name
+
+
+class Webhook:
+    """The operator in webhook mode, installed with manifests/'s webhook component; the API server calls it on
+    loopback (the configuration's Service reference replaced by its URL: no kube-proxy on this control plane)."""
+
+    def __init__(self, cluster: Any, kubectl: Callable[..., str], api: Any, validity: int = 365 * 86400) -> None:
+        self.cluster, self.kubectl, self.api = cluster, kubectl, api
+        self.port = free_port()
+        self.admission = client.AdmissionregistrationV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.validity = validity
+        self.op: Operator | None = None
+
+    def install(self) -> None:
+        install(self.kubectl, components=("scale-in", "webhook"))
+        url = f"https://127.0.0.1:{self.port}/mutate-pods"
+        patch = [
+            {"op": "remove", "path": "/webhooks/0/clientConfig/service"},
+            {"op": "add", "path": "/webhooks/0/clientConfig/url", "value": url},
+        ]
+        self.admission.patch_mutating_webhook_configuration(CONFIGURATION, patch)
+
+    def start(self) -> Operator:
+        env = {
+            "TCP_EXPORTER_OPERATOR_INJECTION": "webhook",
+            "TCP_EXPORTER_OPERATOR_WEBHOOK_ADDRESS": f"127.0.0.1:{self.port}",
+            "TCP_EXPORTER_OPERATOR_WEBHOOK_HOSTS": "127.0.0.1",
+            "TCP_EXPORTER_OPERATOR_WEBHOOK_CERT_VALIDITY": str(self.validity),
+        }
+        self.op = Operator(self.cluster, self.kubectl, env=env)
+        wait_for(self.trusted, 30, "the caBundle and the served certificate")
+        return self.op
+
+    def stop(self) -> None:
+        if self.op is not None:
+            self.op.close()
+            self.op = None
+
+    def secret(self) -> dict[str, bytes]:
+        data = self.core.read_namespaced_secret(SECRET, NAMESPACE).data or {}
+        return {k: base64.b64decode(v) for k, v in data.items()}
+
+    def ca_bundle(self) -> bytes:
+        config = self.admission.read_mutating_webhook_configuration(CONFIGURATION)
+        return base64.b64decode(config.webhooks[0].client_config.ca_bundle or "")
+
+    def trusted(self) -> bool:
+        try:
+            secret = self.secret()
+        except ApiException:
+            return False
+        return bool(secret.get("ca.crt")) and self.ca_bundle() == secret["ca.crt"]
+
+    def remove(self) -> None:
+        self.stop()
+        for delete in (
+            lambda: self.admission.delete_mutating_webhook_configuration(CONFIGURATION),
+            lambda: self.core.delete_namespaced_secret(SECRET, NAMESPACE),
+        ):
+            try:
+                delete()
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+
+@pytest.fixture
+def webhook(cluster: Any, kubectl: Callable[..., str], api: Any, operator: Operator) -> Iterator[Webhook]:
+    """The webhook-mode operator in place of the session's patch-mode one, and everything it added removed after
+    (a webhook configuration left behind would be called for every pod of the later tests)."""
+    operator.stop()
+    hook = Webhook(cluster, kubectl, api)
+    try:
+        hook.install()
+        yield hook
+    finally:
+        hook.remove()
+        operator.start()
+
+
+def pods(kube: Kube, name: str) -> list[Any]:
+    dep = kube.get(name)
+    selector = ",".join(f"{k}={v}" for k, v in sorted(dep.spec.selector.match_labels.items()))
+    listed = kube.core.list_namespaced_pod(kube.ns, label_selector=selector).items
+    return [p for p in listed if p.metadata.deletion_timestamp is None]
+
+
+def sidecar(pod: Any) -> Any:
+    return next((c for c in pod.spec.init_containers or [] if c.name == "tcp-exporter"), None)
+
+
+def all_injected(kube: Kube, name: str, count: int) -> list[Any]:
+    def check() -> list[Any] | None:
+        found = pods(kube, name)
+        return found if len(found) == count and all(sidecar(p) is not None for p in found) else None
+
+    return wait_for(check, 60, f"{count} pods of {name} with the sidecar")
+
+
+def test_pods_get_the_sidecar_at_creation_and_the_deployment_stays_exactly_as_applied(
+    webhook: Webhook, kube: Kube, kubectl: Callable[..., str], audit: Audit
+) -> None:
+    op = webhook.start()
+    name = "checkout.v2"
+    manifest = deployment(name, {"tcp-exporter/port": "8080", "tcp-exporter/min-replicas": "2"})
+    manifest["spec"]["replicas"] = 2
+    manifest["metadata"]["namespace"] = kube.ns
+    plain = deployment("web-api")  # not annotated: its pods are left alone
+    plain["metadata"]["namespace"] = kube.ns
+    applied = yaml.safe_dump_all([manifest, plain])
+    kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=applied)
+    found = all_injected(kube, name, 2)
+    container = sidecar(found[0])
+    assert container.restart_policy == "Always" and "--deployment=checkout.v2" in " ".join(container.args)
+    assert found[0].metadata.annotations[INJECTED].count("/") == 1
+    assert found[0].metadata.annotations["prometheus.io/port"] == "9100"
+    wait_for(lambda: kube.scaled_object(name), 30, "the ScaledObject")
+    wait_for(lambda: len(pods(kube, "web-api")) == 1, 30, "the plain Deployment's pod")
+    assert sidecar(pods(kube, "web-api")[0]) is None
+    dep = kube.get(name)
+    assert dep.metadata.generation == 1
+    assert not any(k.startswith("tcp-exporter/status") for k in dep.metadata.annotations)
+    assert [c.name for c in dep.spec.template.spec.containers] == ["app"] and not dep.spec.template.spec.init_containers
+
+    # Argo CD's sync (or Flux's) applies the same manifest again: nothing to change, nothing written.
+    kube.converged(op, name)
+    mark = audit.mark()
+    version = dep.metadata.resource_version
+    kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=applied)
+    assert kube.get(name).metadata.resource_version == version
+    kubectl("diff", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=applied)  # exit 0: no diff
+    assert [w for w in operator_writes(audit, mark, kube.ns) if w[1] == "deployments"] == []
+
+
+def test_a_rollout_injects_the_new_pods_and_starts_no_second_one(webhook: Webhook, kube: Kube) -> None:
+    op = webhook.start()
+    name = "a" * 50 + "-web-api"  # long, with dashes, as Helm names them
+    kube.create(deployment(name, {"tcp-exporter/port": "web"}))
+    all_injected(kube, name, 1)
+    kube.converged(op, name)
+    before = kube.rollouts(name)
+    kube.patch(name, {"spec": {"template": {"metadata": {"annotations": {"example.test/restartedAt": "1"}}}}})
+    wait_for(lambda: kube.rollouts(name) == before + 1, 30, "the user's rollout")
+    new = kube.get(name).metadata.generation
+
+    def rolled() -> bool:
+        # The new ReplicaSet's pod (no kubelet here makes it Ready, so the old one stays too).
+        found = [p for p in pods(kube, name) if p.metadata.annotations.get("example.test/restartedAt") == "1"]
+        return bool(found) and all(sidecar(p) is not None for p in found)
+
+    wait_for(rolled, 60, "the new pods, injected")
+    kube.converged(op, name)
+    assert kube.rollouts(name) == before + 1 and kube.get(name).metadata.generation == new
+
+
+def test_a_webhook_that_is_down_blocks_no_pod_and_the_pods_without_the_sidecar_are_reported(
+    webhook: Webhook, kube: Kube
+) -> None:
+    webhook.start()
+    name = "ws-gateway"
+    kube.create(deployment(name, {"tcp-exporter/port": "8080"}))
+    all_injected(kube, name, 1)
+    webhook.stop()  # down: the API server cannot reach it, failurePolicy Ignore creates the pod anyway
+    kube.patch(name, {"spec": {"replicas": 3}})
+    wait_for(lambda: len(pods(kube, name)) == 3, 60, "3 pods, created without the webhook")
+    assert sum(sidecar(p) is None for p in pods(kube, name)) == 2
+    webhook.start()
+    warned = wait_for(
+        lambda: [e for e in kube.events(name, "Warning") if e.reason == "PodsNotInjected"], 60, "the Warning"
+    )
+    assert "2 of this Deployment's 3 pods" in warned[0].message and "rollout restart" in warned[0].message
+
+
+def test_the_certificate_is_renewed_and_trusted_without_a_restart_and_a_cleared_ca_bundle_is_put_back(
+    cluster: Any, kubectl: Callable[..., str], api: Any, operator: Operator, kube: Kube
+) -> None:
+    operator.stop()
+    hook = Webhook(cluster, kubectl, api, validity=60)  # renewed once 2/3 of its 66 s have passed
+    try:
+        hook.install()
+        hook.start()
+        first = hook.secret()["tls.crt"]
+        assert 0 < remaining(first) <= 60
+        wait_for(lambda: hook.secret()["tls.crt"] != first, 90, "a renewed certificate")
+        kube.create(deployment("broker", {"tcp-exporter/port": "8080"}))
+        all_injected(kube, "broker", 1)  # the API server trusts the renewed one: the same CA signed it
+        patch = [{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": ""}]
+        hook.admission.patch_mutating_webhook_configuration(CONFIGURATION, patch)  # as a GitOps re-apply would
+        wait_for(hook.trusted, 30, "the caBundle put back")
+    finally:
+        hook.remove()
+        operator.start()
+
+
+def test_pods_in_the_operators_namespace_and_kube_system_are_never_injected(
+    webhook: Webhook, kube: Kube, kubectl: Callable[..., str]
+) -> None:
+    webhook.start()
+    apps = kube.apps
+    for namespace in ("kube-system", NAMESPACE):
+        body = deployment("never-injected", {"tcp-exporter/port": "8080"})
+        body["spec"]["template"]["spec"]["securityContext"] = {  # the operator's namespace enforces restricted
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        body["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        apps.create_namespaced_deployment(namespace, body)
+    try:
+        for namespace in ("kube-system", NAMESPACE):
+            other = Kube(webhook.api, namespace)
+            found = wait_for(lambda o=other: pods(o, "never-injected") or None, 60, f"the pod in {namespace}")
+            assert sidecar(found[0]) is None, namespace
+    finally:
+        for namespace in ("kube-system", NAMESPACE):
+            apps.delete_namespaced_deployment("never-injected", namespace)
+    assert (
+        json.loads(kubectl("get", "mutatingwebhookconfiguration", CONFIGURATION, "-o", "json"))["webhooks"][0][
+            "failurePolicy"
+        ]
+        == "Ignore"
+    )
+
+
+def test_uninstall_deletes_the_webhook_configuration_and_says_which_pods_keep_the_sidecar_until_replaced(
+    webhook: Webhook, kube: Kube, cluster: Any
+) -> None:
+    webhook.start()
+    kube.create(deployment("orders-api", {"tcp-exporter/port": "8080"}))
+    all_injected(kube, "orders-api", 1)
+    wait_for(lambda: kube.scaled_object("orders-api"), 30, "the ScaledObject")
+    webhook.stop()  # as the README says: delete the operator first
+    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+    done = subprocess.run(
+        [OPERATOR, "uninstall", "-n", kube.ns], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"kubectl -n {kube.ns} rollout restart deployment/orders-api" in done.stdout, done.stdout
+    assert "MutatingWebhookConfiguration tcp-exporter: deleted" in done.stdout, done.stdout
+    assert kube.scaled_object("orders-api") is None
+    with pytest.raises(ApiException) as err:
+        webhook.admission.read_mutating_webhook_configuration(CONFIGURATION)
+    assert err.value.status == 404
+    assert kube.get("orders-api").spec.template.spec.init_containers is None  # nothing was ever in the template
