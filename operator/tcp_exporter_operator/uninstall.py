@@ -86,7 +86,7 @@ WEBHOOK_SELECTOR = "app.kubernetes.io/name=tcp-exporter-operator,app.kubernetes.
 
 def webhook_configurations(kube: Kube) -> list[str]:
     """The injection webhook's MutatingWebhookConfigurations (INJECTION=webhook), by their labels."""
-    body = kube.call(
+    body: Any = kube.call(
         lambda api: client.AdmissionregistrationV1Api(api).list_mutating_webhook_configuration(
             label_selector=WEBHOOK_SELECTOR, _preload_content=False
         )
