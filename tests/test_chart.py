@@ -134,6 +134,50 @@ def test_the_optional_parts_match_their_kustomize_components(tmp_path: Path) -> 
     assert "--peering=tcp-exporter" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def test_webhook_injection_matches_the_kustomize_component_and_points_at_the_releases_namespace(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    manifests = tmp_path / "manifests"
+    shutil.copytree(REPO / "manifests", manifests)
+    with open(manifests / "kustomization.yaml", "a") as f:
+        f.write("components:\n  - webhook\n")
+    kustomize = kustomized(manifests)
+    chart = render("--set", "config.injection=webhook", namespace="platform-x")
+    assert sorted(d["kind"] for d in chart) == sorted(d["kind"] for d in kustomize if d["kind"] != "Namespace")
+
+    def webhook_parts(docs: list[dict[str, Any]]) -> Any:
+        roles = sorted(
+            (d["kind"], d["rules"])
+            for d in docs
+            if d["kind"] in ("ClusterRole", "Role") and "webhook" in d["metadata"]["name"]
+        )
+        (config,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+        return roles, config["webhooks"]
+
+    chart_roles, chart_hooks = webhook_parts(chart)
+    kustomize_roles, kustomize_hooks = webhook_parts(kustomize)
+    assert chart_roles == kustomize_roles
+    assert chart_hooks[0]["clientConfig"]["service"]["namespace"] == "platform-x"
+    assert "platform-x" in chart_hooks[0]["namespaceSelector"]["matchExpressions"][0]["values"]
+    for hooks in (chart_hooks, kustomize_hooks):  # the rest the same
+        hooks[0]["clientConfig"]["service"].pop("namespace")
+        hooks[0]["namespaceSelector"]["matchExpressions"][0]["values"].pop()
+    assert chart_hooks == kustomize_hooks
+    (configmap,) = [d for d in chart if d["kind"] == "ConfigMap"]
+    cfg = Config.from_env(configmap["data"])
+    assert cfg.injection == "webhook" and cfg.own_namespace == "platform-x"
+    assert cfg.webhook_hosts[0] == "tcp-exporter-webhook.platform-x.svc"
+    (kustomize_cm,) = [d for d in kustomize if d["kind"] == "ConfigMap"]
+    assert Config.from_env(kustomize_cm["data"]).injection == "webhook"
+    for docs in (chart, kustomize):
+        (operator,) = [d for d in docs if d["kind"] == "Deployment"]
+        ports = operator["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert {"name": "webhook", "containerPort": 9443} in ports
+        assert operator["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
 @pytest.mark.cluster
 def test_the_operator_runs_under_what_the_chart_installs(
     cluster: Any, kubectl: Callable[..., str], operator: Operator, kube: Kube, tmp_path: Path

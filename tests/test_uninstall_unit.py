@@ -49,6 +49,8 @@ class Answers:
 def run(monkeypatch: pytest.MonkeyPatch, kube: Answers, names: list[str]) -> tuple[str, tuple[int, int]]:
     monkeypatch.setattr(module, "injected_deployments", lambda kube, namespace: iter(injected(n) for n in names))
     monkeypatch.setattr(module, "children", lambda kube, kind, namespace: iter(()))
+    monkeypatch.setattr(module, "webhook_pods", lambda kube, namespace: [])
+    monkeypatch.setattr(module, "webhook_configurations", lambda kube: [])
     out = io.StringIO()
     result = module.uninstall(kube, (), False, out)  # type: ignore[arg-type]
     return out.getvalue(), result

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from tcp_exporter_operator.webhook import INJECTED, remaining
+from tcp_exporter_operator.webhook import INJECTED, issue, remaining
 
 from harness.helpers import wait_for
 from harness.operator_proc import (
@@ -58,16 +60,29 @@ class Webhook:
         ]
         self.admission.patch_mutating_webhook_configuration(CONFIGURATION, patch)
 
-    def start(self) -> Operator:
+    def start(self, **extra: str) -> Operator:
         env = {
             "TCP_EXPORTER_OPERATOR_INJECTION": "webhook",
             "TCP_EXPORTER_OPERATOR_WEBHOOK_ADDRESS": f"127.0.0.1:{self.port}",
             "TCP_EXPORTER_OPERATOR_WEBHOOK_HOSTS": "127.0.0.1",
             "TCP_EXPORTER_OPERATOR_WEBHOOK_CERT_VALIDITY": str(self.validity),
+            **extra,
         }
         self.op = Operator(self.cluster, self.kubectl, env=env)
-        wait_for(self.trusted, 30, "the caBundle and the served certificate")
+        wait_for(self.trusted, 30, "the caBundle and the Secret")
+        wait_for(self.serving, 30, "the webhook serving TLS")
         return self.op
+
+    def serving(self) -> bool:
+        """Whether the webhook completes a TLS handshake (it has loaded a certificate): what its readiness probe,
+        an HTTPS GET of /healthz, sees."""
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as raw, context.wrap_socket(raw):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.op is not None:
@@ -213,13 +228,13 @@ def test_the_certificate_is_renewed_and_trusted_without_a_restart_and_a_cleared_
     cluster: Any, kubectl: Callable[..., str], api: Any, operator: Operator, kube: Kube
 ) -> None:
     operator.stop()
-    hook = Webhook(cluster, kubectl, api, validity=60)  # renewed once 2/3 of its 66 s have passed
+    hook = Webhook(cluster, kubectl, api, validity=30)  # renewed once 2/3 of its 33 s have passed
     try:
         hook.install()
         hook.start()
         first = hook.secret()["tls.crt"]
-        assert 0 < remaining(first) <= 60
-        wait_for(lambda: hook.secret()["tls.crt"] != first, 90, "a renewed certificate")
+        assert 0 < remaining(first) <= 30
+        wait_for(lambda: hook.secret()["tls.crt"] != first, 60, "a renewed certificate")
         kube.create(deployment("broker", {"tcp-exporter/port": "8080"}))
         all_injected(kube, "broker", 1)  # the API server trusts the renewed one: the same CA signed it
         patch = [{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": ""}]
@@ -283,3 +298,22 @@ def test_uninstall_deletes_the_webhook_configuration_and_says_which_pods_keep_th
         webhook.admission.read_mutating_webhook_configuration(CONFIGURATION)
     assert err.value.status == 404
     assert kube.get("orders-api").spec.template.spec.init_containers is None  # nothing was ever in the template
+
+
+def test_with_external_certificates_the_operator_serves_what_cert_manager_wrote_and_writes_neither_secret_nor_bundle(
+    webhook: Webhook, kube: Kube, audit: Audit
+) -> None:
+    issued = issue(("127.0.0.1",), 3600)  # what cert-manager's Certificate would write, and its cainjector
+    secret = {k: base64.b64encode(issued[k]).decode() for k in ("tls.crt", "tls.key", "ca.crt")}
+    webhook.core.create_namespaced_secret(
+        NAMESPACE, {"metadata": {"name": SECRET}, "type": "kubernetes.io/tls", "data": secret}
+    )
+    bundle = [{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": secret["ca.crt"]}]
+    webhook.admission.patch_mutating_webhook_configuration(CONFIGURATION, bundle)
+    mark = audit.mark()
+    webhook.start(TCP_EXPORTER_OPERATOR_WEBHOOK_CERTS="external")
+    kube.create(deployment("game-proxy", {"tcp-exporter/port": "8080"}))
+    all_injected(kube, "game-proxy", 1)
+    assert webhook.secret()["tls.crt"] == issued["tls.crt"]
+    written = {w[1] for w in audit.writes(mark)}
+    assert not written & {"secrets", "mutatingwebhookconfigurations"}, written
