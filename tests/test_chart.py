@@ -105,12 +105,12 @@ def test_the_optional_parts_match_their_kustomize_components(tmp_path: Path) -> 
     manifests = tmp_path / "manifests"
     shutil.copytree(REPO / "manifests", manifests)
     with open(manifests / "kustomization.yaml", "a") as f:
-        f.write("components:\n  - peering\n  - monitoring\n  - scale-in\n")
+        f.write("components:\n  - peering\n  - monitoring\n  - scale-in\n  - validation\n")
     kustomize = kustomized(manifests)
     chart = render(
         "--set",
         "peering.enabled=true,monitoring.podMonitor.enabled=true,monitoring.prometheusRule.enabled=true,"
-        "monitoring.dashboard.enabled=true,scaleIn.enabled=true",
+        "monitoring.dashboard.enabled=true,scaleIn.enabled=true,validation.enabled=true",
     )
     assert sorted(d["kind"] for d in chart) == sorted(d["kind"] for d in kustomize if d["kind"] != "Namespace")
     (chart_rule,) = [d for d in chart if d["kind"] == "PrometheusRule"]
@@ -125,10 +125,21 @@ def test_the_optional_parts_match_their_kustomize_components(tmp_path: Path) -> 
 
     def scale_in(docs: list[dict[str, Any]]) -> Any:
         (role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-scale-in")]
-        (policy,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+        (policy,) = [
+            d for d in docs if d["kind"] == "ValidatingAdmissionPolicy" and "deletion-cost" in d["metadata"]["name"]
+        ]
         return role["rules"], policy["spec"]
 
     assert scale_in(chart) == scale_in(kustomize)
+
+    def validation(docs: list[dict[str, Any]]) -> Any:
+        return [
+            (d["kind"], d["spec"])
+            for d in docs
+            if d["kind"].startswith("ValidatingAdmissionPolicy") and "annotations" in d["metadata"]["name"]
+        ]
+
+    assert validation(chart) == validation(kustomize) and len(validation(chart)) == 2
     (operator,) = [d for d in chart if d["kind"] == "Deployment"]
     assert operator["spec"]["replicas"] == 2
     assert "--peering=tcp-exporter" in operator["spec"]["template"]["spec"]["containers"][0]["args"]

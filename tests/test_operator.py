@@ -119,7 +119,7 @@ def test_removing_the_annotation_removes_everything_and_adding_it_back_injects(
         ({"tcp-exporter/port": "70000"}, "not a port number"),
         ({"tcp-exporter/port": "grpc"}, "neither a port number nor a container port name"),
         ({"tcp-exporter/port": "8080", "tcp-exporter/min-replicas": "5", "tcp-exporter/max-replicas": "2"}, "is above"),
-        ({"tcp-exporter/port": "8080", "tcp-exporter/max-replicas": "-1"}, "must be"),
+        ({"tcp-exporter/port": "8080", "tcp-exporter/max-replicas": "-1"}, "is not a whole number of at least 1"),
         ({"tcp-exporter/port": "8080", "tcp-exporter/threshold": "1.5"}, "not a whole number"),
         ({"tcp-exporter/port": "8080", "tcp-exporter/method": "magic"}, "is not one of"),
     ],

@@ -19,6 +19,7 @@ from typing import Any
 
 from tcp_exporter import contract as sidecar
 
+from tcp_exporter_operator import rules
 from tcp_exporter_operator.config import PREFIX as SETTING_PREFIX
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.events import LABELS
@@ -70,10 +71,11 @@ DRAIN_SHUTDOWN = 5
 DEFAULT_GRACE = 30  # Kubernetes' terminationGracePeriodSeconds
 # The operator setting (TCP_EXPORTER_OPERATOR_...) that holds an annotation's default, where it is not named after it.
 SETTINGS = {A_IMAGE: "SIDECAR_IMAGE"}
-INJECTABLE_METHODS = tuple(m for m in sidecar.METHODS if m != "auto")  # the sidecar's one list
-# KEDA's fallback.behavior values (KEDA 2.17+), and "none" for no fallback block at all.
-FALLBACK_BEHAVIORS = ("currentReplicasIfHigher", "currentReplicas", "currentReplicasIfLower", "static", "none")
-AUTH_MODES = ("basic", "bearer", "tls", "custom")
+# The sidecar's methods but auto; KEDA's fallback.behavior values (2.17+) and "none" for no fallback block; KEDA's
+# authModes: in rules.py, the one list the operator and the admission policy both read.
+INJECTABLE_METHODS = rules.INJECTABLE_METHODS
+FALLBACK_BEHAVIORS = rules.FALLBACK_BEHAVIORS
+AUTH_MODES = rules.AUTH_MODES
 AUTH_KINDS = ("TriggerAuthentication", "ClusterTriggerAuthentication")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(
@@ -434,6 +436,9 @@ def parse_spec(deployment: Mapping[str, Any], cfg: Config) -> Spec:
             "connection of the node to the port and take the node's metrics port (node_exporter's 9100); "
             "not injected"
         )
+    broken = rules.check(annotations)  # the syntax, as the admission policy checks it at apply time
+    if broken is not None:
+        raise InvalidSpec(broken)
     ports = _resolve_ports(annotations[A_PORT], deployment)
     method, where = _setting(annotations, A_METHOD, cfg.method)
     if method not in INJECTABLE_METHODS:

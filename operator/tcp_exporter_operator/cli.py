@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument(
         "--namespace", "-n", action="append", default=[], help="only in this namespace (repeatable); default: all"
     )
+    policy = sub.add_parser(
+        "policy",
+        help="print the ValidatingAdmissionPolicy that refuses malformed tcp-exporter/* annotations at apply time "
+        "(manifests/validation/ holds it)",
+    )
+    policy.add_argument(
+        "--account",
+        default="system:serviceaccount:tcp-exporter:tcp-exporter-operator",
+        help="the operator's user name, whose own writes the policy leaves alone (default %(default)s)",
+    )
     return parser
 
 
@@ -241,6 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"tcp-exporter-operator: render: --config-map {args.config_map}: {exc}", file=sys.stderr)
                 return 2
         return render(args.filename, args.psa_level, cfg, args.namespace, args.podmonitor_crd)
+    if args.command == "policy":
+        from tcp_exporter_operator import rules
+
+        sys.stdout.write(rules.HEADER + yaml.safe_dump_all(rules.policy(args.account), sort_keys=False, width=1000))
+        return 0
     if args.command in ("status", "uninstall"):
         return on_cluster(args)
     import kopf
