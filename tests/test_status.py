@@ -38,7 +38,7 @@ def test_status_shows_each_annotated_deployment_and_exits_1_while_one_needs_atte
     assert rows["web-api"]["sidecar"] == "native"  # auto, on this 1.37 API server
     assert rows["web-api"]["scaledObject"] == "web-api" and rows["web-api"]["max"] == 10
     assert rows["checkout.v2"]["problems"] == ["not injected", "no ScaledObject", "a Warning"]
-    assert "is neither a port number nor a container port name" in rows["checkout.v2"]["lastWarning"]
+    assert "is not a list of port numbers or container port names" in rows["checkout.v2"]["lastWarning"]
     text = status(cluster, kube.ns)
     assert text.returncode == 1 and "checkout.v2" in text.stdout and "not injected" in text.stdout
     kube.apps.delete_namespaced_deployment("checkout.v2", kube.ns)

@@ -35,7 +35,7 @@ def test_a_superscript_port_and_a_forged_status_stop_nothing_and_twenty_valid_de
     wait_for(lambda: all("tcp-exporter" in kube.containers(n) for n in names), 30, "all 20 valid Deployments injected")
     assert operator.metric("tcp_exporter_operator_informer_synced", resource="deployments") == 1
     warned = wait_for(lambda: kube.events("web-api", "Warning"), 30, "a Warning on the malformed one")
-    assert "is neither a port number nor a container port name" in warned[0].message
+    assert "is not a list of port numbers or container port names" in warned[0].message
     assert "tcp-exporter" not in kube.containers("web-api")
     # The forged status is read as untrusted: the Deployment is injected, its status written anew.
     wait_for(lambda: "tcp-exporter" in kube.containers("checkout.v2"), 30, "the forged one injected")

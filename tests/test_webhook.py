@@ -24,6 +24,7 @@ from harness.helpers import wait_for
 from harness.operator_proc import (
     NAMESPACE,
     OPERATOR,
+    REPO,
     Audit,
     Kube,
     Operator,
@@ -34,6 +35,8 @@ from harness.operator_proc import (
 )
 
 pytestmark = pytest.mark.cluster
+# manifests/statefulsets' rights, for the tests that enable StatefulSets (the component also sets the kinds).
+STATEFULSET_RBAC = (REPO / "manifests" / "statefulsets" / "role.yaml").read_text()
 
 CONFIGURATION = "tcp-exporter"
 SECRET = "tcp-exporter-webhook-tls"  # noqa: S105 - a name
@@ -117,10 +120,11 @@ class Webhook:
                     raise
 
 
-@pytest.fixture
-def webhook(cluster: Any, kubectl: Callable[..., str], api: Any, operator: Operator) -> Iterator[Webhook]:
-    """The webhook-mode operator in place of the session's patch-mode one, and everything it added removed after
-    (a webhook configuration left behind would be called for every pod of the later tests)."""
+@pytest.fixture(scope="module")
+def installed(cluster: Any, kubectl: Callable[..., str], api: Any, operator: Operator) -> Iterator[Webhook]:
+    """The webhook component installed once for this module, in place of the session's patch-mode operator, and
+    everything it added removed after (a webhook configuration left behind would be called for every pod of the
+    later tests)."""
     operator.stop()
     hook = Webhook(cluster, kubectl, api)
     try:
@@ -129,6 +133,14 @@ def webhook(cluster: Any, kubectl: Callable[..., str], api: Any, operator: Opera
     finally:
         hook.remove()
         operator.start()
+
+
+@pytest.fixture
+def webhook(installed: Webhook) -> Iterator[Webhook]:
+    """The installed webhook; each test starts its webhook-mode operator, stopped after it."""
+    yield installed
+    installed.stop()
+    installed.validity = 365 * 86400
 
 
 def pods(kube: Kube, name: str) -> list[Any]:
@@ -225,24 +237,18 @@ def test_a_webhook_that_is_down_blocks_no_pod_and_the_pods_without_the_sidecar_a
 
 
 def test_the_certificate_is_renewed_and_trusted_without_a_restart_and_a_cleared_ca_bundle_is_put_back(
-    cluster: Any, kubectl: Callable[..., str], api: Any, operator: Operator, kube: Kube
+    webhook: Webhook, kube: Kube
 ) -> None:
-    operator.stop()
-    hook = Webhook(cluster, kubectl, api, validity=30)  # renewed once 2/3 of its 33 s have passed
-    try:
-        hook.install()
-        hook.start()
-        first = hook.secret()["tls.crt"]
-        assert 0 < remaining(first) <= 30
-        wait_for(lambda: hook.secret()["tls.crt"] != first, 60, "a renewed certificate")
-        kube.create(deployment("broker", {"tcp-exporter/port": "8080"}))
-        all_injected(kube, "broker", 1)  # the API server trusts the renewed one: the same CA signed it
-        patch = [{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": ""}]
-        hook.admission.patch_mutating_webhook_configuration(CONFIGURATION, patch)  # as a GitOps re-apply would
-        wait_for(hook.trusted, 30, "the caBundle put back")
-    finally:
-        hook.remove()
-        operator.start()
+    webhook.validity = 30  # renewed once 2/3 of its 33 s have passed (and at once, the Secret's being a year's)
+    webhook.start()
+    first = webhook.secret()["tls.crt"]
+    assert 0 < remaining(first) <= 30
+    wait_for(lambda: webhook.secret()["tls.crt"] != first, 60, "a renewed certificate")
+    kube.create(deployment("broker", {"tcp-exporter/port": "8080"}))
+    all_injected(kube, "broker", 1)  # the API server trusts the renewed one: the same CA signed it
+    patch = [{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": ""}]
+    webhook.admission.patch_mutating_webhook_configuration(CONFIGURATION, patch)  # as a GitOps re-apply would
+    wait_for(webhook.trusted, 30, "the caBundle put back")
 
 
 def test_pods_in_the_operators_namespace_and_kube_system_are_never_injected(
@@ -298,6 +304,7 @@ def test_uninstall_deletes_the_webhook_configuration_and_says_which_pods_keep_th
         webhook.admission.read_mutating_webhook_configuration(CONFIGURATION)
     assert err.value.status == 404
     assert kube.get("orders-api").spec.template.spec.init_containers is None  # nothing was ever in the template
+    webhook.install()  # for the next tests
 
 
 def test_with_external_certificates_the_operator_serves_what_cert_manager_wrote_and_writes_neither_secret_nor_bundle(
@@ -305,6 +312,10 @@ def test_with_external_certificates_the_operator_serves_what_cert_manager_wrote_
 ) -> None:
     issued = issue(("127.0.0.1",), 3600)  # what cert-manager's Certificate would write, and its cainjector
     secret = {k: base64.b64encode(issued[k]).decode() for k in ("tls.crt", "tls.key", "ca.crt")}
+    try:
+        webhook.core.delete_namespaced_secret(SECRET, NAMESPACE)  # the operator's, of the tests before
+    except ApiException as exc:
+        assert exc.status == 404
     webhook.core.create_namespaced_secret(
         NAMESPACE, {"metadata": {"name": SECRET}, "type": "kubernetes.io/tls", "data": secret}
     )
@@ -317,3 +328,34 @@ def test_with_external_certificates_the_operator_serves_what_cert_manager_wrote_
     assert webhook.secret()["tls.crt"] == issued["tls.crt"]
     written = {w[1] for w in audit.writes(mark)}
     assert not written & {"secrets", "mutatingwebhookconfigurations"}, written
+
+
+def test_the_pods_of_an_annotated_statefulset_get_the_sidecar_and_the_statefulset_stays_as_written(
+    webhook: Webhook, kube: Kube
+) -> None:
+    webhook.kubectl("apply", "-f", "-", input=STATEFULSET_RBAC)
+    try:
+        webhook.start(TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS="Deployment,StatefulSet")
+        statefulset_pods_injected(webhook, kube)
+    finally:
+        webhook.kubectl("delete", "-f", "-", "--ignore-not-found", input=STATEFULSET_RBAC)
+
+
+def statefulset_pods_injected(webhook: Webhook, kube: Kube) -> None:
+    body = deployment("nats", {"tcp-exporter/port": "8080"})
+    body["kind"] = "StatefulSet"
+    body["spec"]["serviceName"] = "nats"
+    kube.apps.create_namespaced_stateful_set(kube.ns, body)
+
+    def pod() -> Any:
+        try:
+            return kube.core.read_namespaced_pod("nats-0", kube.ns)
+        except ApiException:
+            return None
+
+    created = wait_for(pod, 60, "the StatefulSet's pod nats-0")
+    assert sidecar(created) is not None and created.metadata.annotations[INJECTED]
+    so = wait_for(lambda: kube.scaled_object("nats"), 30, "the ScaledObject")
+    assert so["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    sts = kube.apps.read_namespaced_stateful_set("nats", kube.ns)
+    assert not sts.spec.template.spec.init_containers and "tcp-exporter/status" not in sts.metadata.annotations

@@ -78,7 +78,7 @@ def patched(pod: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
     return dict(jsonpatch.apply_patch(pod, decision.patch))
 
 
-def test_the_owning_deployment_is_the_replicasets_name_without_the_pod_template_hash() -> None:
+def test_the_owning_workload_is_the_replicasets_name_without_the_pod_template_hash_or_the_statefulset() -> None:
     long_name = "a" * 57 + "-api"  # Helm-like: dashes, and long
     assert owning_deployment(pod_of(annotated(long_name))) == long_name
     assert owning_deployment(pod_of(annotated("web-api"))) == "web-api"
@@ -86,8 +86,11 @@ def test_the_owning_deployment_is_the_replicasets_name_without_the_pod_template_
     bare["metadata"]["ownerReferences"] = []
     assert owning_deployment(bare) is None
     stateful = pod_of(annotated())
-    stateful["metadata"]["ownerReferences"][0]["kind"] = "StatefulSet"
-    assert owning_deployment(stateful) is None
+    stateful["metadata"]["ownerReferences"][0].update(kind="StatefulSet", name="broker")
+    assert owning_deployment(stateful) == "StatefulSet/broker"  # its key (workloads.py)
+    job = pod_of(annotated())
+    job["metadata"]["ownerReferences"][0].update(kind="Job", apiVersion="batch/v1")
+    assert owning_deployment(job) is None
 
 
 def test_a_pod_gets_the_very_sidecar_the_patch_mode_puts_in_the_template() -> None:

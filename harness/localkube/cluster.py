@@ -333,6 +333,7 @@ def start(state_dir: Path, kubeconfig: Path, detached: bool, address: str = "127
                 # gives kube-proxy its endpoints, and the root CA publisher the kube-root-ca.crt every pod's
                 # service account volume mounts: they matter where a node runs (make cluster-up NODE=1).
                 "--controllers=garbage-collector-controller,deployment-controller,replicaset-controller,"
+                "statefulset-controller,"
                 "serviceaccount-controller,namespace-controller,clusterrole-aggregation-controller,"
                 "horizontal-pod-autoscaler-controller,node-lifecycle-controller,endpointslice-controller,"
                 "root-ca-certificate-publisher-controller",

@@ -77,6 +77,9 @@ class Config:
     # Where the sidecar is injected: patch (into the Deployment's pod template) or webhook (into each pod as it is
     # created, by a mutating admission webhook: the Deployment stays as written, for GitOps). webhook.py.
     injection: str = "patch"
+    # The kinds of workload annotations are read on: Deployment, StatefulSet (each needs its RBAC: the chart's
+    # workloadKinds, or manifests/statefulsets).
+    workload_kinds: tuple[str, ...] = ("Deployment",)
     webhook_address: str = ":9443"  # where the webhook's HTTPS server listens (host:port)
     # The MutatingWebhookConfiguration whose caBundle the operator keeps (WEBHOOK_CERTS=operator).
     webhook_configuration: str = "tcp-exporter"
@@ -93,6 +96,11 @@ class Config:
     webhook_cert_validity: int = 365 * 86400  # seconds a certificate the operator issues is valid
 
     def __post_init__(self) -> None:
+        wrong = [k for k in self.workload_kinds if k not in ("Deployment", "StatefulSet")]
+        if wrong or not self.workload_kinds:
+            raise ValueError(
+                f"{PREFIX}WORKLOAD_KINDS={','.join(self.workload_kinds)!r}: give one or more of Deployment, StatefulSet"
+            )
         if self.injection not in INJECTIONS:
             raise ValueError(f"{PREFIX}INJECTION={self.injection!r}: give one of {', '.join(INJECTIONS)}")
         if self.webhook_certs not in ("operator", "external"):

@@ -48,12 +48,14 @@ from tcp_exporter_operator.kube import (
     deployments_lister,
     hpas_lister,
     namespaces_lister,
+    statefulsets_lister,
 )
 from tcp_exporter_operator.plan import Plan, plan
 from tcp_exporter_operator.rollouts import Rollouts, paced
 from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
 from tcp_exporter_operator.signalcheck import SignalCheck
 from tcp_exporter_operator.watch import RESYNC, Informer, Item, Key, Peering, WorkQueue, newest, revision
+from tcp_exporter_operator.workloads import DEPLOYMENT, KINDS, STATEFULSET, key_name, key_of, kind_of, with_kind
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
@@ -146,6 +148,11 @@ class Controller:
         )
         self.informers = self._informers()
         self.deployments = self.informers["deployments"]
+        self.workload_informers = {
+            kind: self.informers[plural]
+            for kind, plural in ((DEPLOYMENT, "deployments"), (STATEFULSET, "statefulsets"))
+            if plural in self.informers
+        }
         self.stopping = threading.Event()
         self.progress_at = time.monotonic()  # when a worker last finished an entry
 
@@ -191,7 +198,26 @@ class Controller:
         managed = f"app.kubernetes.io/managed-by={MANAGED_BY}"
         indexes = self.indexes
         informers = {
-            "deployments": Informer(self.kube, "deployments", deployments_lister, scopes, self.deployment_seen),
+            "deployments": Informer(
+                self.kube,
+                "deployments",
+                deployments_lister,
+                scopes,
+                lambda t, o: self.deployment_seen(t, with_kind(o, DEPLOYMENT)),
+            ),
+            **(
+                {
+                    "statefulsets": Informer(
+                        self.kube,
+                        "statefulsets",
+                        statefulsets_lister,
+                        scopes,
+                        lambda t, o: self.deployment_seen(t, with_kind(o, STATEFULSET)),
+                    )
+                }
+                if STATEFULSET in self.config.workload_kinds
+                else {}
+            ),
             "scaledobjects": Informer(
                 self.kube,
                 "scaledobjects",
@@ -234,8 +260,8 @@ class Controller:
         if previous["metadata"]["labels"].get("app.kubernetes.io/managed-by") != MANAGED_BY:
             return kept
         for ref in previous["metadata"]["ownerReferences"]:
-            if ref.get("kind") == "Deployment" and ref.get("name"):
-                self.enqueue(previous["metadata"]["namespace"], ref["name"])
+            if ref.get("kind") in KINDS and ref.get("name"):
+                self.enqueue(previous["metadata"]["namespace"], key_name(ref["kind"], ref["name"]))
         return kept
 
     def crd_seen(self, type: str, obj: Mapping[str, Any]) -> bool:
@@ -255,15 +281,16 @@ class Controller:
         be seen without what it carried) is queued, a deletion forgotten; the rest dropped. Whether it is tracked."""
         meta = body["metadata"]
         is_tracked = type != "DELETED" and tracked(meta.get("annotations") or {})
+        key = key_of(body)
         if self.webhook:
             if type == "DELETED":
-                self.tracked_keys.pop((meta["namespace"], meta["name"]), None)
+                self.tracked_keys.pop(key, None)
             else:
-                self.tracked_keys[(meta["namespace"], meta["name"])] = A_PORT in (meta.get("annotations") or {})
-        if is_tracked or meta.get("uid") in self.deployments.known:
+                self.tracked_keys[key] = A_PORT in (meta.get("annotations") or {})
+        if is_tracked or meta.get("uid") in self.workload_informers[kind_of(body)].known:
             self.dispatch(type, body)
-            self.scale_target(body if is_tracked else None, (meta["namespace"], meta["name"]))
-            self.signal.observe(body if is_tracked else None, (meta["namespace"], meta["name"]))
+            self.scale_target(body if is_tracked else None, key)
+            self.signal.observe(body if is_tracked else None, key)
         return is_tracked
 
     def scale_target(self, body: Mapping[str, Any] | None, key: Key) -> None:
@@ -271,7 +298,8 @@ class Controller:
         targets = self.scale_targets
         annotations = (body or {}).get("metadata", {}).get("annotations") or {}
         opted = A_SCALE_IN in annotations or self.config.scale_in_by_connections
-        if body is None or A_PORT not in annotations or not opted:  # not opted in: no need to parse the rest
+        # Not opted in (no need to parse the rest), or not a Deployment: a StatefulSet removes its highest ordinal.
+        if body is None or A_PORT not in annotations or not opted or kind_of(body) != DEPLOYMENT:
             targets.pop(key, None)
             return
         try:
@@ -287,11 +315,11 @@ class Controller:
     def dispatch(self, type: str, body: Mapping[str, Any]) -> None:
         """Queue a Deployment's event (a deletion is only forgotten)."""
         meta = body["metadata"]
-        metrics.TRACKED.set(len(self.deployments.known))
+        metrics.TRACKED.set(sum(len(informer.known) for informer in self.workload_informers.values()))
         if type == "DELETED":
             # Nothing is left to reconcile: a queued entry would patch a gone Deployment and warn of the 404.
-            self.queue.forget((meta["namespace"], meta["name"]))
-            self.received.pop((meta["namespace"], meta["name"]), None)
+            self.queue.forget(key_of(body))
+            self.received.pop(key_of(body), None)
             uid = meta.get("uid")
             self.warned.pop(uid, None)
             self.awaiting.pop(uid, None)
@@ -300,7 +328,7 @@ class Controller:
             for namespace_, name_ in self.rollouts.forget(uid):
                 self.enqueue(namespace_, name_)
             return
-        key = (meta["namespace"], meta["name"])
+        key = key_of(body)
         self.received.setdefault(key, time.monotonic())  # the oldest event not yet handled, for event_to_write
         self.queue.put(key, (type, body))
         metrics.QUEUE_DEPTH.set(len(self.queue))
@@ -394,8 +422,9 @@ class Controller:
         if not self.ready.is_set():
             return  # the first reconcile of everything is still to come
         self.refusals.clear()  # a refused write is tried again once per full pass
-        for namespace, name in self.deployments.known_keys():
-            self.enqueue(namespace, name)
+        for kind, informer in self.workload_informers.items():
+            for namespace, name in informer.known_keys():
+                self.enqueue(namespace, key_name(kind, name))
 
     def check_scale_in(self) -> None:
         """Whether connection-aware scale-in is installed (this account may patch pods): read at start and before
@@ -433,7 +462,7 @@ class Controller:
         Returns the result the metrics count: "wrote", "in_sync" or "failed".
         """
         kube = self.kube
-        namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+        namespace, name = key_of(deployment)  # the name is StatefulSet/NAME for a StatefulSet (workloads.py)
         current: Mapping[str, Any] | None = deployment
         hpas = None
         for delay in (*RETRY_DELAYS, None):
@@ -540,7 +569,7 @@ class Controller:
         kube = self.kube
         meta = deployment["metadata"]
         if plan.deployment_patch is not None:
-            written, generation = kube.patch_deployment(meta["namespace"], meta["name"], plan.deployment_patch)
+            written, generation = kube.patch_deployment(*key_of(deployment), plan.deployment_patch)
             self.awaiting[meta.get("uid")] = (written, time.monotonic() + CONSISTENCY_TIMEOUT)
             if plan.upgrade and paced(deployment):
                 self.rollouts.started(meta.get("uid", ""), generation, deployment)

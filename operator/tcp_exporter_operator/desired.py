@@ -28,6 +28,7 @@ from tcp_exporter_operator.annotations import (
     template_of,
 )
 from tcp_exporter_operator.events import LABELS, api_version
+from tcp_exporter_operator.workloads import API_VERSION, KINDS, kind_of
 
 METRICS_PORT_NAME = "tcp-metrics"
 PROMETHEUS_SCRAPE = "prometheus.io/scrape"
@@ -301,8 +302,8 @@ def child_name(name: str, suffix: str = "", limit: int = 253) -> str:
 def owner_reference(deployment: Mapping[str, Any]) -> dict[str, Any]:
     meta = deployment["metadata"]
     return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "apiVersion": API_VERSION,
+        "kind": kind_of(deployment),
         "name": meta["name"],
         "uid": meta.get("uid", ""),
         "controller": True,
@@ -329,7 +330,7 @@ def scaled_object(deployment: Mapping[str, Any], spec: Spec, fallback_behavior: 
     if options.authentication_ref is not None:
         trigger["authenticationRef"] = dict(options.authentication_ref)
     so_spec: dict[str, Any] = {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"]},
+        "scaleTargetRef": {"apiVersion": API_VERSION, "kind": kind_of(deployment), "name": meta["name"]},
         "pollingInterval": options.polling_interval,
         "minReplicaCount": spec.min_replicas,
         "maxReplicaCount": spec.max_replicas,
@@ -387,10 +388,13 @@ def is_ours(obj: Mapping[str, Any] | None, deployment: Mapping[str, Any]) -> boo
         return False
     meta = obj.get("metadata", {})
     name = deployment["metadata"]["name"]
-    owners = [ref for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "Deployment"]
+    owners = [ref for ref in meta.get("ownerReferences") or [] if ref.get("kind") in KINDS]
     if owners:
         return any(ref.get("uid") == deployment["metadata"].get("uid") for ref in owners)
-    target = (obj.get("spec") or {}).get("scaleTargetRef", {}).get("name", name)
+    target_ref = (obj.get("spec") or {}).get("scaleTargetRef") or {}
+    if target_ref.get("kind", "Deployment") != kind_of(deployment):
+        return False
+    target = target_ref.get("name", name)
     return (
         (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == LABELS["app.kubernetes.io/managed-by"]
         and target == name

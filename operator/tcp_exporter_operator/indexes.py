@@ -15,6 +15,7 @@ from tcp_exporter_operator.events import crd_name
 from tcp_exporter_operator.kube import hpa_summary
 from tcp_exporter_operator.plan import Facts
 from tcp_exporter_operator.watch import Index
+from tcp_exporter_operator.workloads import DEPLOYMENT, KINDS, key_name, kind_of
 
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 KEDA_CRD = crd_name("ScaledObject")
@@ -30,10 +31,11 @@ def child_summary(obj: Mapping[str, Any]) -> tuple[Hashable, Any]:
         {"kind": r.get("kind"), "uid": r.get("uid"), "name": r.get("name")} for r in meta.get("ownerReferences") or []
     ]
     spec = dict(obj.get("spec") or {})
-    target = (spec.get("scaleTargetRef") or {}).get("name")
+    target_ref = spec.get("scaleTargetRef") or {}
+    target = target_ref.get("name")
     keys = [("name", namespace, meta["name"])]
-    keys += [("owner", namespace, r["name"]) for r in owners if r["kind"] == "Deployment"]
-    keys += [("target", namespace, target)] if target else []
+    keys += [("owner", namespace, key_name(r["kind"], r["name"])) for r in owners if r["kind"] in KINDS]
+    keys += [("target", namespace, key_name(target_ref.get("kind") or DEPLOYMENT, target))] if target else []
     return tuple(keys), {
         "metadata": {
             "name": meta["name"],
@@ -61,12 +63,12 @@ def surfaced_conditions(obj: Mapping[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def child_keys(namespace: str, name: str) -> list[Hashable]:
-    """Where the children that concern the Deployment `name` are indexed: those it owns, those that target it,
+def child_keys(namespace: str, name: str, kind: str = DEPLOYMENT) -> list[Hashable]:
+    """Where the children that concern the workload `name` are indexed: those it owns, those that target it,
     and those under the names the operator gives its children (adopted from GitOps, with no owner)."""
     return [
-        ("owner", namespace, name),
-        ("target", namespace, name),
+        ("owner", namespace, key_name(kind, name)),
+        ("target", namespace, key_name(kind, name)),
         *(("name", namespace, child) for child in child_names(name)),
     ]
 
@@ -111,9 +113,10 @@ class Indexes:
         index's HPAs (an HPA created just before the Deployment may not be indexed yet when the Deployment's event
         comes: its own watch is faster than kopf's)."""
         namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+        kind = kind_of(deployment)
         ours = None
         foreign = []
-        keys = child_keys(namespace, name)
+        keys = child_keys(namespace, name, kind)
         pod_monitor = next(
             (
                 pm
@@ -132,7 +135,7 @@ class Indexes:
                 foreign.append(f"ScaledObject/{so['metadata']['name']}")
         for hpa in hpas if hpas is not None else list(self.hpas.get(namespace, [])):
             target = hpa["target"]
-            if target.get("kind") == "Deployment" and target.get("name") == name and not hpa["keda"]:
+            if target.get("kind") == kind and target.get("name") == name and not hpa["keda"]:
                 foreign.append(f"HorizontalPodAutoscaler/{hpa['name']}")
         levels = list(self.psa_levels.get(namespace, [None]))
         crd_names = self.crds

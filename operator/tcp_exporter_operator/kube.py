@@ -30,6 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tcp_exporter_operator import metrics
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY, PEERING, Event
+from tcp_exporter_operator.workloads import API_VERSION, DEPLOYMENT, kind_of, split, with_kind
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,13 +152,21 @@ class Kube:
     # -- Deployments ------------------------------------------------------------------------------
 
     def get_deployment(self, namespace: str, name: str, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
+        """The workload under this key (a Deployment's name, or `StatefulSet/NAME`: workloads.py), kind said."""
+        kind, name = split(name)
+        read = (
+            client.AppsV1Api.read_namespaced_deployment
+            if kind == DEPLOYMENT
+            else client.AppsV1Api.read_namespaced_stateful_set
+        )
         try:
-            return self.call(
-                lambda api: self._json(
-                    client.AppsV1Api(api).read_namespaced_deployment(
-                        name, namespace, _preload_content=False, _request_timeout=timeout
+            return with_kind(
+                self.call(
+                    lambda api: self._json(
+                        read(client.AppsV1Api(api), name, namespace, _preload_content=False, _request_timeout=timeout)
                     )
-                )
+                ),
+                kind,
             )
         except ApiError as exc:
             if exc.status == 404:
@@ -185,11 +194,18 @@ class Kube:
         return [hpa_summary(item) for item in body.get("items") or []]
 
     def patch_deployment(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> tuple[str, int]:
-        """Apply a JSON patch; return the new resourceVersion and generation."""
+        """Apply a JSON patch to the workload under this key; return the new resourceVersion and generation."""
+        kind, name = split(name)
+        patch = (
+            client.AppsV1Api.patch_namespaced_deployment
+            if kind == DEPLOYMENT
+            else client.AppsV1Api.patch_namespaced_stateful_set
+        )
         try:
             new = self.call(
                 lambda api: self._json(
-                    client.AppsV1Api(api).patch_namespaced_deployment(
+                    patch(
+                        client.AppsV1Api(api),
                         name,
                         namespace,
                         ops,
@@ -198,7 +214,7 @@ class Kube:
                         _request_timeout=REQUEST_TIMEOUT,
                     )
                 ),
-                write=("Deployment", "patch"),
+                write=(kind, "patch"),
             )
         except ApiError as exc:
             if exc.status == 409 or (exc.status == 422 and patch_did_not_apply(exc.body)):
@@ -448,8 +464,8 @@ class Kube:
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
+                "apiVersion": API_VERSION,
+                "kind": kind_of(deployment),
                 "name": meta["name"],
                 "namespace": meta["namespace"],
                 "uid": meta.get("uid"),
@@ -527,6 +543,13 @@ def deployments_lister(api: client.ApiClient, scope: str | None, **kwargs: Any) 
     if scope is None:
         return apps.list_deployment_for_all_namespaces(_preload_content=False, **kwargs)
     return apps.list_namespaced_deployment(scope, _preload_content=False, **kwargs)
+
+
+def statefulsets_lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:
+    apps = client.AppsV1Api(api)
+    if scope is None:
+        return apps.list_stateful_set_for_all_namespaces(_preload_content=False, **kwargs)
+    return apps.list_namespaced_stateful_set(scope, _preload_content=False, **kwargs)
 
 
 def hpas_lister(api: client.ApiClient, scope: str | None, **kwargs: Any) -> Any:

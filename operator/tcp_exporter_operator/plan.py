@@ -39,6 +39,7 @@ from tcp_exporter_operator.desired import (
 )
 from tcp_exporter_operator.diff import SCALED_OBJECT_OPTIONAL, child_action, deployment_patch, in_sync
 from tcp_exporter_operator.events import MANAGED_BY, Event
+from tcp_exporter_operator.workloads import STATEFULSET, kind_of
 
 BLIND_NOTE = (
     "no ScaledObject: Prometheus cannot see this Deployment's sidecars by any discovery path the operator is "
@@ -253,6 +254,16 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
             )
         )
 
+    if spec.scale_in_by_connections and kind_of(deployment) == STATEFULSET:
+        result.events.append(
+            Event(
+                "Warning",
+                "ScaleInByConnectionsIgnored",
+                f"{A_SCALE_IN} has no effect on a StatefulSet: it always removes its highest ordinal first, whatever "
+                "its connections (pod deletion cost is a ReplicaSet's). tcp-exporter/drain still lets the removed "
+                "pod's connections end before its app stops",
+            )
+        )
     added = injection(deployment, spec, recorded)
     paths = discovery_paths(added, facts, cfg)
     if cfg.injection == "webhook":

@@ -35,6 +35,7 @@ from tcp_exporter_operator.annotations import (
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import promql_string
 from tcp_exporter_operator.events import Event
+from tcp_exporter_operator.workloads import kind_of
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -49,6 +50,7 @@ class Watched:
     meta: dict[str, Any]  # namespace, name, uid: what an Event needs
     url: str
     digest: str  # the sidecar and the address: a change is checked anew
+    kind: str = "Deployment"
     ready_since: float | None = None
     verdict: str | None = None  # None: not judged yet; "found" or "missing"
     checked_at: float = 0.0
@@ -136,7 +138,9 @@ class SignalCheck:
             entry = self.watched.get(key)
             if entry is None or entry.digest != digest:
                 meta = deployment["metadata"]
-                entry = Watched({k: meta.get(k) for k in ("namespace", "name", "uid")}, url, digest)
+                entry = Watched(
+                    {k: meta.get(k) for k in ("namespace", "name", "uid")}, url, digest, kind_of(deployment)
+                )
                 self.watched[key] = entry
             if ready(deployment):
                 entry.ready_since = entry.ready_since or time.monotonic()
@@ -175,7 +179,7 @@ class SignalCheck:
                 if isinstance(s, dict) and isinstance(s.get("metric"), dict)
             }
             for key, entry in entries:
-                self._judge(key, entry, key[1] in present, now)
+                self._judge(key, entry, entry.meta.get("name") in present, now)
         return queries
 
     def _judge(self, key: Key, entry: Watched, found: bool, now: float) -> None:
@@ -185,7 +189,7 @@ class SignalCheck:
             before, entry.verdict = entry.verdict, "found" if found else "missing"
             entry.checked_at = now
         metrics.SIGNAL_CHECKS.labels(entry.verdict).inc()
-        body = {"metadata": entry.meta}
+        body = {"kind": entry.kind, "metadata": entry.meta}
         if not found and before is None:
             self.post(body, Event("Warning", NO_SERIES, likely_cause(self.config, entry.url, key[0])))
         elif found and before == "missing":

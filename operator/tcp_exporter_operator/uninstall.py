@@ -24,6 +24,7 @@ from tcp_exporter_operator.diff import deployment_patch
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY
 from tcp_exporter_operator.kube import ApiError, Conflict, Kube
 from tcp_exporter_operator.webhook import INJECTED, owning_deployment
+from tcp_exporter_operator.workloads import STATEFULSET, key_of, kind_of, split, with_kind
 
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 
@@ -54,8 +55,20 @@ def deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
     return _pages(kube, page)
 
 
+def statefulsets(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
+    def page(api: client.ApiClient, token: str | None) -> Any:
+        apps = client.AppsV1Api(api)
+        if namespace is None:
+            return apps.list_stateful_set_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
+        return apps.list_namespaced_stateful_set(namespace, limit=500, _continue=token, _preload_content=False)
+
+    for item in _pages(kube, page):
+        yield with_kind(item, STATEFULSET)
+
+
 def injected_deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
-    for item in deployments(kube, namespace):
+    """Every Deployment and StatefulSet that carries the operator's status annotation."""
+    for item in (*deployments(kube, namespace), *statefulsets(kube, namespace)):
         if A_STATUS in (item["metadata"].get("annotations") or {}):
             yield item
 
@@ -123,9 +136,10 @@ def webhook_pods(kube: Kube, namespace: str | None) -> list[str]:
             key = (meta.get("namespace", ""), owning_deployment(pod) or f"pod/{meta.get('name')}")
             owners[key] = owners.get(key, 0) + 1
     return [
-        f"Deployment {ns}/{name}: {count} pods run the sidecar the webhook injected; they keep it until replaced: "
-        f"kubectl -n {ns} rollout restart deployment/{name}"
-        for (ns, name), count in sorted(owners.items())
+        f"{kind} {ns}/{name}: {count} pods run the sidecar the webhook injected; they keep it until replaced: "
+        f"kubectl -n {ns} rollout restart {kind.lower()}/{name}"
+        for (ns, key), count in sorted(owners.items())
+        for kind, name in [split(key)]
     ]
 
 
@@ -135,7 +149,7 @@ ATTEMPTS = 5  # patches of one Deployment that may meet a conflict (it changed s
 def uninject_one(kube: Kube, listed: dict[str, Any], dry_run: bool) -> str:
     """Take the injection out of one listed Deployment: "removed", "gone" (deleted since it was listed, or no
     longer injected) or "failed" (it kept changing under us)."""
-    meta, current = listed["metadata"], listed
+    current = listed
     for _attempt in range(ATTEMPTS):
         if A_STATUS not in (current["metadata"].get("annotations") or {}):
             return "gone"
@@ -143,11 +157,11 @@ def uninject_one(kube: Kube, listed: dict[str, Any], dry_run: bool) -> str:
             return "removed"
         try:
             kube.patch_deployment(
-                meta["namespace"], meta["name"], deployment_patch(current, uninject(current, recorded_status(current)))
+                *key_of(listed), deployment_patch(current, uninject(current, recorded_status(current)))
             )
             return "removed"
         except Conflict:  # changed since it was read: read it again
-            found = kube.get_deployment(meta["namespace"], meta["name"])
+            found = kube.get_deployment(*key_of(listed))
         except ApiError as exc:
             if exc.status != 404:
                 raise
@@ -167,7 +181,7 @@ def uninstall(kube: Kube, namespaces: tuple[str, ...], dry_run: bool, out: TextI
         for listed in injected_deployments(kube, namespace):
             meta = listed["metadata"]
             result = uninject_one(kube, listed, dry_run)
-            where = f"Deployment {meta['namespace']}/{meta['name']}"
+            where = f"{kind_of(listed)} {meta['namespace']}/{meta['name']}"
             if result == "removed":
                 print(f"{where}: {verb} the sidecar and annotations", file=out)
                 changed += 1
