@@ -50,6 +50,10 @@ SAMPLES = {
 }
 
 
+# Values Python's \s or (?i) would take and RE2's would not: refused by both, with the same message.
+NOT_ASCII = [("port", "8080\u00a0"), ("scaledobject", "fal\u017fe"), ("image", "registry.example/a\u00a0b:1")]
+
+
 def annotated(key: str, value: str) -> dict[str, Any]:
     base = {"tcp-exporter/port": "8080"} if key != "port" else {}
     dep = deployment(
@@ -71,9 +75,12 @@ def test_every_rule_has_a_sample_it_refuses_and_one_it_accepts() -> None:
         assert not rule.holds(bad) and rule.holds(good), key
 
 
-@pytest.mark.parametrize("key", sorted(SAMPLES))
-def test_the_operators_warning_is_the_rules_message_and_a_valid_value_is_accepted(key: str) -> None:
-    bad, good = SAMPLES[key]
+@pytest.mark.parametrize(
+    ("key", "bad", "good"), [(k, *SAMPLES[k]) for k in sorted(SAMPLES)] + [(k, v, None) for k, v in NOT_ASCII]
+)
+def test_the_operators_warning_is_the_rules_message_and_a_valid_value_is_accepted(
+    key: str, bad: str, good: str | None
+) -> None:
     cfg = Config(
         sidecar_image="example.test/tcp-exporter:1", prometheus="http://prometheus-operated.monitoring.svc:9090"
     )
@@ -81,6 +88,8 @@ def test_the_operators_warning_is_the_rules_message_and_a_valid_value_is_accepte
     assert [(e.reason, e.message) for e in refused.events] == [
         ("InvalidAnnotation", f"{rules.BY_KEY['tcp-exporter/' + key].message}. Nothing changed.")
     ]
+    if good is None:
+        return
     accepted = plan(annotated(key, good), Facts(), cfg)
     assert "InvalidAnnotation" not in [e.reason for e in accepted.events], accepted.events
 
@@ -115,6 +124,16 @@ def test_the_api_server_refuses_each_malformed_annotation_with_the_operators_mes
             denied = refusal(kube, annotated(key, bad))
             assert denied is not None and message in denied.replace('\\"', '"'), (key, denied)
             assert refusal(kube, annotated(key, good)) is None, key
+        for key, bad in NOT_ASCII:
+            denied = refusal(kube, annotated(key, bad))
+            message = rules.BY_KEY[f"tcp-exporter/{key}"].message
+            assert denied is not None and message in denied.replace('\\"', '"'), (key, denied)
+        sts = annotated("method", "ebpf")
+        sts["kind"], sts["spec"]["serviceName"] = "StatefulSet", "checkout"
+        sts["metadata"]["name"] = "checkout"  # a StatefulSet name is a DNS label: no dots
+        with pytest.raises(ApiException) as refused:
+            kube.apps.create_namespaced_stateful_set(kube.ns, sts, dry_run="All")
+        assert rules.BY_KEY["tcp-exporter/method"].message in str(refused.value.body)
         kube.patch("orders-api", {"spec": {"replicas": 2}})  # the old value is left as it was: allowed
         with pytest.raises(ApiException) as err:
             kube.annotate("orders-api", threshold="eleven")  # changed, and still malformed: refused

@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -284,7 +285,7 @@ def test_pods_in_the_operators_namespace_and_kube_system_are_never_injected(
     )
 
 
-def test_uninstall_deletes_the_webhook_configuration_and_says_which_pods_keep_the_sidecar_until_replaced(
+def test_uninstall_says_which_pods_keep_the_sidecar_and_only_a_whole_uninstall_deletes_the_webhook_configuration(
     webhook: Webhook, kube: Kube, cluster: Any
 ) -> None:
     webhook.start()
@@ -293,18 +294,23 @@ def test_uninstall_deletes_the_webhook_configuration_and_says_which_pods_keep_th
     wait_for(lambda: kube.scaled_object("orders-api"), 30, "the ScaledObject")
     webhook.stop()  # as the README says: delete the operator first
     env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
-    done = subprocess.run(
-        [OPERATOR, "uninstall", "-n", kube.ns], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert f"kubectl -n {kube.ns} rollout restart deployment/orders-api" in done.stdout, done.stdout
-    assert "MutatingWebhookConfiguration tcp-exporter: deleted" in done.stdout, done.stdout
+
+    def uninstall(*args: str) -> str:
+        done = subprocess.run(
+            [OPERATOR, "uninstall", *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    # One namespace's uninstall: its own objects only; the cluster's webhook configuration stays for the others.
+    out = uninstall("-n", kube.ns)
+    assert f"kubectl -n {kube.ns} rollout restart deployment/orders-api" in out, out
+    assert "MutatingWebhookConfiguration" not in out, out
     assert kube.scaled_object("orders-api") is None
-    with pytest.raises(ApiException) as err:
-        webhook.admission.read_mutating_webhook_configuration(CONFIGURATION)
-    assert err.value.status == 404
+    webhook.admission.read_mutating_webhook_configuration(CONFIGURATION)  # still there
     assert kube.get("orders-api").spec.template.spec.init_containers is None  # nothing was ever in the template
-    webhook.install()  # for the next tests
+    # The whole cluster's (dry: other tests' namespaces are not this test's to change) deletes it.
+    assert "MutatingWebhookConfiguration tcp-exporter: would delete" in uninstall("--dry-run")
 
 
 def test_with_external_certificates_the_operator_serves_what_cert_manager_wrote_and_writes_neither_secret_nor_bundle(
@@ -359,3 +365,42 @@ def statefulset_pods_injected(webhook: Webhook, kube: Kube) -> None:
     assert so["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
     sts = kube.apps.read_namespaced_stateful_set("nats", kube.ns)
     assert not sts.spec.template.spec.init_containers and "tcp-exporter/status" not in sts.metadata.annotations
+
+
+def test_a_forged_request_naming_another_workloads_replicaset_gets_no_patch_and_learns_nothing(
+    webhook: Webhook, kube: Kube, tmp_path: Any
+) -> None:
+    webhook.start()
+    kube.create(deployment("payments", {"tcp-exporter/port": "8080"}))
+    real = all_injected(kube, "payments", 1)[0]
+    owner = real.metadata.owner_references[0]
+    (tmp_path / "ca.crt").write_bytes(webhook.secret()["ca.crt"])
+    trust = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+
+    def ask(uid: str) -> dict[str, Any]:
+        """What any pod that reaches the port can send: a review it wrote, naming the victim's ReplicaSet."""
+        ref = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": owner.name, "uid": uid, "controller": True}
+        pod = {
+            "metadata": {"labels": dict(real.metadata.labels), "ownerReferences": [ref]},
+            "spec": {"containers": [{"name": "app", "image": "example.test/app:1"}]},
+        }
+        review = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "1",
+                "kind": {"kind": "Pod"},
+                "operation": "CREATE",
+                "namespace": kube.ns,
+                "object": pod,
+            },
+        }
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{webhook.port}/mutate-pods", data=json.dumps(review).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10, context=trust) as resp:
+            return dict(json.loads(resp.read())["response"])
+
+    forged = ask("00000000-0000-4000-8000-000000000000")
+    assert forged == {"uid": "1", "allowed": True}  # no patch: nothing of the Deployment's settings
+    assert "patch" in ask(owner.uid)  # the same request with the ReplicaSet's real UID (the API server's) is injected

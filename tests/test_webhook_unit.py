@@ -69,8 +69,10 @@ def pod_of(dep: Mapping[str, Any], template_hash: str = "5d8f7c9b4") -> dict[str
     }
 
 
-def decide(pod: Mapping[str, Any], dep: Mapping[str, Any] | None, namespace: str = "shop") -> Decision:
-    return mutation(pod, namespace, lambda ns, name: dep, lambda ns: None, CFG, "tcp-exporter")
+def decide(
+    pod: Mapping[str, Any], dep: Mapping[str, Any] | None, namespace: str = "shop", cfg: Config = CFG
+) -> Decision:
+    return mutation(pod, namespace, lambda ns, pod: dep, lambda ns: None, cfg, "tcp-exporter")
 
 
 def patched(pod: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
@@ -115,7 +117,11 @@ def test_a_pod_gets_the_very_sidecar_the_patch_mode_puts_in_the_template() -> No
         ("kube-system", None, "kube-system"),
         ("not annotated", lambda d, p: d["metadata"].update(annotations={}), "shop"),
         ("invalid annotation", lambda d, p: d["metadata"]["annotations"].update({"tcp-exporter/port": "²"}), "shop"),
-        ("selector does not select it", lambda d, p: p["metadata"]["labels"].update(app="other"), "shop"),
+        (
+            "a StatefulSet's, not enabled",
+            lambda d, p: p["metadata"]["ownerReferences"][0].update(kind="StatefulSet"),
+            "shop",
+        ),
         ("has our container", lambda d, p: p["spec"]["containers"].append({"name": "tcp-exporter"}), "shop"),
         ("patch-mode template", lambda d, p: d["metadata"]["annotations"].update({A_STATUS: "{}"}), "shop"),
     ],
@@ -128,8 +134,17 @@ def test_a_pod_is_left_unchanged_when(why: str, change: Any, namespace: str) -> 
     assert decide(pod, dep, namespace).patch is None, why
 
 
-def test_a_pod_of_a_deployment_that_is_gone_is_left_unchanged() -> None:
+def test_a_pod_whose_owner_is_gone_or_not_proven_is_left_unchanged() -> None:
+    # `find` answers None for a workload that does not own the pod (its owner reference's UID is not its
+    # ReplicaSet's): a forged request then learns nothing of it.
     assert decide(pod_of(annotated()), None).patch is None
+
+
+def test_a_pod_in_a_namespace_the_operator_does_not_watch_is_left_unchanged() -> None:
+    dep = annotated()
+    scoped = Config(sidecar_image=CFG.sidecar_image, injection="webhook", namespaces=("payments",))
+    assert decide(pod_of(dep), dep, cfg=scoped).patch is None
+    assert decide(pod_of(dep), dep, cfg=CFG).patch is not None
 
 
 def review(pod: Mapping[str, Any], operation: str = "CREATE") -> dict[str, Any]:
@@ -235,6 +250,28 @@ def test_clients_that_connect_and_send_nothing_do_not_keep_the_api_server_from_a
     finally:
         for s in idle:
             s.close()
+
+
+def test_a_client_that_trickles_bytes_is_closed_at_the_deadline(
+    server: tuple[Server, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tcp_exporter_operator.webhook as module
+
+    srv, trust = server
+    monkeypatch.setattr(module, "REQUEST_DEADLINE", 2.0)
+    raw = socket.create_connection(srv.server_address[:2])
+    tls = trust.wrap_socket(raw, server_hostname="127.0.0.1")
+    started = time.monotonic()
+    closed = False
+    try:
+        while time.monotonic() - started < 10:
+            tls.send(b"P")  # a byte now and then: each read is within the socket timeout, the request never ends
+            time.sleep(0.3)
+    except OSError:
+        closed = True
+    finally:
+        tls.close()
+    assert closed and time.monotonic() - started < 6
 
 
 def test_a_body_over_the_cap_is_refused_before_it_is_read(server: tuple[Server, ssl.SSLContext]) -> None:

@@ -86,10 +86,7 @@ class Config:
     # The Secret (namespace/name) of the serving certificate; its namespace is the operator's, never injected.
     webhook_secret: str = "tcp-exporter/tcp-exporter-webhook-tls"  # noqa: S105 - a name, not a secret
     # The names (or IP addresses) the serving certificate is for: those of the webhook's Service.
-    webhook_hosts: tuple[str, ...] = (
-        "tcp-exporter-webhook.tcp-exporter.svc",
-        "tcp-exporter-webhook.tcp-exporter.svc.cluster.local",
-    )
+    webhook_hosts: tuple[str, ...] = ("tcp-exporter-webhook.tcp-exporter.svc",)  # how the API server calls it
     # operator: the operator issues and renews the certificate and keeps the caBundle; external: something else
     # (cert-manager) fills the Secret and the caBundle, the operator only reads the Secret.
     webhook_certs: str = "operator"

@@ -29,6 +29,7 @@ from tcp_exporter_operator.annotations import (
     A_STATUS,
     InvalidSpec,
     address_allowed,
+    asks_for_scaled_object,
     parse_spec,
     sidecar_of,
     tracked,
@@ -55,6 +56,7 @@ from tcp_exporter_operator.rollouts import Rollouts, paced
 from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
 from tcp_exporter_operator.signalcheck import SignalCheck
 from tcp_exporter_operator.watch import RESYNC, Informer, Item, Key, Peering, WorkQueue, newest, revision
+from tcp_exporter_operator.webhook import OPT_OUT, controller_ref, owning_deployment
 from tcp_exporter_operator.workloads import DEPLOYMENT, KINDS, STATEFULSET, key_name, key_of, kind_of, with_kind
 
 log = logging.getLogger(__name__)
@@ -546,20 +548,45 @@ class Controller:
         if A_STATUS in (meta.get("annotations") or {}):
             return None  # still injected in its template (moving to the webhook): its pods have the sidecar
         live = (None, "Pending", "Running")
+        key = key_of(deployment)[1]
         pods = [
             p
             for p in self.kube.list_pods(meta["namespace"], match)
-            if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") in live
+            if not p["metadata"].get("deletionTimestamp")
+            and (p.get("status") or {}).get("phase") in live
+            and owning_deployment(p) == key  # its own, not another owner's with the same labels
+            and (p["metadata"].get("labels") or {}).get(OPT_OUT) != "false"  # opted out: left without, as asked
         ]
         missing = [p for p in pods if sidecar_of({"spec": {"template": {"spec": p.get("spec") or {}}}}) is None]
         return len(missing), len(pods)
 
-    def lookup(self, namespace: str, name: str) -> Mapping[str, Any] | None:
-        """The webhook's look-up of a pod's Deployment: read afresh (its settings exactly as they are now), unless
-        the watch knows it is not annotated (the pods of most Deployments cost no API call)."""
-        if self.tracked_keys.get((namespace, name)) is False:
+    def workload_of(self, namespace: str, pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The webhook's look-up of the workload that owns a pod being created: read afresh (its settings exactly
+        as they are now), unless the watch knows it is not annotated (the pods of most cost no API call); and only
+        if it really owns the pod: the owner reference's UID is its StatefulSet's, or its ReplicaSet's, itself
+        controlled by the Deployment. A request forged by a pod (any pod can reach the webhook) that names a
+        workload it does not own learns nothing of its settings or drain token: the UIDs are not guessable."""
+        key, ref = owning_deployment(pod), controller_ref(pod)
+        if key is None or ref is None or self.tracked_keys.get((namespace, key)) is False:
             return None
-        return self.kube.get_deployment(namespace, name, timeout=WEBHOOK_READ_TIMEOUT)
+        workload = self.kube.get_deployment(namespace, key, timeout=WEBHOOK_READ_TIMEOUT)
+        if workload is None or A_PORT not in (workload["metadata"].get("annotations") or {}):
+            return workload
+        uid = workload["metadata"].get("uid")
+        if kind_of(workload) == STATEFULSET:
+            return workload if uid and ref.get("uid") == uid else None
+        replicaset = self.kube.get_replicaset(namespace, str(ref.get("name")), timeout=WEBHOOK_READ_TIMEOUT)
+        if replicaset is None or replicaset["metadata"].get("uid") != ref.get("uid"):
+            return None
+        owner = controller_ref(replicaset)
+        return workload if owner and owner.get("kind") == DEPLOYMENT and uid and owner.get("uid") == uid else None
+
+    def conflict(self, workload: Mapping[str, Any]) -> str | None:
+        """Why the patch mode would not inject this workload either: another autoscaler scales it."""
+        if not asks_for_scaled_object(workload["metadata"].get("annotations") or {}):
+            return None
+        foreign = self.indexes.facts_for(workload).foreign_autoscalers
+        return f"{', '.join(foreign)} already scales its workload" if foreign else None
 
     def psa_level(self, namespace: str) -> str | None:
         levels = list(self.indexes.psa_levels.get(namespace, [None]))

@@ -100,7 +100,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.controller.start()
     if config.injection == "webhook":
         controller = memo.controller
-        memo.webhook = webhook.start(config, kube, controller.lookup, controller.psa_level, controller.stopping)
+        memo.webhook = webhook.start(
+            config, kube, controller.workload_of, controller.psa_level, controller.conflict, controller.stopping
+        )
 
 
 @kopf.on.probe(id="credentials")

@@ -276,6 +276,21 @@ class Kube:
             raise
         return True
 
+    def get_replicaset(self, namespace: str, name: str, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
+        """A ReplicaSet (webhook mode: whether a pod's owner reference is really its Deployment's)."""
+        try:
+            return self.call(
+                lambda api: self._json(
+                    client.AppsV1Api(api).read_namespaced_replica_set(
+                        name, namespace, _preload_content=False, _request_timeout=timeout
+                    )
+                )
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def list_pods(self, namespace: str, match_labels: Mapping[str, str]) -> list[dict[str, Any]]:
         """The namespace's pods with these labels (webhook mode: which of a Deployment's pods lack the sidecar),
         from the API server's watch cache (resourceVersion 0: no quorum read for a check)."""

@@ -385,15 +385,15 @@ def webhook_injection(deployment: Mapping[str, Any], recorded: Status | None, fa
         return
     missing, pods = facts.uninjected_pods or (0, 0)
     if missing:
-        name = deployment["metadata"]["name"]
+        name, kind = deployment["metadata"]["name"], kind_of(deployment)
         result.events.append(
             Event(
                 "Warning",
                 NOT_INJECTED,
-                f"{missing} of this Deployment's {pods} pods were created without the {CONTAINER} sidecar: the "
-                "injection webhook did not answer when they were created (its failurePolicy Ignore lets pods start "
-                "without it), and their connections are not counted. Once the webhook runs again: kubectl -n "
-                f"{deployment['metadata'].get('namespace', 'default')} rollout restart deployment/{name} "
+                f"{missing} of this {kind}'s {pods} pods run without the {CONTAINER} sidecar, and their connections "
+                "are not counted: they were created before it was annotated, or while the injection webhook did not "
+                "answer (its failurePolicy Ignore lets pods start without it). Once the webhook runs: kubectl -n "
+                f"{deployment['metadata'].get('namespace', 'default')} rollout restart {kind.lower()}/{name} "
                 "(docs/troubleshooting.md)",
             )
         )

@@ -18,15 +18,18 @@ from typing import Any
 from tcp_exporter import contract as sidecar
 
 P = "tcp-exporter/"
+# ASCII only, spelled out: Python's \s and (?i) take Unicode spaces and letters (NBSP, the long s U+017F)
+# that RE2's do not.
+_WS = "[ \t\n\f\r]*"
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = rf"{_DNS_LABEL}(\.{_DNS_LABEL})*"
-_PORT_ITEM = r"\s*([0-9]{1,5}|[a-z0-9]([-a-z0-9]*[a-z0-9])?)\s*"
+_PORT_ITEM = _WS + r"([0-9]{1,5}|[a-z0-9]([-a-z0-9]*[a-z0-9])?)" + _WS
 _QUANTITY = r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?"
-_BOOLEAN = r"\s*(?i:true|false)\s*"
+_BOOLEAN = _WS + r"([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee])" + _WS
 # scheme://host[:port][/path], as annotations.prometheus_address reads it (which also refuses dot segments).
 _ADDRESS = (
-    r"\s*(?i:https?)://([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
-    r"(/[A-Za-z0-9._~%!$&'()*+;=:-]*)*/?\s*"
+    _WS + r"[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+    r"(/[A-Za-z0-9._~%!$&'()*+;=:-]*)*/?" + _WS
 )
 INJECTABLE_METHODS = tuple(m for m in sidecar.METHODS if m != "auto")
 FALLBACK_BEHAVIORS = ("currentReplicasIfHigher", "currentReplicas", "currentReplicasIfLower", "static", "none")
@@ -58,7 +61,7 @@ def _whole(key: str, low: int, high: int | None = None) -> Rule:
 
 
 def _one_of(key: str, values: tuple[str, ...]) -> Rule:
-    return Rule(P + key, r"\s*(" + "|".join(values) + r")\s*", f"{P}{key} is not one of {', '.join(values)}")
+    return Rule(P + key, _WS + "(" + "|".join(values) + ")" + _WS, f"{P}{key} is not one of {', '.join(values)}")
 
 
 def _boolean(key: str) -> Rule:
@@ -66,7 +69,7 @@ def _boolean(key: str) -> Rule:
 
 
 def _quantity(key: str) -> Rule:
-    return Rule(P + key, r"\s*" + _QUANTITY + r"\s*", f"{P}{key} is not a resource quantity (such as 10m, 0.5, 64Mi)")
+    return Rule(P + key, _WS + _QUANTITY + _WS, f"{P}{key} is not a resource quantity (such as 10m, 0.5, 64Mi)")
 
 
 RULES: tuple[Rule, ...] = (
@@ -92,10 +95,10 @@ RULES: tuple[Rule, ...] = (
     _quantity("cpu-limit"),
     _quantity("memory-request"),
     _quantity("memory-limit"),
-    Rule(P + "image", r"\s*[^\s]+\s*", f"{P}image is not an image reference (it has spaces)"),
+    Rule(P + "image", _WS + "[!-~]+" + _WS, f"{P}image is not an image reference (printable ASCII, no spaces)"),
     Rule(
         P + "drain",
-        r"\s*[0-9]{1,6}(s|m|h)?\s*",
+        _WS + "[0-9]{1,6}(s|m|h)?" + _WS,
         f"{P}drain is not a duration (such as 90, 90s, 5m, 1h)",
     ),
     Rule(
@@ -105,12 +108,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         P + "authentication-ref",
-        r"\s*((TriggerAuthentication|ClusterTriggerAuthentication)/)?" + _DNS_SUBDOMAIN + r"\s*",
+        _WS + "((TriggerAuthentication|ClusterTriggerAuthentication)/)?" + _DNS_SUBDOMAIN + _WS,
         f"{P}authentication-ref is not NAME, TriggerAuthentication/NAME or ClusterTriggerAuthentication/NAME",
     ),
     Rule(
         P + "auth-modes",
-        r"\s*(" + "|".join(AUTH_MODES) + r")\s*(,\s*(" + "|".join(AUTH_MODES) + r")\s*)*",
+        _WS + "(" + "|".join(AUTH_MODES) + ")" + _WS + "(," + _WS + "(" + "|".join(AUTH_MODES) + ")" + _WS + ")*",
         f"{P}auth-modes is not a comma-separated list of KEDA's {', '.join(AUTH_MODES)}",
     ),
 )
@@ -147,7 +150,8 @@ def _cel(rule: Rule) -> str:
 
 
 def policy(account: str = "system:serviceaccount:tcp-exporter:tcp-exporter-operator") -> list[dict[str, Any]]:
-    """The ValidatingAdmissionPolicy and its binding (Deny) that refuse a malformed annotation at apply time.
+    """The ValidatingAdmissionPolicy and its binding (Deny) that refuse a malformed annotation of a Deployment or
+    StatefulSet at apply time.
     The operator's own writes (`account`) are left to it."""
     labels = {"app.kubernetes.io/name": "tcp-exporter-operator", "app.kubernetes.io/component": "validation"}
     return [
@@ -163,7 +167,7 @@ def policy(account: str = "system:serviceaccount:tcp-exporter:tcp-exporter-opera
                             "apiGroups": ["apps"],
                             "apiVersions": ["v1"],
                             "operations": ["CREATE", "UPDATE"],
-                            "resources": ["deployments"],
+                            "resources": ["deployments", "statefulsets"],
                         }
                     ]
                 },

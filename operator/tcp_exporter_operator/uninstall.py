@@ -62,8 +62,12 @@ def statefulsets(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
             return apps.list_stateful_set_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
         return apps.list_namespaced_stateful_set(namespace, limit=500, _continue=token, _preload_content=False)
 
-    for item in _pages(kube, page):
-        yield with_kind(item, STATEFULSET)
+    try:
+        for item in _pages(kube, page):
+            yield with_kind(item, STATEFULSET)
+    except ApiError as exc:
+        if exc.status not in (403, 404):  # this account may not read StatefulSets: it uninstalls the rest
+            raise
 
 
 def injected_deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
@@ -99,11 +103,16 @@ WEBHOOK_SELECTOR = "app.kubernetes.io/name=tcp-exporter-operator,app.kubernetes.
 
 def webhook_configurations(kube: Kube) -> list[str]:
     """The injection webhook's MutatingWebhookConfigurations (INJECTION=webhook), by their labels."""
-    body: Any = kube.call(
-        lambda api: client.AdmissionregistrationV1Api(api).list_mutating_webhook_configuration(
-            label_selector=WEBHOOK_SELECTOR, _preload_content=False
+    try:
+        body: Any = kube.call(
+            lambda api: client.AdmissionregistrationV1Api(api).list_mutating_webhook_configuration(
+                label_selector=WEBHOOK_SELECTOR, _preload_content=False
+            )
         )
-    )
+    except ApiError as exc:
+        if exc.status == 403:  # a namespace admin's account: not its to delete
+            return []
+        raise
     return [str(item["metadata"]["name"]) for item in json.loads(body.data).get("items") or []]
 
 
@@ -133,14 +142,19 @@ def webhook_pods(kube: Kube, namespace: str | None) -> list[str]:
     for pod in _pages(kube, page):
         meta = pod["metadata"]
         if INJECTED in (meta.get("annotations") or {}) and not meta.get("deletionTimestamp"):
-            key = (meta.get("namespace", ""), owning_deployment(pod) or f"pod/{meta.get('name')}")
-            owners[key] = owners.get(key, 0) + 1
-    return [
-        f"{kind} {ns}/{name}: {count} pods run the sidecar the webhook injected; they keep it until replaced: "
-        f"kubectl -n {ns} rollout restart {kind.lower()}/{name}"
-        for (ns, key), count in sorted(owners.items())
-        for kind, name in [split(key)]
-    ]
+            owner = (meta.get("namespace", ""), owning_deployment(pod) or f"Pod/{meta.get('name')}")
+            owners[owner] = owners.get(owner, 0) + 1
+    lines = []
+    for (ns, workload), count in sorted(owners.items()):
+        kind, name = split(workload)
+        if kind == "Pod":  # its workload is not one the operator knows: replacing the pod is its owner's business
+            lines.append(f"Pod {ns}/{name}: runs the sidecar the webhook injected until it is replaced")
+            continue
+        lines.append(
+            f"{kind} {ns}/{name}: {count} pods run the sidecar the webhook injected; they keep it until replaced: "
+            f"kubectl -n {ns} rollout restart {kind.lower()}/{name}"
+        )
+    return lines
 
 
 ATTEMPTS = 5  # patches of one Deployment that may meet a conflict (it changed since read) before giving up
@@ -200,7 +214,8 @@ def uninstall(kube: Kube, namespaces: tuple[str, ...], dry_run: bool, out: TextI
                 changed += 1
         for line in webhook_pods(kube, namespace):
             print(line, file=out)
-    for config in webhook_configurations(kube):
+    # The webhook configuration is the cluster's, not a namespace's: only a whole uninstall (no -n) deletes it.
+    for config in webhook_configurations(kube) if not namespaces else []:
         if not dry_run:
             delete_webhook_configuration(kube, config)
         print(f"MutatingWebhookConfiguration {config}: {'would delete' if dry_run else 'deleted'}", file=out)

@@ -20,6 +20,7 @@ webhook was down) is reported by the controller as a Warning on its Deployment (
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import http.server
 import ipaddress
@@ -53,15 +54,19 @@ from tcp_exporter_operator.annotations import (
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import inject, injection
 from tcp_exporter_operator.plan import allowed_method
-from tcp_exporter_operator.workloads import API_VERSION, STATEFULSET, key_name
+from tcp_exporter_operator.workloads import API_VERSION, STATEFULSET, key_name, split
 
 log = logging.getLogger(__name__)
 # The pod annotation that says which injection a pod got: the operator's version and the injection's hash.
 INJECTED = "tcp-exporter/injected"
 PATH = "/mutate-pods"
-MAX_BODY = 3 * 1024 * 1024  # an AdmissionReview of the largest pod etcd stores (1.5 MiB), twice over
+OPT_OUT = "tcp-exporter.dev/inject"  # a pod labelled with it "false" is left alone (the configuration's objectSelector)
+MAX_BODY = 2 * 1024 * 1024  # an AdmissionReview of the largest pod etcd stores (1.5 MiB), and its envelope
 MAX_CONNECTIONS = 64
-SOCKET_TIMEOUT = 10.0
+# Bodies read and parsed at once, at most: a 2 MiB body of tiny JSON objects is some 50 MB of Python objects.
+MAX_PARSING = 2
+SOCKET_TIMEOUT = 10.0  # each read and write, the TLS handshake included
+REQUEST_DEADLINE = 15.0  # from a connection's start, or its last answer, to its next answer; else it is closed
 # Namespaces whose pods are never injected, whatever the webhook configuration's selector says.
 NEVER = ("kube-system", "kube-public", "kube-node-lease")
 
@@ -88,12 +93,12 @@ def owning_deployment(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
-def selected(deployment: Mapping[str, Any], pod: Mapping[str, Any]) -> bool:
-    """Whether the Deployment's selector (its matchLabels) selects the pod: a pod that only names a ReplicaSet of
-    the Deployment, without its labels, is not the Deployment's."""
-    match = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-    labels = (pod.get("metadata") or {}).get("labels") or {}
-    return bool(match) and all(labels.get(k) == v for k, v in match.items())
+def controller_ref(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The pod's controller owner reference (its ReplicaSet's or StatefulSet's), as the request says it."""
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if isinstance(ref, Mapping) and ref.get("controller"):
+            return ref
+    return None
 
 
 @dataclass(frozen=True)
@@ -107,28 +112,37 @@ class Decision:
 def mutation(
     pod: Mapping[str, Any],
     namespace: str,
-    lookup: Callable[[str, str], Mapping[str, Any] | None],
+    find: Callable[[str, Mapping[str, Any]], Mapping[str, Any] | None],
     psa_level: Callable[[str], str | None],
     cfg: Config,
     own_namespace: str,
+    conflict: Callable[[Mapping[str, Any]], str | None] = lambda workload: None,
 ) -> Decision:
-    """The JSON patch that injects the sidecar into a pod being created, if its Deployment asks for it."""
+    """The JSON patch that injects the sidecar into a pod being created, if its workload asks for it.
+
+    `find(namespace, pod)` is the workload that really owns the pod, or None: the request's body is not proof
+    of anything (any pod that reaches the port can post one), so the owner reference's UID is checked against the
+    cluster's objects there (`Controller.workload_of`), and a forged request learns nothing of another
+    namespace's settings or drain token. `conflict(workload)`: why the patch mode would not inject it either."""
     if namespace in NEVER or namespace == own_namespace:
         return Decision(None, "namespace never injected")
+    if cfg.namespaces and namespace not in cfg.namespaces:
+        return Decision(None, "namespace not watched by this operator")
     if sidecar_of({"spec": {"template": {"spec": pod.get("spec") or {}}}}) is not None or any(
         isinstance(c, Mapping) and c.get("name") == CONTAINER for c in (pod.get("spec") or {}).get("containers") or []
     ):
         return Decision(None, "already has a container named tcp-exporter")
     name = owning_deployment(pod)
-    if name is None:
-        return Decision(None, "not a Deployment's pod")
-    deployment = lookup(namespace, name)
+    if name is None or split(name)[0] not in cfg.workload_kinds:
+        return Decision(None, "not a pod of a workload kind the operator handles")
+    deployment = find(namespace, pod)
     if deployment is None or A_PORT not in ((deployment.get("metadata") or {}).get("annotations") or {}):
-        return Decision(None, "its Deployment is not annotated")
-    if not selected(deployment, pod):
-        return Decision(None, "its Deployment's selector does not select it")
+        return Decision(None, "its workload is not annotated (or is not its owner)")
     if recorded_status(deployment) is not None:
-        return Decision(None, "its Deployment's template is injected (patch mode)")
+        return Decision(None, "its workload's template is injected (patch mode)")
+    why = conflict(deployment)
+    if why is not None:
+        return Decision(None, why)
     try:
         spec = parse_spec(deployment, cfg)
     except InvalidSpec:
@@ -394,7 +408,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         started = time.monotonic()
         try:
-            review = json.loads(self.rfile.read(int(length)))
+            if not self.server.parsing.acquire(timeout=SOCKET_TIMEOUT):
+                raise TimeoutError("too many requests being read at once")
+            try:
+                review = json.loads(self.rfile.read(int(length)))
+            finally:
+                self.server.parsing.release()
             answer, reason = review_response(review, self.server.decide)
             result = "injected" if reason == "injected" else "skipped"
         except Exception as exc:
@@ -411,6 +430,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.info("webhook: pod %s/%s: %s", request.get("namespace"), (request.get("object") or {}).get(
             "metadata", {}).get("generateName") or request.get("name"), reason)  # fmt: skip
         self._answer(200, json.dumps(answer).encode())
+        self.server.answered(self.request)
 
 
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -425,6 +445,12 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.decide = decide
         self.context: ssl.SSLContext | None = None
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.parsing = threading.BoundedSemaphore(MAX_PARSING)
+        # Each connection's deadline for its next answer: a client that trickles a byte now and then (every read
+        # within SOCKET_TIMEOUT) is closed at it all the same, so no slot is held forever.
+        self.deadlines: dict[Any, float] = {}
+        self.deadlines_lock = threading.Lock()
+        threading.Thread(target=self._enforce_deadlines, name="webhook-deadlines", daemon=True).start()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -448,15 +474,36 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         # No certificate yet, or every slot taken: closed at once.
         return self.context is not None and self.slots.acquire(blocking=False)
 
+    def answered(self, connection: Any) -> None:
+        with self.deadlines_lock:
+            if connection in self.deadlines:
+                self.deadlines[connection] = time.monotonic() + REQUEST_DEADLINE
+
+    def _enforce_deadlines(self) -> None:
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self.deadlines_lock:
+                late = [c for c, deadline in self.deadlines.items() if deadline < now]
+            for connection in late:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)  # its blocked read returns; its thread ends
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        tls = None
         try:
             request.settimeout(SOCKET_TIMEOUT)
             assert self.context is not None
-            tls = self.context.wrap_socket(request, server_side=True)
+            # Wrapped first (the raw socket is detached from then on), so that the deadline can shut down the
+            # TLS socket even while its handshake trickles in.
+            tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            with self.deadlines_lock:
+                self.deadlines[tls] = time.monotonic() + REQUEST_DEADLINE
+            tls.do_handshake()
         except (OSError, ssl.SSLError) as exc:
             log.debug("webhook: TLS handshake with %s failed: %s", client_address, exc)
-            self.shutdown_request(request)
-            self.slots.release()
+            self.shutdown_request(tls if tls is not None else request)
+            self._done(tls)
             return
         try:
             self.finish_request(tls, client_address)
@@ -464,7 +511,12 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             log.debug("webhook: connection from %s: %s", client_address, exc)
         finally:
             self.shutdown_request(tls)
-            self.slots.release()
+            self._done(tls)
+
+    def _done(self, connection: Any) -> None:
+        with self.deadlines_lock:
+            self.deadlines.pop(connection, None)
+        self.slots.release()
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -475,15 +527,16 @@ def parse_address(text: str) -> tuple[str, int]:
 def start(
     cfg: Config,
     kube: Any,
-    lookup: Callable[[str, str], Mapping[str, Any] | None],
+    find: Callable[[str, Mapping[str, Any]], Mapping[str, Any] | None],
     psa_level: Callable[[str], str | None],
+    conflict: Callable[[Mapping[str, Any]], str | None],
     stopping: threading.Event,
 ) -> Server:
     """The webhook's server and its certificate keeper, each on a thread of its own; every replica serves (the
     Service spreads the API server's calls), whichever one is active for the controller."""
 
     def decide(pod: Mapping[str, Any], namespace: str) -> Decision:
-        return mutation(pod, namespace, lookup, psa_level, cfg, cfg.own_namespace)
+        return mutation(pod, namespace, find, psa_level, cfg, cfg.own_namespace, conflict)
 
     server = Server(parse_address(cfg.webhook_address), decide)
     certificates = Certificates(kube, cfg, server.use)
