@@ -159,15 +159,15 @@ class Kube:
             if kind == DEPLOYMENT
             else client.AppsV1Api.read_namespaced_stateful_set
         )
+        found = self._get(
+            lambda api: read(client.AppsV1Api(api), name, namespace, _preload_content=False, _request_timeout=timeout)
+        )
+        return with_kind(found, kind) if found is not None else None
+
+    def _get(self, read: Callable[[client.ApiClient], Any]) -> dict[str, Any] | None:
+        """One read of one object (its JSON); None where it does not exist."""
         try:
-            return with_kind(
-                self.call(
-                    lambda api: self._json(
-                        read(client.AppsV1Api(api), name, namespace, _preload_content=False, _request_timeout=timeout)
-                    )
-                ),
-                kind,
-            )
+            return self.call(lambda api: self._json(read(api)))
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -278,18 +278,11 @@ class Kube:
 
     def get_replicaset(self, namespace: str, name: str, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
         """A ReplicaSet (webhook mode: whether a pod's owner reference is really its Deployment's)."""
-        try:
-            return self.call(
-                lambda api: self._json(
-                    client.AppsV1Api(api).read_namespaced_replica_set(
-                        name, namespace, _preload_content=False, _request_timeout=timeout
-                    )
-                )
+        return self._get(
+            lambda api: client.AppsV1Api(api).read_namespaced_replica_set(
+                name, namespace, _preload_content=False, _request_timeout=timeout
             )
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        )
 
     def list_pods(self, namespace: str, match_labels: Mapping[str, str]) -> list[dict[str, Any]]:
         """The namespace's pods with these labels (webhook mode: which of a Deployment's pods lack the sidecar),
@@ -308,18 +301,11 @@ class Kube:
     # -- the webhook's serving certificate (INJECTION=webhook) ---------------------------------------
 
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.call(
-                lambda api: self._json(
-                    client.CoreV1Api(api).read_namespaced_secret(
-                        name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-                    )
-                )
+        return self._get(
+            lambda api: client.CoreV1Api(api).read_namespaced_secret(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
             )
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        )
 
     def write_secret(self, namespace: str, name: str, data: Mapping[str, bytes], version: str | None) -> bool:
         """Create the Secret (version None) or replace it at `version`; False if another writer came first."""

@@ -43,27 +43,27 @@ def _pages(kube: Kube, list_page: Any) -> Iterator[dict[str, Any]]:
             return
 
 
-def deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
-    """Every Deployment of the namespace (None: of the cluster), listed in pages."""
+def _workloads(kube: Kube, namespace: str | None, plural: str) -> Iterator[dict[str, Any]]:
+    """Every Deployment or StatefulSet (`plural`: deployment, stateful_set) of the namespace (None: of the
+    cluster), listed in pages."""
 
     def page(api: client.ApiClient, token: str | None) -> Any:
         apps = client.AppsV1Api(api)
         if namespace is None:
-            return apps.list_deployment_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
-        return apps.list_namespaced_deployment(namespace, limit=500, _continue=token, _preload_content=False)
+            every = getattr(apps, f"list_{plural}_for_all_namespaces")
+            return every(limit=500, _continue=token, _preload_content=False)
+        return getattr(apps, f"list_namespaced_{plural}")(namespace, limit=500, _continue=token, _preload_content=False)
 
     return _pages(kube, page)
 
 
-def statefulsets(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
-    def page(api: client.ApiClient, token: str | None) -> Any:
-        apps = client.AppsV1Api(api)
-        if namespace is None:
-            return apps.list_stateful_set_for_all_namespaces(limit=500, _continue=token, _preload_content=False)
-        return apps.list_namespaced_stateful_set(namespace, limit=500, _continue=token, _preload_content=False)
+def deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
+    return _workloads(kube, namespace, "deployment")
 
+
+def statefulsets(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
     try:
-        for item in _pages(kube, page):
+        for item in _workloads(kube, namespace, "stateful_set"):
             yield with_kind(item, STATEFULSET)
     except ApiError as exc:
         if exc.status not in (403, 404):  # this account may not read StatefulSets: it uninstalls the rest
