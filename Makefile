@@ -67,7 +67,7 @@ tools: deps venv
 
 test: tools
 	@echo "==> pytest"
-	@$(VENV)/bin/pytest -v $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -v --durations=25 $(PYTEST_ARGS)
 
 # Seconds, with no Go build, no cluster, no root and no registry: the pure functions and the real CLIs.
 test-unit: venv

@@ -46,13 +46,34 @@ class Sets:
         return [e for e in self.kube.events(name, type_) if e.involved_object.kind == "StatefulSet"]
 
 
-@pytest.fixture
-def operator_with_statefulsets(
-    cluster: Any, kubectl: Callable[..., str], operator: Operator, kube: Kube
-) -> Iterator[Operator]:
+def test_where_statefulsets_are_not_enabled_the_operator_has_no_right_on_them_and_leaves_them_be(
+    operator: Operator, kube: Kube, audit: Audit
+) -> None:
+    from kubernetes import client
+
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user="system:serviceaccount:tcp-exporter:tcp-exporter-operator",
+            resource_attributes=client.V1ResourceAttributes(verb="list", resource="statefulsets", group="apps"),
+        )
+    )
+    answer = client.AuthorizationV1Api(kube.apps.api_client).create_subject_access_review(review)
+    assert answer.status.allowed is False
+    mark = audit.mark()
+    Sets(kube).create(statefulset("redis", {"tcp-exporter/port": "8080"}))
+    kube.create(deployment("after-it", {"tcp-exporter/port": "8080"}))  # the operator is alive and handles this
+    wait_for(lambda: "tcp-exporter" in kube.containers("after-it"), 30, "the Deployment after it injected")
+    assert Sets(kube).inits("redis") == []
+    assert not [w for w in operator_writes(audit, mark, kube.ns) if "redis" in w[2]]
+
+
+@pytest.fixture(scope="module")
+def operator_with_statefulsets(cluster: Any, kubectl: Callable[..., str], operator: Operator) -> Iterator[Operator]:
+    """The operator with StatefulSets enabled (and their RBAC installed), in place of the session's, for the
+    tests of this module that need it: they come after the one that needs the session's (module order)."""
     operator.stop()
     install(kubectl, components=("scale-in", "statefulsets"))
-    op = Operator(cluster, kubectl, env=KINDS, args=[f"--namespace={kube.ns}"])
+    op = Operator(cluster, kubectl, env=KINDS)
     try:
         yield op
     finally:
@@ -105,24 +126,3 @@ def test_a_statefulset_and_a_deployment_of_the_same_name_are_two_workloads(
         30,
         "a ScaledObjectConflict on one of them",
     )
-
-
-def test_where_statefulsets_are_not_enabled_the_operator_has_no_right_on_them_and_leaves_them_be(
-    operator: Operator, kube: Kube, audit: Audit
-) -> None:
-    from kubernetes import client
-
-    review = client.V1SubjectAccessReview(
-        spec=client.V1SubjectAccessReviewSpec(
-            user="system:serviceaccount:tcp-exporter:tcp-exporter-operator",
-            resource_attributes=client.V1ResourceAttributes(verb="list", resource="statefulsets", group="apps"),
-        )
-    )
-    answer = client.AuthorizationV1Api(kube.apps.api_client).create_subject_access_review(review)
-    assert answer.status.allowed is False
-    mark = audit.mark()
-    Sets(kube).create(statefulset("redis", {"tcp-exporter/port": "8080"}))
-    kube.create(deployment("after-it", {"tcp-exporter/port": "8080"}))  # the operator is alive and handles this
-    wait_for(lambda: "tcp-exporter" in kube.containers("after-it"), 30, "the Deployment after it injected")
-    assert Sets(kube).inits("redis") == []
-    assert not [w for w in operator_writes(audit, mark, kube.ns) if "redis" in w[2]]

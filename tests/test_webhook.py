@@ -240,10 +240,10 @@ def test_a_webhook_that_is_down_blocks_no_pod_and_the_pods_without_the_sidecar_a
 def test_the_certificate_is_renewed_and_trusted_without_a_restart_and_a_cleared_ca_bundle_is_put_back(
     webhook: Webhook, kube: Kube
 ) -> None:
-    webhook.validity = 30  # renewed once 2/3 of its 33 s have passed (and at once, the Secret's being a year's)
+    webhook.validity = 12  # renewed once 2/3 of its 13 s have passed (and at once, the Secret's being a year's)
     webhook.start()
     first = webhook.secret()["tls.crt"]
-    assert 0 < remaining(first) <= 30
+    assert 0 < remaining(first) <= 12
     wait_for(lambda: webhook.secret()["tls.crt"] != first, 60, "a renewed certificate")
     kube.create(deployment("broker", {"tcp-exporter/port": "8080"}))
     all_injected(kube, "broker", 1)  # the API server trusts the renewed one: the same CA signed it

@@ -105,8 +105,8 @@ class Config:
         namespace, slash, name = self.webhook_secret.partition("/")
         if not (namespace and slash and name):
             raise ValueError(f"{PREFIX}WEBHOOK_SECRET={self.webhook_secret!r}: give NAMESPACE/NAME")
-        if self.webhook_cert_validity < 30:
-            raise ValueError(f"{PREFIX}WEBHOOK_CERT_VALIDITY={self.webhook_cert_validity}: give 30 seconds or more")
+        if self.webhook_cert_validity < 10:
+            raise ValueError(f"{PREFIX}WEBHOOK_CERT_VALIDITY={self.webhook_cert_validity}: give 10 seconds or more")
         _, colon, port = self.webhook_address.rpartition(":")
         if not colon or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{PREFIX}WEBHOOK_ADDRESS={self.webhook_address!r}: give HOST:PORT or :PORT")
