@@ -126,7 +126,9 @@ class Indexes:
             None,
         )
         for so in self.scaledobjects.get_any(keys):  # a copy: the index is updated from other threads
-            targets = so.get("spec", {}).get("scaleTargetRef", {}).get("name") == name
+            ref = so.get("spec", {}).get("scaleTargetRef", {})
+            # Another kind's of the same name (a StatefulSet's, for a Deployment) is not another autoscaler of it.
+            targets = ref.get("name") == name and (ref.get("kind") or DEPLOYMENT) == kind
             if so["metadata"].get("deletionTimestamp"):
                 continue  # on its way out (KEDA's finalizer holds it a moment): as good as gone
             if is_ours(so, deployment):
