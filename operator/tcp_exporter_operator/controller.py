@@ -356,7 +356,12 @@ class Controller:
             try:
                 if type == RESYNC:
                     deployment = self.kube.get_deployment(*key)
-                    if deployment is not None:
+                    uid = (deployment or {}).get("metadata", {}).get("uid")
+                    if deployment is not None and self.refusals.get(uid) == self.state(deployment):
+                        # Refused and not changed since: not retried on another object's account (a child's
+                        # event), only by a full pass, which forgets the refusals first.
+                        result = None
+                    elif deployment is not None:
                         result = self.reconcile(deployment, fresh=True)
                 elif body is not None:
                     result = self.deployment_event(body)
