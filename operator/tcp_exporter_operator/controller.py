@@ -149,7 +149,6 @@ class Controller:
             may_run=lambda: self.ready.is_set() and self.peering.wait_active(0),
         )
         self.informers = self._informers()
-        self.deployments = self.informers["deployments"]
         self.workload_informers = {
             kind: self.informers[plural]
             for kind, plural in ((DEPLOYMENT, "deployments"), (STATEFULSET, "statefulsets"))

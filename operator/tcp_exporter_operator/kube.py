@@ -30,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tcp_exporter_operator import metrics
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY, PEERING, Event
-from tcp_exporter_operator.workloads import API_VERSION, DEPLOYMENT, kind_of, split, with_kind
+from tcp_exporter_operator.workloads import API_VERSION, DEPLOYMENT, kind_of, said, split
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -162,7 +162,7 @@ class Kube:
         found = self._get(
             lambda api: read(client.AppsV1Api(api), name, namespace, _preload_content=False, _request_timeout=timeout)
         )
-        return with_kind(found, kind) if found is not None else None
+        return said(found, kind) if found is not None else None
 
     def _get(self, read: Callable[[client.ApiClient], Any]) -> dict[str, Any] | None:
         """One read of one object (its JSON); None where it does not exist."""

@@ -24,7 +24,7 @@ from tcp_exporter_operator.diff import deployment_patch
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY
 from tcp_exporter_operator.kube import ApiError, Conflict, Kube
 from tcp_exporter_operator.webhook import INJECTED, owning_deployment
-from tcp_exporter_operator.workloads import STATEFULSET, key_of, kind_of, split, with_kind
+from tcp_exporter_operator.workloads import STATEFULSET, key_of, kind_of, said, split
 
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 
@@ -64,7 +64,7 @@ def deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
 def statefulsets(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
     try:
         for item in _workloads(kube, namespace, "stateful_set"):
-            yield with_kind(item, STATEFULSET)
+            yield said(item, STATEFULSET)
     except ApiError as exc:
         if exc.status not in (403, 404):  # this account may not read StatefulSets: it uninstalls the rest
             raise

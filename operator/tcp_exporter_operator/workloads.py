@@ -36,6 +36,16 @@ def key_of(body: Mapping[str, Any]) -> tuple[str, str]:
     return meta["namespace"], key_name(kind_of(body), meta["name"])
 
 
-def with_kind(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    """The body (a shallow copy) with its kind and apiVersion said (a listed item has neither)."""
+def with_kind(body: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    """The body with its kind and apiVersion said: as it is when it says them (a watch event's object, or a read
+    one: most of the Deployment watch's events, on its hot path), else a shallow copy (a listed item)."""
+    if body.get("kind") and body.get("apiVersion"):
+        return body
     return {**body, "kind": body.get("kind") or kind, "apiVersion": body.get("apiVersion") or API_VERSION}
+
+
+def said(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    """`with_kind` for a body of our own (freshly parsed): said in place."""
+    body.setdefault("kind", kind)
+    body.setdefault("apiVersion", API_VERSION)
+    return body
