@@ -62,3 +62,16 @@ def test_an_event_survives_the_watch_thread_dropping_the_awaited_write_meanwhile
     controller.synced["uid-checkout.v2"] = unchanged(body)  # in sync: nothing to plan after the check
     assert controller.deployment_event(body) is None
     assert "uid-checkout.v2" not in controller.awaiting
+
+
+def test_what_the_deployment_controller_adds_does_not_count_as_a_change_but_our_annotations_and_the_spec_do() -> None:
+    body = deployment()
+    before = unchanged(body)
+    body["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "1"  # the controller's, after a create
+    body["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = "{}"
+    body["status"] = {"replicas": 2, "readyReplicas": 1}
+    assert unchanged(body) == before
+    assert unchanged(body, pods=True) != unchanged(deployment(), pods=True)  # webhook mode counts its pods
+    body["metadata"]["annotations"]["tcp-exporter/threshold"] = "50"
+    assert unchanged(body) != before
+    assert unchanged({**deployment(), "metadata": {**deployment()["metadata"], "generation": 2}}) != before

@@ -27,6 +27,7 @@ from tcp_exporter_operator.annotations import (
     A_PORT,
     A_SCALE_IN,
     A_STATUS,
+    PREFIX,
     InvalidSpec,
     address_allowed,
     asks_for_scaled_object,
@@ -75,11 +76,15 @@ WEBHOOK_READ_TIMEOUT = 3.0  # seconds for the webhook's read of a pod's Deployme
 
 def unchanged(deployment: Mapping[str, Any], pods: bool = False) -> tuple[int, ...]:
     """What a plan of this Deployment depends on, of the Deployment itself: its spec (by generation) and its
-    annotations. The controllers' status updates, most of a Deployment's watch events, change neither. With
+    tcp-exporter/ annotations (the only ones a plan reads). The controllers' updates, most of a Deployment's watch
+    events, change neither: their status, and the deployment.kubernetes.io/revision annotation the Deployment
+    controller adds after a create and after every rollout (had it counted, a write refused for a Deployment just
+    created would be tried again once that annotation arrived). With
     `pods` (webhook injection, where the plan also counts the pods without the sidecar), the pod counts of its
     status too: a pod created, or replaced, is planned again."""
     meta = deployment["metadata"]
-    state = int(meta.get("generation") or 0), hash(tuple(sorted((meta.get("annotations") or {}).items())))
+    ours = sorted(item for item in (meta.get("annotations") or {}).items() if item[0].startswith(PREFIX))
+    state = int(meta.get("generation") or 0), hash(tuple(ours))
     if not pods:
         return state
     status = deployment.get("status") or {}
