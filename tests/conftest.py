@@ -122,6 +122,17 @@ def keda(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def argo_rollouts(cluster: Any, kubectl: Callable[..., str]) -> Iterator[Any]:
+    """Real Argo Rollouts (its CRDs and controller, built from its Go module), from the first test that asks for
+    it to the end of the session: the CRDs are then installed after the operator, as users may."""
+    from harness.rolloutstack import ArgoRollouts
+
+    argo = ArgoRollouts(cluster, kubectl)
+    yield argo
+    argo.stop()
+
+
+@pytest.fixture(scope="session")
 def audit(cluster: Any) -> Any:
     from harness.operator_proc import Audit
 

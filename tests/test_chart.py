@@ -160,6 +160,34 @@ def test_the_optional_parts_match_their_kustomize_components(tmp_path: Path) -> 
     assert "--peering=tcp-exporter" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def test_rollouts_as_targets_grant_the_same_rights_on_rollouts_alone_in_the_chart_and_the_component(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    manifests = tmp_path / "manifests"
+    shutil.copytree(REPO / "manifests", manifests)
+    with open(manifests / "kustomization.yaml", "a") as f:
+        f.write("components:\n  - rollouts\n")
+    kustomize = kustomized(manifests)
+    chart = render("--set-string", "config.workloadKinds=Deployment\\,Rollout")
+
+    def rollouts(docs: list[dict[str, Any]]) -> Any:
+        (role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-rollouts")]
+        (configmap,) = [
+            d for d in docs if d["kind"] == "ConfigMap" and "TCP_EXPORTER_OPERATOR_METHOD" in (d.get("data") or {})
+        ]
+        return role["rules"], Config.from_env(configmap["data"]).workload_kinds
+
+    assert rollouts(chart) == rollouts(kustomize)
+    assert rollouts(chart) == (
+        [{"apiGroups": ["argoproj.io"], "resources": ["rollouts"], "verbs": ["get", "list", "watch", "patch"]}],
+        ("Deployment", "Rollout"),
+    )
+    for docs in (render(), kustomized()):  # not enabled: no right on Rollouts at all
+        assert not [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"] if "rollouts" in r["resources"]]
+
+
 def test_webhook_injection_matches_the_kustomize_component_and_points_at_the_releases_namespace(
     tmp_path: Path,
 ) -> None:

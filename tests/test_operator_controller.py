@@ -75,3 +75,23 @@ def test_what_the_deployment_controller_adds_does_not_count_as_a_change_but_our_
     body["metadata"]["annotations"]["tcp-exporter/threshold"] = "50"
     assert unchanged(body) != before
     assert unchanged({**deployment(), "metadata": {**deployment()["metadata"], "generation": 2}}) != before
+
+
+def test_a_keda_warning_that_cleared_gets_one_normal_event_and_only_where_it_was_posted(controller: Controller) -> None:
+    from tcp_exporter_operator.events import Event
+    from tcp_exporter_operator.plan import Plan
+
+    posted: list[str] = []
+
+    class Poster:
+        def post(self, body: Any, events: list[Event]) -> None:
+            posted.extend(e.reason for e in events)
+
+    controller.events = Poster()  # type: ignore[assignment]
+    cleared = (Event("Normal", "ScaledObjectFallbackCleared", "again"), Event("Normal", "ScaledObjectReady", "again"))
+    body = deployment()
+    controller.warned["uid-checkout.v2"] = {("ScaledObjectFallback", "KEDA holds the replicas")}
+    controller.apply(body, Plan(cleared=cleared))
+    assert posted == ["ScaledObjectFallbackCleared"]  # Ready was never warned of: nothing to clear
+    controller.apply(body, Plan(cleared=cleared))
+    assert posted == ["ScaledObjectFallbackCleared"]  # once

@@ -101,6 +101,31 @@ def test_render_takes_a_namespace_the_clusters_configmap_and_prints_the_podmonit
     assert bad.returncode == 2 and "TCP_EXPORTER_OPERATOR_METHOD" in bad.stderr, bad.stderr
 
 
+def test_render_renders_statefulsets_and_rollouts_where_their_kinds_are_enabled_and_leaves_them_be_elsewhere(
+    tmp_path: Path,
+) -> None:
+    base = yaml.safe_load((GOLDEN / "basic.in.yaml").read_text())
+    sts = {**copy.deepcopy(base), "kind": "StatefulSet"}
+    sts["spec"]["serviceName"] = "web"
+    argo = {**copy.deepcopy(base), "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout"}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump_all([sts, argo]))
+    cmd = [RENDER, "render", "-f", str(tmp_path / "w.yaml")]
+    kinds = {**os.environ, "TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS": "Deployment,StatefulSet,Rollout"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=kinds)
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    assert [d["kind"] for d in docs] == ["StatefulSet", "ScaledObject", "Rollout", "ScaledObject"]
+    assert sidecar_of(docs[0]) is not None and sidecar_of(docs[2]) is not None
+    assert docs[3]["spec"]["scaleTargetRef"]["apiVersion"] == "argoproj.io/v1alpha1"
+    plain = subprocess.run(cmd, capture_output=True, text=True)  # kinds not enabled: as the operator would
+    assert plain.returncode == 0 and list(yaml.safe_load_all(plain.stdout)) == [sts, argo]
+    del argo["spec"]["template"]
+    argo["spec"]["workloadRef"] = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web-template"}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(argo))
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=kinds)
+    assert refused.returncode == 1 and "INJECTION=webhook" in refused.stderr
+
+
 def test_render_exits_1_when_the_operator_would_write_no_scaledobject_unless_none_was_asked_for(tmp_path: Path) -> None:
     body = yaml.safe_load((GOLDEN / "basic.in.yaml").read_text())
     manifest = tmp_path / "deployment.yaml"
@@ -721,3 +746,42 @@ def test_the_operators_drain_default_applies_where_no_annotation_says_otherwise(
     assert refused.writes == 0 and "the operator setting TCP_EXPORTER_OPERATOR_DRAIN" in refused.events[0].message
     dep["metadata"]["annotations"]["tcp-exporter/drain"] = "0"
     assert drained(applied(dep, plan(dep, Facts(), Config(drain=26))))["web"] is None
+
+
+def rollout(workload_ref: bool = False) -> dict[str, Any]:
+    """An Argo Rollout: a Deployment's spec under another kind, or its workloadRef form (no template)."""
+    dep = stored()
+    dep.update(kind="Rollout", apiVersion="argoproj.io/v1alpha1")
+    dep["metadata"]["uid"] = "rollout-uid"
+    if workload_ref:
+        del dep["spec"]["template"]
+        dep["spec"]["workloadRef"] = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "checkout-template"}
+    return dep
+
+
+def test_a_rollout_is_injected_like_a_deployment_and_scaled_through_its_own_kind_and_api_group() -> None:
+    result = plan(rollout(), Facts(), CFG)
+    assert result.deployment_patch and sidecar_of(applied(rollout(), result)) is not None
+    so = body(result, "ScaledObject") or {}
+    target = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "name": rollout()["metadata"]["name"]}
+    assert so["spec"]["scaleTargetRef"] == target
+    (owner,) = so["metadata"]["ownerReferences"]
+    assert (owner["apiVersion"], owner["kind"], owner["uid"]) == ("argoproj.io/v1alpha1", "Rollout", "rollout-uid")
+
+
+def test_a_rollout_asking_for_connection_aware_scale_in_is_told_it_does_not_apply() -> None:
+    dep = rollout()
+    dep["metadata"]["annotations"]["tcp-exporter/scale-in-by-connections"] = "true"
+    warned = [e for e in plan(dep, Facts(), CFG).events if e.reason == "ScaleInByConnectionsIgnored"]
+    assert warned and "Rollout" in warned[0].message
+
+
+def test_a_rollouts_workloadref_form_is_refused_by_the_patch_mode_and_planned_by_the_webhook_mode() -> None:
+    refused = plan(rollout(workload_ref=True), Facts(), CFG)
+    assert refused.deployment_patch is None and not refused.children
+    assert [e.reason for e in refused.events] == ["WorkloadRefNotInjected"]
+    assert "checkout-template" in refused.events[0].message
+    webhook = plan(rollout(workload_ref=True), Facts(), Config(injection="webhook"))
+    assert webhook.deployment_patch is None  # the pods get the sidecar as they are created
+    so = body(webhook, "ScaledObject") or {}
+    assert so["spec"]["scaleTargetRef"]["kind"] == "Rollout"

@@ -189,7 +189,10 @@ def test_kedas_ready_false_and_fallback_true_on_our_scaledobject_become_warnings
     assert "name too long" in warnings["ScaledObjectNotReady"]
     assert "query returned nothing" in warnings["ScaledObjectFallback"]
     so["status"]["conditions"] = [{"type": "Ready", "status": "True"}, {"type": "Fallback", "status": "False"}]
-    assert not [e for e in planned({}, Config(), Facts(scaled_object=so)).events if e.type == "Warning"]
+    cleared = planned({}, Config(), Facts(scaled_object=so))
+    assert not [e for e in cleared.events if e.type == "Warning"]
+    # The controller posts these only where the Warning was posted: a Normal Event that the condition cleared.
+    assert [e.reason for e in cleared.cleared] == ["ScaledObjectReady", "ScaledObjectFallbackCleared"]
 
 
 def test_a_name_over_54_characters_gets_a_scaledobject_name_keda_accepts_and_an_old_long_one_is_replaced() -> None:

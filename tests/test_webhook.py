@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import ssl
 import subprocess
 import urllib.request
@@ -17,7 +16,6 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from tcp_exporter_operator.webhook import INJECTED, issue, remaining
 
@@ -30,95 +28,15 @@ from harness.operator_proc import (
     Kube,
     Operator,
     deployment,
-    free_port,
-    install,
     operator_writes,
 )
+from harness.rolloutstack import Rollouts, rollout
+from harness.webhookstack import CONFIGURATION, SECRET, Webhook
 
 pytestmark = pytest.mark.cluster
 # manifests/statefulsets' rights, for the tests that enable StatefulSets (the component also sets the kinds).
 STATEFULSET_RBAC = (REPO / "manifests" / "statefulsets" / "role.yaml").read_text()
-
-CONFIGURATION = "tcp-exporter"
-SECRET = "tcp-exporter-webhook-tls"  # noqa: S105 - a name
-
-
-class Webhook:
-    """The operator in webhook mode, installed with manifests/'s webhook component; the API server calls it on
-    loopback (the configuration's Service reference replaced by its URL: no kube-proxy on this control plane)."""
-
-    def __init__(self, cluster: Any, kubectl: Callable[..., str], api: Any, validity: int = 365 * 86400) -> None:
-        self.cluster, self.kubectl, self.api = cluster, kubectl, api
-        self.port = free_port()
-        self.admission = client.AdmissionregistrationV1Api(api)
-        self.core = client.CoreV1Api(api)
-        self.validity = validity
-        self.op: Operator | None = None
-
-    def install(self) -> None:
-        install(self.kubectl, components=("scale-in", "webhook"))
-        url = f"https://127.0.0.1:{self.port}/mutate-pods"
-        patch = [
-            {"op": "remove", "path": "/webhooks/0/clientConfig/service"},
-            {"op": "add", "path": "/webhooks/0/clientConfig/url", "value": url},
-        ]
-        self.admission.patch_mutating_webhook_configuration(CONFIGURATION, patch)
-
-    def start(self, **extra: str) -> Operator:
-        env = {
-            "TCP_EXPORTER_OPERATOR_INJECTION": "webhook",
-            "TCP_EXPORTER_OPERATOR_WEBHOOK_ADDRESS": f"127.0.0.1:{self.port}",
-            "TCP_EXPORTER_OPERATOR_WEBHOOK_HOSTS": "127.0.0.1",
-            "TCP_EXPORTER_OPERATOR_WEBHOOK_CERT_VALIDITY": str(self.validity),
-            **extra,
-        }
-        self.op = Operator(self.cluster, self.kubectl, env=env)
-        wait_for(self.trusted, 30, "the caBundle and the Secret")
-        wait_for(self.serving, 30, "the webhook serving TLS")
-        return self.op
-
-    def serving(self) -> bool:
-        """Whether the webhook completes a TLS handshake (it has loaded a certificate): what its readiness probe,
-        an HTTPS GET of /healthz, sees."""
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as raw, context.wrap_socket(raw):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.op is not None:
-            self.op.close()
-            self.op = None
-
-    def secret(self) -> dict[str, bytes]:
-        data = self.core.read_namespaced_secret(SECRET, NAMESPACE).data or {}
-        return {k: base64.b64decode(v) for k, v in data.items()}
-
-    def ca_bundle(self) -> bytes:
-        config = self.admission.read_mutating_webhook_configuration(CONFIGURATION)
-        return base64.b64decode(config.webhooks[0].client_config.ca_bundle or "")
-
-    def trusted(self) -> bool:
-        try:
-            secret = self.secret()
-        except ApiException:
-            return False
-        return bool(secret.get("ca.crt")) and self.ca_bundle() == secret["ca.crt"]
-
-    def remove(self) -> None:
-        self.stop()
-        for delete in (
-            lambda: self.admission.delete_mutating_webhook_configuration(CONFIGURATION),
-            lambda: self.core.delete_namespaced_secret(SECRET, NAMESPACE),
-        ):
-            try:
-                delete()
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+ROLLOUT_RBAC = (REPO / "manifests" / "rollouts" / "role.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +283,34 @@ def statefulset_pods_injected(webhook: Webhook, kube: Kube) -> None:
     assert so["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
     sts = kube.apps.read_namespaced_stateful_set("nats", kube.ns)
     assert not sts.spec.template.spec.init_containers and "tcp-exporter/status" not in sts.metadata.annotations
+
+
+def test_the_pods_of_an_annotated_rollout_get_the_sidecar_in_either_form_and_the_rollouts_stay_as_written(
+    webhook: Webhook, kube: Kube, argo_rollouts: Any
+) -> None:
+    webhook.kubectl("apply", "-f", "-", input=ROLLOUT_RBAC)
+    try:
+        webhook.start(TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS="Deployment,Rollout")
+        rollouts = Rollouts(kube)
+        rollouts.create(rollout("game-proxy", {"tcp-exporter/port": "8080"}))
+        # The workloadRef form: the pod template is a Deployment's (scaled to nothing), which stays unannotated.
+        template = deployment("lobby-template", {})
+        template["spec"]["replicas"] = 0
+        kube.create(template)
+        rollouts.create(rollout("lobby", {"tcp-exporter/port": "8080"}, workload_ref="lobby-template"))
+        for name, app in (("game-proxy", "game-proxy"), ("lobby", "lobby-template")):
+            pods = wait_for(lambda a=app: rollouts.pods(a) or None, 60, f"the pods of the Rollout {name}")
+            assert sidecar(pods[0]) is not None and pods[0].metadata.annotations[INJECTED], name
+            assert f"--deployment={name}" in " ".join(sidecar(pods[0]).args)
+            so = wait_for(lambda n=name: kube.scaled_object(n), 30, f"the ScaledObject of {name}")
+            target = so["spec"]["scaleTargetRef"]
+            assert target == {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "name": name}
+            written = rollouts.get(name)
+            assert "tcp-exporter/status" not in written["metadata"]["annotations"], name
+            assert not (written["spec"].get("template") or {}).get("spec", {}).get("initContainers"), name
+        assert "tcp-exporter" not in kube.containers("lobby-template")
+    finally:
+        webhook.kubectl("delete", "-f", "-", "--ignore-not-found", input=ROLLOUT_RBAC)
 
 
 def test_a_forged_request_naming_another_workloads_replicaset_gets_no_patch_and_learns_nothing(

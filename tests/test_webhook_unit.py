@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,22 @@ def test_the_owning_workload_is_the_replicasets_name_without_the_pod_template_ha
     job = pod_of(annotated())
     job["metadata"]["ownerReferences"][0].update(kind="Job", apiVersion="batch/v1")
     assert owning_deployment(job) is None
+
+
+def test_a_pod_of_an_argo_rollouts_replicaset_is_the_rollouts_whatever_its_name() -> None:
+    rollout = pod_of(annotated("checkout.v2"))
+    labels = rollout["metadata"]["labels"]
+    labels["rollouts-pod-template-hash"] = labels.pop("pod-template-hash")  # what Argo Rollouts labels
+    assert owning_deployment(rollout) == "Rollout/checkout.v2"  # its key (workloads.py)
+    labels["rollouts-pod-template-hash"] = "other"  # the hash is not the ReplicaSet's: no claim
+    assert owning_deployment(rollout) is None
+    rollout_dep = annotated("checkout.v2")
+    rollout_dep.update(kind="Rollout", apiVersion="argoproj.io/v1alpha1")
+    # The Rollout's own decision is the Deployment's: the very sidecar, for a pod its ReplicaSet creates.
+    good = pod_of(annotated("checkout.v2"))
+    good["metadata"]["labels"]["rollouts-pod-template-hash"] = good["metadata"]["labels"].pop("pod-template-hash")
+    assert decide(good, rollout_dep, cfg=replace(CFG, workload_kinds=("Deployment", "Rollout"))).patch
+    assert decide(good, rollout_dep).patch is None  # Rollouts not enabled: left alone
 
 
 def test_a_pod_gets_the_very_sidecar_the_patch_mode_puts_in_the_template() -> None:

@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,15 @@ from tcp_exporter.logs import TEXT_FORMAT, JsonFormatter
 from tcp_exporter_operator.annotations import A_PORT, asks_for_scaled_object, check_settings
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.plan import Facts, plan
+from tcp_exporter_operator.workloads import workload_api_version
+
+
+def prometheus_url(value: str) -> str:
+    """--prometheus: an http(s) address with a host (a wrong one exits 2 with the usage)."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{value!r}: give an http:// or https:// address of a Prometheus")
+    return value.rstrip("/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show = sub.add_parser(
         "status",
-        help="one line per annotated Deployment: version and method injected, KEDA's conditions, replicas, the "
-        "last Warning; exits 1 when one needs attention",
+        help="one line per annotated workload: version and method injected, KEDA's conditions, replicas, "
+        "connections (with --prometheus), the operator's Warning; exits 1 when one needs attention",
     )
     show.add_argument(
         "--namespace", "-n", action="append", default=[], help="only in this namespace (repeatable); default: all"
     )
     show.add_argument("--output", "-o", choices=("text", "json"), default="text", help="default text")
+    show.add_argument(
+        "--prometheus",
+        type=prometheus_url,
+        metavar="URL",
+        help="also show each workload's connections now, by its ScaledObject's query, from this Prometheus (e.g. "
+        "http://127.0.0.1:9090 through kubectl port-forward); a workload it has no answer for needs attention",
+    )
     remove = sub.add_parser(
         "uninstall",
         help="remove what the operator injected (sidecars, their annotations, ScaledObjects, PodMonitors); "
@@ -130,13 +147,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 # Render refuses what the operator would refuse: nothing is injected for these.
-RENDER_ERRORS = ("InvalidAnnotation", "ContainerConflict", "AutoscalerConflict")
+RENDER_ERRORS = ("InvalidAnnotation", "ContainerConflict", "AutoscalerConflict", "WorkloadRefNotInjected")
 
 
 def render(
     path: str, psa_level: str | None, cfg: Config, namespace: str = "default", podmonitor_crd: bool = False
 ) -> int:
-    """What the operator would do to each annotated Deployment of a manifest, printed: the same `plan`, with the
+    """What the operator would do to each annotated workload of a manifest (a Deployment, or a StatefulSet or Argo
+    Rollout where the configuration enables its kind), printed: the same `plan`, with the
     facts a cluster would give assumed (KEDA installed, the PodMonitor CRD as told, no other autoscaler).
     Exits 1 when the operator would refuse a Deployment, or write no ScaledObject for one that did not ask for
     none (`tcp-exporter/scaledobject: "false"`)."""
@@ -152,7 +170,12 @@ def render(
     if not all(isinstance(d, dict) for d in documents):
         print(f"tcp-exporter-operator: render: {path}: every document must be a Kubernetes object", file=sys.stderr)
         return 2
-    if cfg.sidecar_mode == "auto" and any(d.get("kind") == "Deployment" for d in documents):
+
+    def workload(doc: dict[str, Any]) -> bool:
+        kind = doc.get("kind")
+        return kind in cfg.workload_kinds and doc.get("apiVersion") == workload_api_version(str(kind))
+
+    if cfg.sidecar_mode == "auto" and any(workload(d) for d in documents):
         # The operator resolves auto against the API server's version; offline, render cannot.
         print(
             "tcp-exporter-operator: render: SIDECAR_MODE=auto renders a native sidecar, as the operator injects it on "
@@ -163,7 +186,7 @@ def render(
     out: list[dict[str, Any]] = []
     failed = False
     for doc in documents:
-        if doc.get("kind") != "Deployment":
+        if not workload(doc):
             out.append(doc)
             continue
         doc.setdefault("metadata", {}).setdefault("namespace", namespace)
@@ -220,7 +243,7 @@ def on_cluster(args: argparse.Namespace) -> int:
         if args.command == "status":
             from tcp_exporter_operator.status import status
 
-            return status(Kube(), tuple(args.namespace), args.output)
+            return status(Kube(), tuple(args.namespace), args.output, prometheus=args.prometheus)
         from tcp_exporter_operator.uninstall import uninstall
 
         _, failed = uninstall(Kube(), tuple(args.namespace), args.dry_run)

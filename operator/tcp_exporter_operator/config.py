@@ -77,8 +77,8 @@ class Config:
     # Where the sidecar is injected: patch (into the Deployment's pod template) or webhook (into each pod as it is
     # created, by a mutating admission webhook: the Deployment stays as written, for GitOps). webhook.py.
     injection: str = "patch"
-    # The kinds of workload annotations are read on: Deployment, StatefulSet (each needs its RBAC: the chart's
-    # workloadKinds, or manifests/statefulsets).
+    # The kinds of workload annotations are read on: Deployment, StatefulSet, Rollout (Argo Rollouts'); each needs
+    # its RBAC: the chart's workloadKinds, or the statefulsets / rollouts components.
     workload_kinds: tuple[str, ...] = ("Deployment",)
     webhook_address: str = ":9443"  # where the webhook's HTTPS server listens (host:port)
     # The MutatingWebhookConfiguration whose caBundle the operator keeps (WEBHOOK_CERTS=operator).
@@ -93,10 +93,11 @@ class Config:
     webhook_cert_validity: int = 365 * 86400  # seconds a certificate the operator issues is valid
 
     def __post_init__(self) -> None:
-        wrong = [k for k in self.workload_kinds if k not in ("Deployment", "StatefulSet")]
+        wrong = [k for k in self.workload_kinds if k not in ("Deployment", "StatefulSet", "Rollout")]
         if wrong or not self.workload_kinds:
             raise ValueError(
-                f"{PREFIX}WORKLOAD_KINDS={','.join(self.workload_kinds)!r}: give one or more of Deployment, StatefulSet"
+                f"{PREFIX}WORKLOAD_KINDS={','.join(self.workload_kinds)!r}: give one or more of Deployment, "
+                "StatefulSet, Rollout"
             )
         if self.injection not in INJECTIONS:
             raise ValueError(f"{PREFIX}INJECTION={self.injection!r}: give one of {', '.join(INJECTIONS)}")

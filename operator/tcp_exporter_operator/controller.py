@@ -52,13 +52,24 @@ from tcp_exporter_operator.kube import (
     namespaces_lister,
     statefulsets_lister,
 )
-from tcp_exporter_operator.plan import Plan, plan
+from tcp_exporter_operator.plan import CLEARS, Plan, plan
 from tcp_exporter_operator.rollouts import Rollouts, paced
 from tcp_exporter_operator.scalein import DeletionCosts, Target, parse_headers
 from tcp_exporter_operator.signalcheck import SignalCheck
 from tcp_exporter_operator.watch import RESYNC, Informer, Item, Key, Peering, WorkQueue, newest, revision
 from tcp_exporter_operator.webhook import OPT_OUT, controller_ref, owning_deployment
-from tcp_exporter_operator.workloads import DEPLOYMENT, KINDS, STATEFULSET, key_name, key_of, kind_of, with_kind
+from tcp_exporter_operator.workloads import (
+    DEPLOYMENT,
+    KINDS,
+    ROLLOUT,
+    ROLLOUT_CRD,
+    ROLLOUTS,
+    STATEFULSET,
+    key_name,
+    key_of,
+    kind_of,
+    with_kind,
+)
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
@@ -156,7 +167,7 @@ class Controller:
         self.informers = self._informers()
         self.workload_informers = {
             kind: self.informers[plural]
-            for kind, plural in ((DEPLOYMENT, "deployments"), (STATEFULSET, "statefulsets"))
+            for kind, plural in ((DEPLOYMENT, "deployments"), (STATEFULSET, "statefulsets"), (ROLLOUT, "rollouts"))
             if plural in self.informers
         }
         self.stopping = threading.Event()
@@ -224,6 +235,21 @@ class Controller:
                 if STATEFULSET in self.config.workload_kinds
                 else {}
             ),
+            **(
+                {
+                    # Argo Rollouts' kind: watched once its CRD is served (until then retried, and at once when
+                    # the CRD appears: crd_seen).
+                    "rollouts": Informer(
+                        self.kube,
+                        "rollouts",
+                        custom_lister(*ROLLOUTS),
+                        scopes,
+                        lambda t, o: self.deployment_seen(t, with_kind(o, ROLLOUT)),
+                    )
+                }
+                if ROLLOUT in self.config.workload_kinds
+                else {}
+            ),
             "scaledobjects": Informer(
                 self.kube,
                 "scaledobjects",
@@ -246,7 +272,7 @@ class Controller:
             ),
             **{
                 crd: Informer(self.kube, crd, crd_lister(crd), (None,), self.crd_seen)
-                for crd in (KEDA_CRD, PODMONITOR_CRD)
+                for crd in (KEDA_CRD, PODMONITOR_CRD, *([ROLLOUT_CRD] if ROLLOUT in self.config.workload_kinds else []))
             },
         }
         return informers
@@ -271,11 +297,12 @@ class Controller:
         return kept
 
     def crd_seen(self, type: str, obj: Mapping[str, Any]) -> bool:
-        """KEDA or the Prometheus Operator installed after the operator: watch their kinds now, and create the
-        ScaledObjects and PodMonitors that were waiting for them, no restart needed."""
+        """KEDA, the Prometheus Operator or Argo Rollouts installed after the operator: watch their kinds now, and
+        create the ScaledObjects and PodMonitors that were waiting for them, no restart needed."""
         previous, kept = self.indexes.crds.update(type, obj)
+        watch = {KEDA_CRD: "scaledobjects", PODMONITOR_CRD: "podmonitors", ROLLOUT_CRD: "rollouts"}
         if kept:  # added, or changed (say, Established now): the kind's watch tries again at once if it waits
-            self.informers["scaledobjects" if obj["metadata"]["name"] == KEDA_CRD else "podmonitors"].poke()
+            self.informers[watch[obj["metadata"]["name"]]].poke()
         if previous is None and kept and self.ready.is_set():
             self.full_pass()
         return kept
@@ -304,7 +331,7 @@ class Controller:
         targets = self.scale_targets
         annotations = (body or {}).get("metadata", {}).get("annotations") or {}
         opted = A_SCALE_IN in annotations or self.config.scale_in_by_connections
-        # Not opted in (no need to parse the rest), or not a Deployment: a StatefulSet removes its highest ordinal.
+        # Not opted in (no need to parse the rest), or not a Deployment (plan.SCALE_IN_IGNORED says why).
         if body is None or A_PORT not in annotations or not opted or kind_of(body) != DEPLOYMENT:
             targets.pop(key, None)
             return
@@ -573,8 +600,8 @@ class Controller:
         """The webhook's look-up of the workload that owns a pod being created: read afresh (its settings exactly
         as they are now), unless the watch knows it is not annotated (the pods of most cost no API call); and only
         if it really owns the pod: the owner reference's UID is its StatefulSet's, or its ReplicaSet's, itself
-        controlled by the Deployment. A request forged by a pod (any pod can reach the webhook) that names a
-        workload it does not own learns nothing of its settings or drain token: the UIDs are not guessable."""
+        controlled by the Deployment (or Rollout). A request forged by a pod (any pod can reach the webhook) that
+        names a workload it does not own learns nothing of its settings or drain token: the UIDs are not guessable."""
         key, ref = owning_deployment(pod), controller_ref(pod)
         if key is None or ref is None or self.tracked_keys.get((namespace, key)) is False:
             return None
@@ -588,7 +615,8 @@ class Controller:
         if replicaset is None or replicaset["metadata"].get("uid") != ref.get("uid"):
             return None
         owner = controller_ref(replicaset)
-        return workload if owner and owner.get("kind") == DEPLOYMENT and uid and owner.get("uid") == uid else None
+        proven = owner and owner.get("kind") == kind_of(workload) and uid and owner.get("uid") == uid
+        return workload if proven else None
 
     def conflict(self, workload: Mapping[str, Any]) -> str | None:
         """Why the patch mode would not inject this workload either: another autoscaler scales it."""
@@ -649,6 +677,9 @@ class Controller:
         warnings = {(e.reason, e.message) for e in events if e.type == "Warning"}
         # A Warning is posted once while it holds, not on every watch event of the Deployment.
         already = self.warned.get(uid, set())
+        # KEDA's Warning posted here whose condition has cleared: a Normal Event says so (once, as the Warning is
+        # then forgotten), and the workload's latest Event is true again (`status` reads it).
+        events += [e for e in plan.cleared if any(reason == CLEARS[e.reason] for reason, _ in already)]
         self.post(deployment, [e for e in events if not (e.type == "Warning" and (e.reason, e.message) in already)])
         self.warned[uid] = warnings
 

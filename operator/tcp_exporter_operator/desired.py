@@ -28,7 +28,7 @@ from tcp_exporter_operator.annotations import (
     template_of,
 )
 from tcp_exporter_operator.events import LABELS, api_version
-from tcp_exporter_operator.workloads import API_VERSION, KINDS, kind_of
+from tcp_exporter_operator.workloads import KINDS, kind_of, workload_api_version
 
 METRICS_PORT_NAME = "tcp-metrics"
 PROMETHEUS_SCRAPE = "prometheus.io/scrape"
@@ -302,7 +302,7 @@ def child_name(name: str, suffix: str = "", limit: int = 253) -> str:
 def owner_reference(deployment: Mapping[str, Any]) -> dict[str, Any]:
     meta = deployment["metadata"]
     return {
-        "apiVersion": API_VERSION,
+        "apiVersion": workload_api_version(kind_of(deployment)),
         "kind": kind_of(deployment),
         "name": meta["name"],
         "uid": meta.get("uid", ""),
@@ -330,7 +330,11 @@ def scaled_object(deployment: Mapping[str, Any], spec: Spec, fallback_behavior: 
     if options.authentication_ref is not None:
         trigger["authenticationRef"] = dict(options.authentication_ref)
     so_spec: dict[str, Any] = {
-        "scaleTargetRef": {"apiVersion": API_VERSION, "kind": kind_of(deployment), "name": meta["name"]},
+        "scaleTargetRef": {
+            "apiVersion": workload_api_version(kind_of(deployment)),
+            "kind": kind_of(deployment),
+            "name": meta["name"],
+        },
         "pollingInterval": options.polling_interval,
         "minReplicaCount": spec.min_replicas,
         "maxReplicaCount": spec.max_replicas,

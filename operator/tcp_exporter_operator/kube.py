@@ -30,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tcp_exporter_operator import metrics
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY, PEERING, Event
-from tcp_exporter_operator.workloads import API_VERSION, DEPLOYMENT, kind_of, said, split
+from tcp_exporter_operator.workloads import ROLLOUT, ROLLOUTS, STATEFULSET, kind_of, said, split, workload_api_version
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,16 +152,22 @@ class Kube:
     # -- Deployments ------------------------------------------------------------------------------
 
     def get_deployment(self, namespace: str, name: str, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
-        """The workload under this key (a Deployment's name, or `StatefulSet/NAME`: workloads.py), kind said."""
+        """The workload under this key (a Deployment's name, `StatefulSet/NAME` or `Rollout/NAME`: workloads.py),
+        kind said."""
         kind, name = split(name)
-        read = (
-            client.AppsV1Api.read_namespaced_deployment
-            if kind == DEPLOYMENT
-            else client.AppsV1Api.read_namespaced_stateful_set
-        )
-        found = self._get(
-            lambda api: read(client.AppsV1Api(api), name, namespace, _preload_content=False, _request_timeout=timeout)
-        )
+
+        def read(api: client.ApiClient) -> Any:
+            options: dict[str, Any] = {"_preload_content": False, "_request_timeout": timeout}
+            if kind == ROLLOUT:
+                return client.CustomObjectsApi(api).get_namespaced_custom_object(
+                    ROLLOUTS[0], ROLLOUTS[1], namespace, ROLLOUTS[2], name, **options
+                )
+            apps = client.AppsV1Api(api)
+            if kind == STATEFULSET:
+                return apps.read_namespaced_stateful_set(name, namespace, **options)
+            return apps.read_namespaced_deployment(name, namespace, **options)
+
+        found = self._get(read)
         return said(found, kind) if found is not None else None
 
     def _get(self, read: Callable[[client.ApiClient], Any]) -> dict[str, Any] | None:
@@ -196,26 +202,24 @@ class Kube:
     def patch_deployment(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> tuple[str, int]:
         """Apply a JSON patch to the workload under this key; return the new resourceVersion and generation."""
         kind, name = split(name)
-        patch = (
-            client.AppsV1Api.patch_namespaced_deployment
-            if kind == DEPLOYMENT
-            else client.AppsV1Api.patch_namespaced_stateful_set
-        )
+
+        def patch(api: client.ApiClient) -> Any:
+            options: dict[str, Any] = {
+                "_content_type": JSON_PATCH,
+                "_preload_content": False,
+                "_request_timeout": REQUEST_TIMEOUT,
+            }
+            if kind == ROLLOUT:
+                return client.CustomObjectsApi(api).patch_namespaced_custom_object(
+                    ROLLOUTS[0], ROLLOUTS[1], namespace, ROLLOUTS[2], name, ops, **options
+                )
+            apps = client.AppsV1Api(api)
+            if kind == STATEFULSET:
+                return apps.patch_namespaced_stateful_set(name, namespace, ops, **options)
+            return apps.patch_namespaced_deployment(name, namespace, ops, **options)
+
         try:
-            new = self.call(
-                lambda api: self._json(
-                    patch(
-                        client.AppsV1Api(api),
-                        name,
-                        namespace,
-                        ops,
-                        _content_type=JSON_PATCH,
-                        _preload_content=False,
-                        _request_timeout=REQUEST_TIMEOUT,
-                    )
-                ),
-                write=(kind, "patch"),
-            )
+            new = self.call(lambda api: self._json(patch(api)), write=(kind, "patch"))
         except ApiError as exc:
             if exc.status == 409 or (exc.status == 422 and patch_did_not_apply(exc.body)):
                 raise Conflict(f"deployment {namespace}/{name} changed") from exc
@@ -465,7 +469,7 @@ class Kube:
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
-                "apiVersion": API_VERSION,
+                "apiVersion": workload_api_version(kind_of(deployment)),
                 "kind": kind_of(deployment),
                 "name": meta["name"],
                 "namespace": meta["namespace"],

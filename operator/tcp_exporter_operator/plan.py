@@ -39,7 +39,15 @@ from tcp_exporter_operator.desired import (
 )
 from tcp_exporter_operator.diff import SCALED_OBJECT_OPTIONAL, child_action, deployment_patch, in_sync
 from tcp_exporter_operator.events import MANAGED_BY, Event
-from tcp_exporter_operator.workloads import STATEFULSET, kind_of
+from tcp_exporter_operator.workloads import ROLLOUT, STATEFULSET, kind_of, workload_ref
+
+# The kinds connection-aware scale-in does not apply to, and why.
+SCALE_IN_IGNORED = {
+    STATEFULSET: "it always removes its highest ordinal first, whatever its connections (pod deletion cost is a "
+    "ReplicaSet's)",
+    ROLLOUT: "the operator writes deletion costs for Deployments' pods only (not built for Argo Rollouts yet; its "
+    "canary and blue-green steps scale its ReplicaSets themselves)",
+}
 
 BLIND_NOTE = (
     "no ScaledObject: Prometheus cannot see this Deployment's sidecars by any discovery path the operator is "
@@ -90,6 +98,8 @@ class Plan:
     upgrade: bool = False
     upgrade_deferred: bool = False  # an upgrade waits for a slot: its patch and Event are left out
     desired: dict[str, Any] | None = None  # the Deployment as the plan wants it, when it is injected
+    # KEDA's Warnings whose condition now says all is well: a Normal Event says so where the Warning was posted.
+    cleared: tuple[Event, ...] = ()
 
     @property
     def writes(self) -> int:
@@ -189,6 +199,24 @@ def keda_conditions(scaled_object: Mapping[str, Any] | None) -> list[Event]:
     return events
 
 
+def keda_cleared(scaled_object: Mapping[str, Any] | None) -> tuple[Event, ...]:
+    """For each of `keda_conditions`' Warnings, the Normal Event that says its condition cleared, if it has: posted
+    only where that Warning was (the controller knows), so that the workload's latest Event tells its state."""
+    events = []
+    for condition in ((scaled_object or {}).get("status") or {}).get("conditions") or []:
+        kind, status = condition.get("type"), condition.get("status")
+        if kind == "Ready" and status == "True":
+            events.append(Event("Normal", "ScaledObjectReady", "KEDA scales this workload again"))
+        elif kind == "Fallback" and status == "False":
+            events.append(
+                Event("Normal", "ScaledObjectFallbackCleared", "KEDA reads the connection count again: no fallback")
+            )
+    return tuple(events)
+
+
+CLEARS = {"ScaledObjectReady": "ScaledObjectNotReady", "ScaledObjectFallbackCleared": "ScaledObjectFallback"}
+
+
 def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     """Every write (and Event) that brings this Deployment to what its annotations ask for."""
     result = Plan()
@@ -240,6 +268,7 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
     if meshed is not None:
         result.events.append(meshed)
     result.events += keda_conditions(facts.scaled_object) if spec.scaled_object else []
+    result.cleared = keda_cleared(facts.scaled_object) if spec.scaled_object else ()
     for message in unknown_keys(annotations):
         result.events.append(Event("Warning", "UnknownAnnotation", message))
     if spec.scale_in_by_connections and not facts.scale_in_installed:
@@ -254,16 +283,27 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
             )
         )
 
-    if spec.scale_in_by_connections and kind_of(deployment) == STATEFULSET:
+    if spec.scale_in_by_connections and kind_of(deployment) in SCALE_IN_IGNORED:
         result.events.append(
             Event(
                 "Warning",
                 "ScaleInByConnectionsIgnored",
-                f"{A_SCALE_IN} has no effect on a StatefulSet: it always removes its highest ordinal first, whatever "
-                "its connections (pod deletion cost is a ReplicaSet's). tcp-exporter/drain still lets the removed "
-                "pod's connections end before its app stops",
+                f"{A_SCALE_IN} has no effect on a {kind_of(deployment)}: {SCALE_IN_IGNORED[kind_of(deployment)]}. "
+                "tcp-exporter/drain still lets the removed pod's connections end before its app stops",
             )
         )
+    ref = workload_ref(deployment)
+    if ref is not None and cfg.injection != "webhook":
+        result.events.append(
+            Event(
+                "Warning",
+                "WorkloadRefNotInjected",
+                f"this Rollout takes its pod template from {ref.get('kind', 'Deployment')} {ref.get('name')!r} "
+                "(spec.workloadRef), which the patch mode does not edit: nothing changed. Use the webhook injection "
+                "(TCP_EXPORTER_OPERATOR_INJECTION=webhook), which injects the Rollout's pods as they are created",
+            )
+        )
+        return result
     added = injection(deployment, spec, recorded)
     paths = discovery_paths(added, facts, cfg)
     if cfg.injection == "webhook":

@@ -139,8 +139,9 @@ def rollout_over(deployment: Mapping[str, Any], generation: int) -> bool:
     """The deployment controller has rolled out `generation`: every replica updated and available, or the rollout
     ran past its progress deadline (then the next may go: one stuck Deployment must not stop the upgrade)."""
     status = deployment.get("status") or {}
-    if int(status.get("observedGeneration") or 0) < generation:
-        return False
+    observed = str(status.get("observedGeneration") or "0")  # an Argo Rollout's is a string
+    if not observed.isascii() or not observed.isdigit() or int(observed) < generation:
+        return False  # not a number (an older Argo Rollouts wrote a hash): the slot is taken back at its limit
     for condition in status.get("conditions") or []:
         if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
             return True

@@ -24,7 +24,7 @@ from tcp_exporter_operator.diff import deployment_patch
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY
 from tcp_exporter_operator.kube import ApiError, Conflict, Kube
 from tcp_exporter_operator.webhook import INJECTED, owning_deployment
-from tcp_exporter_operator.workloads import STATEFULSET, key_of, kind_of, said, split
+from tcp_exporter_operator.workloads import ROLLOUT, ROLLOUTS, STATEFULSET, key_of, kind_of, said, split
 
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 
@@ -70,9 +70,28 @@ def statefulsets(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
             raise
 
 
+def rollouts(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
+    """Every Argo Rollout, where its kind is served and this account may read it."""
+
+    def page(api: client.ApiClient, token: str | None) -> Any:
+        custom = client.CustomObjectsApi(api)
+        if namespace is None:
+            return custom.list_cluster_custom_object(*ROLLOUTS, limit=500, _continue=token, _preload_content=False)
+        return custom.list_namespaced_custom_object(
+            ROLLOUTS[0], ROLLOUTS[1], namespace, ROLLOUTS[2], limit=500, _continue=token, _preload_content=False
+        )
+
+    try:
+        for item in _pages(kube, page):
+            yield said(item, ROLLOUT)
+    except ApiError as exc:
+        if exc.status not in (403, 404):  # not installed, or not readable by this account: the rest is uninstalled
+            raise
+
+
 def injected_deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
-    """Every Deployment and StatefulSet that carries the operator's status annotation."""
-    for item in (*deployments(kube, namespace), *statefulsets(kube, namespace)):
+    """Every Deployment, StatefulSet and Rollout that carries the operator's status annotation."""
+    for item in (*deployments(kube, namespace), *statefulsets(kube, namespace), *rollouts(kube, namespace)):
         if A_STATUS in (item["metadata"].get("annotations") or {}):
             yield item
 
@@ -150,9 +169,14 @@ def webhook_pods(kube: Kube, namespace: str | None) -> list[str]:
         if kind == "Pod":  # its workload is not one the operator knows: replacing the pod is its owner's business
             lines.append(f"Pod {ns}/{name}: runs the sidecar the webhook injected until it is replaced")
             continue
+        restart = (
+            f"kubectl argo rollouts -n {ns} restart {name}"  # Argo Rollouts' kubectl plugin
+            if kind == ROLLOUT
+            else f"kubectl -n {ns} rollout restart {kind.lower()}/{name}"
+        )
         lines.append(
             f"{kind} {ns}/{name}: {count} pods run the sidecar the webhook injected; they keep it until replaced: "
-            f"kubectl -n {ns} rollout restart {kind.lower()}/{name}"
+            + restart
         )
     return lines
 

@@ -54,7 +54,7 @@ from tcp_exporter_operator.annotations import (
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import inject, injection
 from tcp_exporter_operator.plan import allowed_method
-from tcp_exporter_operator.workloads import API_VERSION, STATEFULSET, key_name, split
+from tcp_exporter_operator.workloads import API_VERSION, ROLLOUT, STATEFULSET, key_name, split
 
 log = logging.getLogger(__name__)
 # The pod annotation that says which injection a pod got: the operator's version and the injection's hash.
@@ -76,18 +76,20 @@ NEVER = ("kube-system", "kube-public", "kube-node-lease")
 
 def owning_deployment(pod: Mapping[str, Any]) -> str | None:
     """The key name (workloads.py) of the workload that created the pod: the Deployment whose ReplicaSet did (the
-    ReplicaSet is named <deployment>-<pod-template-hash>, and the pod carries that hash as a label), or
-    `StatefulSet/NAME`. None for any other pod."""
+    ReplicaSet is named <deployment>-<pod-template-hash>, and the pod carries that hash as a label), the Argo
+    Rollout whose ReplicaSet did (`Rollout/NAME`: named alike, the hash labelled rollouts-pod-template-hash), or
+    `StatefulSet/NAME`. None for any other pod. A claim only: `Controller.workload_of` proves it by UID."""
     meta = pod.get("metadata") or {}
-    template_hash = (meta.get("labels") or {}).get("pod-template-hash")
+    labels = meta.get("labels") or {}
     for ref in meta.get("ownerReferences") or []:
         if not isinstance(ref, Mapping) or not ref.get("controller") or str(ref.get("apiVersion")) != API_VERSION:
             continue
         name = str(ref.get("name") or "")
-        if ref.get("kind") == "ReplicaSet" and template_hash:
+        for label, kind in (("pod-template-hash", None), ("rollouts-pod-template-hash", ROLLOUT)):
+            template_hash = labels.get(label)
             suffix = f"-{template_hash}"
-            if name.endswith(suffix) and len(name) > len(suffix):
-                return name[: -len(suffix)]
+            if ref.get("kind") == "ReplicaSet" and template_hash and name.endswith(suffix) and len(name) > len(suffix):
+                return name[: -len(suffix)] if kind is None else key_name(kind, name[: -len(suffix)])
         if ref.get("kind") == STATEFULSET and name:
             return key_name(STATEFULSET, name)
     return None

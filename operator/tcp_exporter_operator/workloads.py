@@ -1,7 +1,7 @@
-"""The kinds of workload the operator injects and scales: Deployments, and StatefulSets where enabled
-(TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS). Each is known by a key (namespace, name) in the work queue and the
-operator's maps; a StatefulSet's name there is `StatefulSet/NAME` (a Kubernetes name has no `/`), so that a
-Deployment and a StatefulSet of the same name never share an entry, and a Deployment's key is as it always was.
+"""The kinds of workload the operator injects and scales: Deployments, and StatefulSets and Argo Rollouts where
+enabled (TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS). Each is known by a key (namespace, name) in the work queue and the
+operator's maps; a StatefulSet's name there is `StatefulSet/NAME`, a Rollout's `Rollout/NAME` (a Kubernetes name
+has no `/`), so that workloads of one name never share an entry, and a Deployment's key is as it always was.
 """
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ from typing import Any
 
 DEPLOYMENT = "Deployment"
 STATEFULSET = "StatefulSet"
-KINDS = (DEPLOYMENT, STATEFULSET)
-API_VERSION = "apps/v1"  # of both
+ROLLOUT = "Rollout"  # Argo Rollouts' (argoproj.io/v1alpha1): a Deployment's template, its own ReplicaSets
+KINDS = (DEPLOYMENT, STATEFULSET, ROLLOUT)
+API_VERSION = "apps/v1"  # of Deployments and StatefulSets
+ROLLOUT_API_VERSION = "argoproj.io/v1alpha1"
+ROLLOUTS = ("argoproj.io", "v1alpha1", "rollouts")  # group, version, plural
+ROLLOUT_CRD = "rollouts.argoproj.io"
+
+
+def workload_api_version(kind: str) -> str:
+    return ROLLOUT_API_VERSION if kind == ROLLOUT else API_VERSION
 
 
 def kind_of(body: Mapping[str, Any]) -> str:
@@ -41,11 +49,20 @@ def with_kind(body: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
     one: most of the Deployment watch's events, on its hot path), else a shallow copy (a listed item)."""
     if body.get("kind") and body.get("apiVersion"):
         return body
-    return {**body, "kind": body.get("kind") or kind, "apiVersion": body.get("apiVersion") or API_VERSION}
+    version = body.get("apiVersion") or workload_api_version(kind)
+    return {**body, "kind": body.get("kind") or kind, "apiVersion": version}
 
 
 def said(body: dict[str, Any], kind: str) -> dict[str, Any]:
     """`with_kind` for a body of our own (freshly parsed): said in place."""
     body.setdefault("kind", kind)
-    body.setdefault("apiVersion", API_VERSION)
+    body.setdefault("apiVersion", workload_api_version(kind))
     return body
+
+
+def workload_ref(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A Rollout's `spec.workloadRef` (its pod template is the named Deployment's), or None."""
+    if kind_of(body) != ROLLOUT:
+        return None
+    ref = (body.get("spec") or {}).get("workloadRef")
+    return ref if isinstance(ref, Mapping) else None

@@ -1,0 +1,96 @@
+"""Argo Rollouts as targets (WORKLOAD_KINDS=Deployment,Rollout, manifests/rollouts) on the real control plane with
+the real Argo Rollouts controller: a Rollout is injected and scaled like a Deployment, with the ScaledObject's
+target and owner and the Events of its own kind and API group, once Argo Rollouts is installed (after the operator:
+no restart); the pods its ReplicaSets create run the sidecar; no right on Rollouts where the kind is not enabled."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from harness.helpers import wait_for
+from harness.operator_proc import Kube, Operator, deployment, install
+from harness.rolloutstack import Rollouts, rollout, sidecar
+
+pytestmark = pytest.mark.cluster
+KINDS = {"TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS": "Deployment,Rollout"}
+
+
+def test_where_rollouts_are_not_enabled_the_operator_has_no_right_on_them(operator: Operator, kube: Kube) -> None:
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user="system:serviceaccount:tcp-exporter:tcp-exporter-operator",
+            resource_attributes=client.V1ResourceAttributes(verb="list", resource="rollouts", group="argoproj.io"),
+        )
+    )
+    answer = client.AuthorizationV1Api(kube.apps.api_client).create_subject_access_review(review)
+    assert answer.status.allowed is False
+
+
+@pytest.fixture(scope="module")
+def operator_with_rollouts(cluster: Any, kubectl: Callable[..., str], operator: Operator) -> Iterator[Operator]:
+    """The operator with Rollouts enabled (and their RBAC installed), in place of the session's, for the tests of
+    this module that need it: they come after the one that needs the session's (module order)."""
+    operator.stop()
+    install(kubectl, components=("scale-in", "rollouts"))
+    op = Operator(cluster, kubectl, env=KINDS)
+    try:
+        yield op
+    finally:
+        op.close()
+        install(kubectl, components=("scale-in",))  # the Rollout rights go again
+        kubectl("delete", "clusterrole,clusterrolebinding", "tcp-exporter-operator-rollouts", "--ignore-not-found")
+        operator.start()
+
+
+def test_a_rollout_is_injected_once_argo_rollouts_is_installed_scaled_through_its_kind_and_uninjected(
+    operator_with_rollouts: Operator, kube: Kube, request: pytest.FixtureRequest
+) -> None:
+    # Argo Rollouts installed after the operator started (the operator retries a kind that is not served yet).
+    argo = request.getfixturevalue("argo_rollouts")
+    rollouts = Rollouts(kube)
+    name = "checkout.v2"
+    rollouts.create(rollout(name, {"tcp-exporter/port": "web", "tcp-exporter/max-replicas": "5"}))
+    try:
+        wait_for(lambda: rollouts.inits(name) == ["tcp-exporter"], 60, "the native sidecar in the Rollout")
+    except AssertionError:
+        raise AssertionError(f"not injected; operator log:\n{operator_with_rollouts.log()[-4000:]}") from None
+    status = json.loads(rollouts.get(name)["metadata"]["annotations"]["tcp-exporter/status"])
+    assert status["ports"] == [8080] and status["mode"] == "native"
+    so = wait_for(lambda: kube.scaled_object(name), 30, "the ScaledObject")
+    assert so["spec"]["scaleTargetRef"] == {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "name": name}
+    (owner,) = so["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("Rollout", rollouts.get(name)["metadata"]["uid"])
+    injected = wait_for(lambda: [e for e in rollouts.events(name) if e.reason == "Injected"], 30, "the Injected Event")
+    assert injected[0].involved_object.api_version == "argoproj.io/v1alpha1"
+    # The real Argo Rollouts controller rolls the injected template out: its ReplicaSet's pods run the sidecar.
+    try:
+        pods = wait_for(lambda: [p for p in rollouts.pods(name) if sidecar(p)] or None, 60, "a pod with the sidecar")
+    except AssertionError:
+        raise AssertionError(f"no pod; Argo Rollouts' log:\n{argo.logs()}") from None
+    assert "rollouts-pod-template-hash" in pods[0].metadata.labels
+
+    rollouts.annotate(name, scale_in_by_connections="true")
+    ignored = "ScaleInByConnectionsIgnored"
+    warned = wait_for(lambda: [e for e in rollouts.events(name, "Warning") if e.reason == ignored], 30, "a Warning")
+    assert "Rollout" in warned[0].message
+
+    rollouts.annotate(name, port=None, scale_in_by_connections=None)
+    wait_for(lambda: rollouts.inits(name) == [], 30, "the sidecar removed")
+    assert "tcp-exporter/status" not in (rollouts.get(name)["metadata"].get("annotations") or {})
+    wait_for(lambda: kube.scaled_object(name) is None, 30, "the ScaledObject deleted")
+
+
+def test_a_rollout_in_its_workloadref_form_is_refused_by_the_patch_mode_with_the_way_out(
+    operator_with_rollouts: Operator, kube: Kube, argo_rollouts: Any
+) -> None:
+    kube.create(deployment("checkout-template", {}))
+    Rollouts(kube).create(rollout("checkout", {"tcp-exporter/port": "8080"}, workload_ref="checkout-template"))
+    warned = wait_for(lambda: Rollouts(kube).events("checkout", "Warning"), 30, "a Warning on the Rollout")
+    assert warned[0].reason == "WorkloadRefNotInjected" and "INJECTION=webhook" in warned[0].message
+    assert "tcp-exporter" not in kube.containers("checkout-template")  # the Deployment is not the operator's to edit
+    assert kube.scaled_object("checkout") is None
