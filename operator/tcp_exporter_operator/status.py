@@ -1,50 +1,96 @@
-"""`tcp-exporter-operator status`: one line per annotated Deployment, and a non-zero exit when one needs attention.
+"""`tcp-exporter-operator status`: one line per annotated workload, and a non-zero exit when one needs attention.
 
-For each Deployment annotated `tcp-exporter/port` (or still carrying an injection): the version and method
-injected (from the status annotation), its ScaledObject's KEDA conditions (Ready, Active, Fallback), the
-replicas against the ScaledObject's bounds, and the latest Warning Event on it. Read with the caller's own
-credentials (kubectl's kubeconfig); it changes nothing.
+For each Deployment, StatefulSet or Argo Rollout annotated `tcp-exporter/port` (or still carrying an injection):
+the version and method injected (from the status annotation), its ScaledObject's KEDA conditions (Ready, Active,
+Fallback), the replicas against the ScaledObject's bounds, the connections now (with `--prometheus`: the
+ScaledObject's very query), and the operator's latest Event on it when that is a Warning (a later Normal Event,
+the operator having acted since, clears it). Read with the caller's own credentials (kubectl's kubeconfig); it
+changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 from kubernetes import client
 
+from tcp_exporter_operator import scalein
 from tcp_exporter_operator.annotations import A_PORT, asks_for_scaled_object, recorded_status, tracked
-from tcp_exporter_operator.desired import is_ours
+from tcp_exporter_operator.desired import is_ours, query
+from tcp_exporter_operator.events import MANAGED_BY
 from tcp_exporter_operator.kube import Kube
-from tcp_exporter_operator.uninstall import children, deployments
+from tcp_exporter_operator.uninstall import children, deployments, rollouts, statefulsets
+from tcp_exporter_operator.watch import revision
+from tcp_exporter_operator.workloads import DEPLOYMENT, kind_of
+
+PROMETHEUS_DEADLINE = 5.0  # seconds per query of --prometheus
 
 
 def annotated(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
-    for item in deployments(kube, namespace):
+    """The annotated workloads of every kind (StatefulSets and Rollouts where served and readable)."""
+    for item in (*deployments(kube, namespace), *statefulsets(kube, namespace), *rollouts(kube, namespace)):
         if tracked(item["metadata"].get("annotations") or {}):
             yield item
 
 
-def last_warning(kube: Kube, namespace: str, name: str, uid: str) -> str | None:
-    """The latest Warning on this very Deployment (by uid: not an earlier one of the same name)."""
-    selector = f"involvedObject.kind=Deployment,involvedObject.name={name},involvedObject.uid={uid},type=Warning"
+def last_warning(kube: Kube, workload: Mapping[str, Any]) -> str | None:
+    """The operator's latest Event on this very workload (by uid: not an earlier one of the same name), when it is
+    a Warning: a later Normal Event of the operator's (it injected, upgraded, created) means it acted since."""
+    meta = workload["metadata"]
+    selector = f"involvedObject.kind={kind_of(workload)},involvedObject.name={meta['name']}"
+    selector += f",involvedObject.uid={meta.get('uid', '')}"
 
     def listing(api: client.ApiClient) -> Any:
-        return client.CoreV1Api(api).list_namespaced_event(namespace, field_selector=selector, _preload_content=False)
+        return client.CoreV1Api(api).list_namespaced_event(
+            meta["namespace"], field_selector=selector, _preload_content=False
+        )
 
     body = json.loads(kube.call(listing).data)
 
-    def when(event: Mapping[str, Any]) -> str:
-        return str(event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or "")
+    def when(event: Mapping[str, Any]) -> tuple[str, int]:
+        """Timestamps are to the second; within one, the Events' own versions (etcd revisions) give the order:
+        the operator posts one workload's Events in order."""
+        stamp = str(event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or "")
+        return stamp, revision((event.get("metadata") or {}).get("resourceVersion"))
 
-    events = sorted(body.get("items") or [], key=when)
-    return f"{events[-1].get('reason')}: {events[-1].get('message')}" if events else None
+    ours = [
+        e
+        for e in body.get("items") or []
+        if MANAGED_BY in (e.get("reportingComponent"), (e.get("source") or {}).get("component"))
+    ]
+    events = sorted(ours, key=when)
+    if not events or events[-1].get("type") != "Warning":
+        return None
+    return f"{events[-1].get('reason')}: {events[-1].get('message')}"
 
 
-def row(deployment: Mapping[str, Any], scaled_object: Mapping[str, Any] | None, warning: str | None) -> dict[str, Any]:
-    """One Deployment's line, and what needs attention in it (`problems`; empty when all is well)."""
+def connections(url: str, workload: Mapping[str, Any]) -> int | None:
+    """The workload's connections now, by the ScaledObject's own query; None when Prometheus has no answer for it
+    (the query returns nothing: what makes KEDA's fallback hold). Raises ValueError / TimeoutError / OSError."""
+    meta = workload["metadata"]
+    result = scalein.query(url, {}, PROMETHEUS_DEADLINE, query(meta["namespace"], meta["name"]))
+    if not result or not isinstance(result[0], Mapping):
+        return None
+    value = result[0].get("value")
+    try:
+        number = float(value[1]) if isinstance(value, list) and len(value) == 2 else float("nan")
+    except (TypeError, ValueError):
+        return None
+    return int(number) if math.isfinite(number) and number >= 0 else None
+
+
+def row(
+    deployment: Mapping[str, Any],
+    scaled_object: Mapping[str, Any] | None,
+    warning: str | None,
+    now: int | str | None = "-",
+) -> dict[str, Any]:
+    """One workload's line, and what needs attention in it (`problems`; empty when all is well). `now`: its
+    connections, None when Prometheus returns nothing for it, "-" when not asked."""
     meta = deployment["metadata"]
     annotations = meta.get("annotations") or {}
     status = recorded_status(deployment)
@@ -66,10 +112,16 @@ def row(deployment: Mapping[str, Any], scaled_object: Mapping[str, Any] | None, 
         problems.append("KEDA: not ready")
     if conditions.get("Fallback") == "True":
         problems.append("KEDA: fallback (the query returns nothing)")
+    low, high = spec.get("minReplicaCount"), spec.get("maxReplicaCount")
+    if isinstance(replicas, int) and isinstance(low, int) and isinstance(high, int) and not low <= replicas <= high:
+        problems.append(f"replicas {replicas} outside {low}-{high}")
+    if now is None and scaled_object is not None:
+        problems.append("Prometheus returns nothing for its query")
     if warning is not None:
         problems.append("a Warning")
     return {
         "namespace": meta.get("namespace"),
+        "kind": kind_of(deployment),
         "name": meta.get("name"),
         "version": status.version if status else None,
         "method": status.method if status else None,
@@ -81,19 +133,27 @@ def row(deployment: Mapping[str, Any], scaled_object: Mapping[str, Any] | None, 
         "replicas": replicas,
         "min": spec.get("minReplicaCount"),
         "max": spec.get("maxReplicaCount"),
+        **({"connections": now} if now != "-" else {}),
         "lastWarning": warning,
         "problems": problems,
     }
 
 
-def status(kube: Kube, namespaces: tuple[str, ...], output: str, out: TextIO = sys.stdout) -> int:
-    """Print the lines; 1 if any Deployment needs attention, else 0."""
+def status(
+    kube: Kube,
+    namespaces: tuple[str, ...],
+    output: str,
+    out: TextIO = sys.stdout,
+    prometheus: str | None = None,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Print the lines; 1 if any workload needs attention, else 0."""
     rows = []
     for namespace in namespaces or (None,):
         scaled_objects = list(children(kube, "ScaledObject", namespace))
         for deployment in annotated(kube, namespace):
             meta = deployment["metadata"]
-            warning = last_warning(kube, meta["namespace"], meta["name"], meta.get("uid", ""))
+            warning = last_warning(kube, deployment)
             # Owned by it, or adopted from Git (render's: no owner, found by label, name and target).
             ours = next(
                 (
@@ -103,23 +163,32 @@ def status(kube: Kube, namespaces: tuple[str, ...], output: str, out: TextIO = s
                 ),
                 None,
             )
-            rows.append(row(deployment, ours, warning))
+            now: int | str | None = "-"
+            if prometheus is not None:
+                try:
+                    now = connections(prometheus, deployment)
+                except (ValueError, TimeoutError, OSError) as exc:  # unreachable, or not Prometheus: not asked again
+                    print(f"tcp-exporter-operator: status: --prometheus {prometheus}: {exc}", file=err)
+                    prometheus = None
+            rows.append(row(deployment, ours, warning, now))
     if output == "json":
         json.dump(rows, out, indent=2)
         out.write("\n")
     else:
-        columns = ("NAMESPACE", "NAME", "VERSION", "METHOD", "READY", "ACTIVE", "FALLBACK", "REPLICAS", "STATUS")
-        lines = [columns]
+        columns = ("NAMESPACE", "NAME", "VERSION", "METHOD", "READY", "ACTIVE", "FALLBACK", "REPLICAS", "CONNECTIONS")
+        lines = [(*columns, "STATUS")]
         for r in rows:
             bounds = f"{r['replicas']} ({r['min']}-{r['max']})" if r["min"] is not None else str(r["replicas"])
+            name = str(r["name"]) if r["kind"] == DEPLOYMENT else f"{r['kind'].lower()}/{r['name']}"
+            now = r.get("connections", "-")
             lines.append(
                 (
-                    str(r["namespace"]), str(r["name"]), str(r["version"] or "-"), str(r["method"] or "-"),
+                    str(r["namespace"]), name, str(r["version"] or "-"), str(r["method"] or "-"),
                     str(r["ready"] or "-"), str(r["active"] or "-"), str(r["fallback"] or "-"), bounds,
-                    "; ".join(r["problems"]) or "ok",
+                    "none" if now is None else str(now), "; ".join(r["problems"]) or "ok",
                 )
             )  # fmt: skip
-        widths = [max(len(line[i]) for line in lines) for i in range(len(columns) - 1)]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
         for line in lines:
             out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1] + "\n")
         for r in rows:
