@@ -262,3 +262,47 @@ def test_a_prometheus_answering_inf_for_one_namespace_leaves_another_namespaces_
             fast.close()
             operator.start()
             kube.core.delete_namespace(namespace)
+
+
+def test_no_paused_or_never_finishing_rollout_holds_the_upgrade_slot_past_the_admins_limit(
+    operator: Operator, kube: Kube, cluster: Any, kubectl: Callable[..., str]
+) -> None:
+    """Upgrade pacing that no editor can freeze (one slot): a paused Deployment is upgraded without taking the
+    slot (nothing rolls until its owner resumes it), and a rollout that never finishes (no kubelet runs its pods
+    here, as where an editor breaks the pods on purpose) gives the slot back at MAX_ROLLOUT_SECONDS, so the
+    waiting one rolls next instead of waiting for ever."""
+    names = ["stuck.web-api", "next.web-api"]
+    for name in [*names, "paused.web-api"]:
+        kube.create_injected(operator, deployment(name, {"tcp-exporter/port": "8080"}))
+    kube.patch("paused.web-api", {"spec": {"paused": True}})
+    operator.stop()
+    limit = 6
+    upgraded = Operator(
+        cluster,
+        kubectl,
+        env={
+            "TCP_EXPORTER_OPERATOR_SIDECAR_IMAGE": "example.test/tcp-exporter:next",
+            "TCP_EXPORTER_OPERATOR_MAX_CONCURRENT_ROLLOUTS": "1",
+            "TCP_EXPORTER_OPERATOR_MAX_ROLLOUT_SECONDS": str(limit),
+        },
+        args=[f"--namespace={kube.ns}"],  # this test's Deployments only (others' rollouts never finish either)
+    )
+
+    def image(name: str) -> str:
+        return str(kube.containers(name)["tcp-exporter"].image)
+
+    try:
+        wait_for(lambda: image("paused.web-api").endswith(":next"), 30, "the paused one upgraded without a slot")
+        first = wait_for(lambda: [n for n in names if image(n).endswith(":next")] or None, 30, "one to roll")
+        assert len(first) == 1, f"both rolled at once with one slot: {first}"
+        (other,) = [n for n in names if n not in first]
+        wait_for(lambda: f"upgrade of {kube.ns}/{other} waits" in upgraded.log(), 30, "the other to wait")
+        assert image(other).endswith(":test")
+        # Its pods never become Ready: at the limit (taken back within the 10 s expiry tick) the slot moves on.
+        wait_for(lambda: image(other).endswith(":next"), limit + 30, "the waiting one to roll after the limit")
+        assert "held its slot to its limit" in upgraded.log()
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nthe upgraded operator's log:\n{upgraded.log()[-6000:]}") from None
+    finally:
+        upgraded.close()
+        operator.start()
