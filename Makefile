@@ -52,7 +52,7 @@ lint: venv
 	  $$($(PY) -c "from harness import helmtools; print(helmtools.actionlint())") .github/workflows/*.yaml
 
 # Test tooling built from Go modules, cached under $(TCP_EXPORTER_CACHE): the control plane, Prometheus
-# with Kubernetes discovery (Debian's package has none), and KEDA.
+# with Kubernetes discovery (Debian's package has none), KEDA, Argo Rollouts, Helm and the node.
 tools: deps venv
 	@echo "==> building (or reusing) the local control plane"
 	@$(LOCALKUBE) build >/dev/null
@@ -60,6 +60,8 @@ tools: deps venv
 	@$(PY) -c "from harness import promstack; promstack.binaries()"
 	@echo "==> building (or reusing) KEDA's operator and metrics adapter"
 	@$(PY) -c "from harness import kedastack; kedastack.binaries()"
+	@echo "==> building (or reusing) Argo Rollouts' controller"
+	@$(PY) -c "from harness import rolloutstack; rolloutstack.binaries()"
 	@echo "==> building (or reusing) Helm and actionlint"
 	@$(PY) -c "from harness import helmtools; helmtools.binaries()"
 	@echo "==> building (or reusing) the node: kubelet, kube-proxy, kube-scheduler, agnhost, containerd, runc, CNI"
@@ -88,6 +90,7 @@ bench: tools
 	@$(PY) -m bench.signal
 	@$(PY) -m bench.scalein
 	@$(PY) -m bench.drain
+	@$(PY) -m bench.webhook
 
 VERSION_NOW = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidecar/tcp_exporter/__init__.py)
 

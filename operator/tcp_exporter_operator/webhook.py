@@ -382,6 +382,10 @@ def _pems(bundle: bytes) -> list[bytes]:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"
+    # Buffered: an answer's headers and body leave in one write when the request is done (handle_one_request
+    # flushes). Unbuffered, the body was a second small write that Nagle held until the API server's delayed ACK
+    # came: 40 ms more per pod created (bench/webhook.py measured 48 ms a pod before, against 3 ms without).
+    wbufsize = -1
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("webhook: " + format, *args)
@@ -495,6 +499,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         tls = None
         try:
             request.settimeout(SOCKET_TIMEOUT)
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each answer is one write: send it now
             assert self.context is not None
             # Wrapped first (the raw socket is detached from then on), so that the deadline can shut down the
             # TLS socket even while its handshake trickles in.
