@@ -7,9 +7,13 @@ Nothing here computes KEDA's arithmetic: the replica counts asserted are the one
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +31,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.prometheus, py
 NAME = "game-proxy.eu-west-1.canary-release-2026-12-02.payments-gateway-a1b2c"
 THRESHOLD = 100
 MAX = 6
+
+
+def status_of(cluster: Any, namespace: str) -> subprocess.CompletedProcess[str]:
+    """`tcp-exporter-operator status -o json` as a user runs it, with the cluster's kubeconfig."""
+    cli = str(Path(sys.executable).with_name("tcp-exporter-operator"))
+    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+    return subprocess.run([cli, "status", "-n", namespace, "-o", "json"], capture_output=True, text=True, env=env)
 
 
 def test_keda_and_the_hpa_scale_out_scale_in_and_hold_on_missing_data(
@@ -98,6 +109,12 @@ def test_keda_and_the_hpa_scale_out_scale_in_and_hold_on_missing_data(
             )
             assert "holds the replicas at its fallback" in warned[0].message
             held_until = time.monotonic() + 30  # two more HPA periods on the fallback
+            # Meanwhile `status` shows KEDA's conditions as they are, and needs attention (a pipeline gate).
+            shown = status_of(cluster, kube.ns)
+            assert shown.returncode == 1, shown.stderr
+            (row,) = json.loads(shown.stdout)
+            assert (row["ready"], row["fallback"], row["replicas"], row["max"]) == ("True", "True", 2, MAX), row
+            assert "KEDA: fallback (the query returns nothing)" in row["problems"], row
             while time.monotonic() < held_until:
                 assert int(kube.get(NAME).spec.replicas) == 2, "the replica count dropped on missing data"
                 time.sleep(1)
