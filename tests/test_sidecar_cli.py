@@ -169,12 +169,12 @@ def test_signal_stops_it_cleanly_within_a_second_with_scrapers_held_open_and_not
         s.close()
 
 
-def test_a_listen_port_in_use_exits_1_with_a_clear_message(watched: tuple[int, socket.socket]) -> None:
+def test_a_listen_port_in_use_exits_1_saying_how_to_give_it_a_free_one(watched: tuple[int, socket.socket]) -> None:
     port, _server = watched
     code, _out, err = Proc([f"--listen-address=127.0.0.1:{port}", "--watch-port=80", "--method=sockdiag"]).finish()
     assert code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in err
-    assert "in use" in err
+    assert "in use" in err and "tcp-exporter/metrics-port" in err
 
 
 @pytest.mark.parametrize(

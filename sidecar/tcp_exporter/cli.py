@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -303,7 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except OSError as exc:
             host, port = args.listen_address
-            log.error("cannot listen on %s:%d: %s", host or "*", port, exc.strerror or exc)
+            hint = ""
+            if exc.errno == errno.EADDRINUSE:
+                # Injected, the pod's other containers share its network: one of them (not declaring it) has it.
+                hint = "; another process (another container of the pod?) has it: give the exporter a free port "
+                hint += "(--listen-address, or the annotation tcp-exporter/metrics-port where the operator injects it)"
+            log.error("cannot listen on %s:%d: %s%s", host or "*", port, exc.strerror or exc, hint)
             return EXIT_FAILURE
         log.info("serving metrics on %s:%d%s", args.listen_address[0] or "*", args.listen_address[1], c.METRICS_PATH)
         stop.wait()
