@@ -434,6 +434,48 @@ def test_keda_scales_real_pods_out_on_connections_through_the_service_and_back_i
         kubectl("delete", "namespace", "autoscale", "--wait=false", check=False)
 
 
+def test_in_webhook_mode_the_samples_pods_get_the_sidecar_on_the_real_node_and_its_deployment_stays_as_written(
+    node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
+) -> None:
+    """The webhook on the real node: the operator's pod serves it behind its Service (kube-proxy routes the API
+    server's call), over the TLS it set up itself; the ReplicaSet controller's pod gets the sidecar at creation and
+    the kubelet runs it; the Deployment stays exactly as applied (what Argo CD and Flux compare)."""
+    from harness.operator_proc import install
+
+    _cluster, kubectl, _node = node_cluster
+
+    def rolled_out() -> None:
+        kubectl("-n", "tcp-exporter", "rollout", "status", "deployment/tcp-exporter-operator", "--timeout=180s")
+
+    def trusted() -> bool:
+        config = json.loads(kubectl("get", "mutatingwebhookconfiguration", "tcp-exporter", "-o", "json"))
+        return bool(config["webhooks"][0]["clientConfig"].get("caBundle"))
+
+    install(kubectl, components=("webhook",))
+    try:
+        rolled_out()
+        wait_for(trusted, 60, "the operator to set the webhook's caBundle")
+        kubectl("create", "namespace", "gitops")
+        kubectl("apply", "-n", "gitops", "-k", str(REPO / "manifests" / "samples"))
+        try:
+            (pod,) = wait_for(lambda: ready_pods(kubectl, "gitops"), 180, "the sample's injected pod Ready")
+        except AssertionError as exc:
+            logs = kubectl("-n", "tcp-exporter", "logs", "deploy/tcp-exporter-operator", check=False)[-3000:]
+            described = kubectl("-n", "gitops", "describe", "pods", check=False)[-3000:]
+            raise AssertionError(f"{exc}\n{described}\n{logs}") from None
+        assert pod["metadata"]["annotations"]["tcp-exporter/injected"]
+        assert sidecar_in(pod["spec"])["restartPolicy"] == "Always"
+        wait_for(lambda: metric(pod["status"]["podIP"]) == 0, 30, "the injected sidecar to serve its count")
+        dep = json.loads(kubectl("-n", "gitops", "get", "deployment", "echo-server", "-o", "json"))
+        assert dep["metadata"]["generation"] == 1 and "tcp-exporter/status" not in dep["metadata"]["annotations"]
+        assert sidecar_in(dep["spec"]["template"]["spec"]) is None
+    finally:
+        kubectl("delete", "namespace", "gitops", "--wait=false", check=False)
+        kubectl("delete", "mutatingwebhookconfiguration", "tcp-exporter", "--ignore-not-found", check=False)
+        install(kubectl)  # the patch mode again, for the tests after
+        rolled_out()
+
+
 def test_uninstall_leaves_the_pods_running_without_the_sidecar_after_one_rollout(
     node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
 ) -> None:
