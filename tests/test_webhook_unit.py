@@ -300,3 +300,21 @@ def test_a_body_over_the_cap_is_refused_before_it_is_read(server: tuple[Server, 
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=10, context=trust)
     assert err.value.code == 413
+
+
+def test_the_default_address_takes_ipv6_and_ipv4_clients_for_ipv6_only_and_dual_stack_clusters() -> None:
+    from tcp_exporter_operator.webhook import parse_address
+
+    host, port = parse_address(":0")
+    if host != "::":
+        pytest.skip("this kernel has no IPv6")  # then it is 0.0.0.0, as before
+    srv = Server((host, port), lambda pod, ns: decide(pod, None, ns))
+    try:
+        bound = srv.server_address[1]
+        for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family, socket.SOCK_STREAM) as client:
+                client.settimeout(5)
+                client.connect((address, bound))  # accepted by the one listening socket
+    finally:
+        srv.server_close()
+    assert parse_address("[fd00::1]:9443") == ("fd00::1", 9443) and parse_address("10.0.0.1:9443")[0] == "10.0.0.1"

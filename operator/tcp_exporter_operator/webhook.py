@@ -461,6 +461,11 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as "0.0.0.0" would
+        super().server_bind()
+
     def use(self, cert: bytes, key: bytes) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -527,8 +532,13 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 def parse_address(text: str) -> tuple[str, int]:
+    """(host, port); an empty host is every address: "::" (IPv6 and IPv4, for IPv6-only and dual-stack clusters)
+    where the kernel has IPv6, else "0.0.0.0"."""
     host, _, port = text.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    host = host.strip("[]")
+    if not host:
+        host = "::" if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6") else "0.0.0.0"
+    return host, int(port)
 
 
 def start(
