@@ -6,7 +6,11 @@ no restart); the pods its ReplicaSets create run the sidecar; no right on Rollou
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,3 +98,24 @@ def test_a_rollout_in_its_workloadref_form_is_refused_by_the_patch_mode_with_the
     assert warned[0].reason == "WorkloadRefNotInjected" and "INJECTION=webhook" in warned[0].message
     assert "tcp-exporter" not in kube.containers("checkout-template")  # the Deployment is not the operator's to edit
     assert kube.scaled_object("checkout") is None
+
+
+def test_uninstall_takes_the_injection_out_of_a_rollout_and_deletes_its_scaledobject(
+    operator_with_rollouts: Operator, kube: Kube, cluster: Any, argo_rollouts: Any
+) -> None:
+    rollouts = Rollouts(kube)
+    rollouts.create(rollout("game-proxy", {"tcp-exporter/port": "8080"}))
+    wait_for(lambda: rollouts.inits("game-proxy") == ["tcp-exporter"], 60, "the Rollout injected")
+    wait_for(lambda: kube.scaled_object("game-proxy"), 30, "its ScaledObject")
+    operator_with_rollouts.stop()  # as the README says: the operator first, then uninstall
+    try:
+        cli = str(Path(sys.executable).with_name("tcp-exporter-operator"))
+        env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+        done = subprocess.run([cli, "uninstall", "-n", kube.ns], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "game-proxy" in done.stdout
+        assert rollouts.inits("game-proxy") == []
+        assert "tcp-exporter/status" not in (rollouts.get("game-proxy")["metadata"].get("annotations") or {})
+        assert kube.scaled_object("game-proxy") is None
+    finally:
+        operator_with_rollouts.start()
