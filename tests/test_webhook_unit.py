@@ -318,3 +318,29 @@ def test_the_default_address_takes_ipv6_and_ipv4_clients_for_ipv6_only_and_dual_
     finally:
         srv.server_close()
     assert parse_address("[fd00::1]:9443") == ("fd00::1", 9443) and parse_address("10.0.0.1:9443")[0] == "10.0.0.1"
+
+
+def test_a_replica_never_puts_back_an_older_ca_than_the_bundle_another_replica_just_rotated_in() -> None:
+    import datetime
+
+    from cryptography import x509 as x
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tcp_exporter_operator.webhook import newer_ca
+
+    def ca(days_ago: int) -> bytes:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x.Name([x.NameAttribute(x.oid.NameOID.COMMON_NAME, f"ca-{days_ago}")])
+        start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days_ago)
+        cert = (
+            x.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=365)).sign(key, hashes.SHA256())
+        )  # fmt: skip
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    old, new = ca(30), ca(0)
+    encoded = base64.b64encode(new + old).decode()  # what the other replica set: the new CA first, the old kept
+    assert newer_ca(encoded, old)  # our stale read holds only the old one: not written over theirs
+    assert not newer_ca(encoded, new + old) and not newer_ca(base64.b64encode(old).decode(), new + old)
+    assert not newer_ca("", old) and not newer_ca("not base64!", old)  # cleared or garbled: ours goes in

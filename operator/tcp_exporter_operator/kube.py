@@ -347,9 +347,10 @@ class Kube:
             raise
         return True
 
-    def set_ca_bundle(self, name: str, bundle: str) -> bool:
-        """Every webhook of the MutatingWebhookConfiguration `name` trusting `bundle` (base64 PEM); whether a write
-        was needed. A JSON patch preconditioned on the resourceVersion read, so an edit in between is not undone."""
+    def set_ca_bundle(self, name: str, bundle: str, replaces: Callable[[str], bool] = lambda current: True) -> bool:
+        """Every webhook of the MutatingWebhookConfiguration `name` trusting `bundle` (base64 PEM), where
+        `replaces(its current caBundle)`; whether a write was needed. A JSON patch preconditioned on the
+        resourceVersion read, so an edit in between is not undone."""
         admission = client.AdmissionregistrationV1Api
         config = self.call(
             lambda api: self._json(
@@ -362,7 +363,8 @@ class Kube:
             {"op": "test", "path": "/metadata/resourceVersion", "value": config["metadata"]["resourceVersion"]}
         ]
         for i, hook in enumerate(config.get("webhooks") or []):
-            if (hook.get("clientConfig") or {}).get("caBundle") != bundle:
+            current = (hook.get("clientConfig") or {}).get("caBundle")
+            if current != bundle and replaces(str(current or "")):
                 ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle})
         if len(ops) == 1:
             return False

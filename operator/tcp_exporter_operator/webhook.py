@@ -368,7 +368,25 @@ class Certificates:
     def _ca_bundle(self, data: Mapping[str, bytes]) -> None:
         bundle = data.get("ca.crt")
         if bundle:
-            self.kube.set_ca_bundle(self.cfg.webhook_configuration, base64.b64encode(bundle).decode())
+            self.kube.set_ca_bundle(
+                self.cfg.webhook_configuration,
+                base64.b64encode(bundle).decode(),
+                replaces=lambda current: not newer_ca(current, bundle),
+            )
+
+
+def newer_ca(current: str, ours: bytes) -> bool:
+    """Whether a caBundle found in the webhook configuration (base64) leads with a newer CA than our bundle: another
+    replica rotated the CA after our read of the Secret. It is not put back to ours (its certificates would be
+    distrusted until the next round); our next read of the Secret has it."""
+    try:
+        theirs = _pems(base64.b64decode(current, validate=True))
+        if not theirs:
+            return False
+        first = x509.load_pem_x509_certificate(theirs[0]).not_valid_before_utc
+        return bool(first > x509.load_pem_x509_certificate(_pems(ours)[0]).not_valid_before_utc)
+    except (ValueError, IndexError):
+        return False  # unreadable (cleared, or edited by hand): ours goes in
 
 
 def _pems(bundle: bytes) -> list[bytes]:
