@@ -69,6 +69,8 @@ from tcp_exporter_operator.workloads import (
     key_of,
     kind_of,
     with_kind,
+    with_template,
+    workload_ref,
 )
 
 log = logging.getLogger(__name__)
@@ -508,13 +510,14 @@ class Controller:
                 if current is None or current["metadata"].get("deletionTimestamp"):
                     self.rollouts.unreserve(deployment["metadata"].get("uid", ""))
                     return "in_sync"
+                made = self.as_made(current)
                 facts = replace(
                     self.indexes.facts_for(current, hpas),
                     scale_in_installed=self.scale_in_installed,
-                    uninjected_pods=self.uninjected_pods(current),
+                    uninjected_pods=self.uninjected_pods(made),
                 )
                 uid = current["metadata"].get("uid", "")
-                result = plan(current, facts, self.config)
+                result = plan(made, facts, self.config)
                 if result.upgrade and paced(current) and not self.rollouts.reserve(uid):
                     result = result.deferred()
                     self.rollouts.wait(uid, namespace, name)
@@ -570,6 +573,15 @@ class Controller:
             "gave up reconciling %s/%s for now: it kept changing; the next event or resync retries", namespace, name
         )
         return "failed"
+
+    def as_made(self, workload: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The workload with the pod template its pods are made from: a workloadRef Rollout's is its Deployment's,
+        read afresh (checked and planned on it, never written: the patch mode refuses that form)."""
+        ref = workload_ref(workload)
+        name = ref.get("name") if ref is not None else None
+        if ref is None or ref.get("kind") != DEPLOYMENT or not isinstance(name, str) or "/" in name:
+            return workload
+        return with_template(workload, self.kube.get_deployment(workload["metadata"]["namespace"], name))
 
     def state(self, deployment: Mapping[str, Any]) -> tuple[int, ...]:
         return unchanged(deployment, pods=self.webhook)

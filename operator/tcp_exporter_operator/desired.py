@@ -365,9 +365,13 @@ def scaled_object(deployment: Mapping[str, Any], spec: Spec, fallback_behavior: 
     }
 
 
-def pod_monitor(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+def pod_monitor(deployment: Mapping[str, Any], spec: Spec) -> dict[str, Any] | None:
+    """The PodMonitor that selects the workload's pods; None where it names no selector (a workloadRef Rollout
+    whose Deployment could not be read): an empty one would select every pod of the namespace."""
     meta = deployment["metadata"]
-    selector = deployment["spec"]["selector"]
+    selector = (deployment.get("spec") or {}).get("selector")
+    if not isinstance(selector, Mapping) or not (selector.get("matchLabels") or selector.get("matchExpressions")):
+        return None
     return {
         "apiVersion": api_version("PodMonitor"),
         "kind": "PodMonitor",

@@ -39,7 +39,7 @@ from tcp_exporter_operator.desired import (
 )
 from tcp_exporter_operator.diff import SCALED_OBJECT_OPTIONAL, child_action, deployment_patch, in_sync
 from tcp_exporter_operator.events import MANAGED_BY, Event
-from tcp_exporter_operator.workloads import ROLLOUT, STATEFULSET, kind_of, workload_ref
+from tcp_exporter_operator.workloads import ROLLOUT, STATEFULSET, kind_of, restart_command, workload_ref
 
 # The kinds connection-aware scale-in does not apply to, and why.
 SCALE_IN_IGNORED = {
@@ -432,8 +432,8 @@ def webhook_injection(deployment: Mapping[str, Any], recorded: Status | None, fa
                 NOT_INJECTED,
                 f"{missing} of this {kind}'s {pods} pods run without the {CONTAINER} sidecar, and their connections "
                 "are not counted: they were created before it was annotated, or while the injection webhook did not "
-                "answer (its failurePolicy Ignore lets pods start without it). Once the webhook runs: kubectl -n "
-                f"{deployment['metadata'].get('namespace', 'default')} rollout restart {kind.lower()}/{name} "
+                "answer (its failurePolicy Ignore lets pods start without it). Once the webhook runs: "
+                f"{restart_command(kind, deployment['metadata'].get('namespace', 'default'), name)} "
                 "(docs/troubleshooting.md)",
             )
         )

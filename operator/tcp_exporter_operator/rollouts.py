@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tcp_exporter_operator.workloads import ROLLOUT, kind_of, observed_generation
+
 log = logging.getLogger(__name__)
 
 
@@ -124,8 +126,9 @@ class Rollouts:
 
 def paced(deployment: Mapping[str, Any]) -> bool:
     """Whether an upgrade of this Deployment takes a slot: not when it is paused (nothing rolls until its owner
-    resumes it, and then it is the owner's rollout)."""
-    return not bool((deployment.get("spec") or {}).get("paused"))
+    resumes it, and then it is the owner's rollout), and never for an Argo Rollout (its own strategy paces it:
+    canary steps and pauses would hold a slot until MAX_ROLLOUT_SECONDS)."""
+    return kind_of(deployment) != ROLLOUT and not bool((deployment.get("spec") or {}).get("paused"))
 
 
 def progress_deadline(deployment: Mapping[str, Any]) -> float:
@@ -139,8 +142,8 @@ def rollout_over(deployment: Mapping[str, Any], generation: int) -> bool:
     """The deployment controller has rolled out `generation`: every replica updated and available, or the rollout
     ran past its progress deadline (then the next may go: one stuck Deployment must not stop the upgrade)."""
     status = deployment.get("status") or {}
-    observed = str(status.get("observedGeneration") or "0")  # an Argo Rollout's is a string
-    if not observed.isascii() or not observed.isdigit() or int(observed) < generation:
+    observed = observed_generation(status)
+    if observed is None or observed < generation:
         return False  # not a number (an older Argo Rollouts wrote a hash): the slot is taken back at its limit
     for condition in status.get("conditions") or []:
         if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":

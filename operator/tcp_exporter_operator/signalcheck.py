@@ -35,7 +35,7 @@ from tcp_exporter_operator.annotations import (
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import promql_string
 from tcp_exporter_operator.events import Event
-from tcp_exporter_operator.workloads import kind_of
+from tcp_exporter_operator.workloads import kind_of, observed_generation
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -59,9 +59,9 @@ class Watched:
 def ready(deployment: Mapping[str, Any]) -> bool:
     """The latest pod template rolled out to at least one Ready pod."""
     meta, status = deployment.get("metadata") or {}, deployment.get("status") or {}
-    observed = status.get("observedGeneration") or 0
+    observed = observed_generation(status)  # a Rollout's is a string of digits
     return (
-        isinstance(observed, int)
+        observed is not None
         and observed >= (meta.get("generation") or 0)
         and (status.get("updatedReplicas") or 0) >= 1
         and (status.get("readyReplicas") or 0) >= 1

@@ -24,7 +24,16 @@ from tcp_exporter_operator.diff import deployment_patch
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY
 from tcp_exporter_operator.kube import ApiError, Conflict, Kube
 from tcp_exporter_operator.webhook import INJECTED, owning_deployment
-from tcp_exporter_operator.workloads import ROLLOUT, ROLLOUTS, STATEFULSET, key_of, kind_of, said, split
+from tcp_exporter_operator.workloads import (
+    ROLLOUT,
+    ROLLOUTS,
+    STATEFULSET,
+    key_of,
+    kind_of,
+    restart_command,
+    said,
+    split,
+)
 
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 
@@ -169,14 +178,9 @@ def webhook_pods(kube: Kube, namespace: str | None) -> list[str]:
         if kind == "Pod":  # its workload is not one the operator knows: replacing the pod is its owner's business
             lines.append(f"Pod {ns}/{name}: runs the sidecar the webhook injected until it is replaced")
             continue
-        restart = (
-            f"kubectl argo rollouts -n {ns} restart {name}"  # Argo Rollouts' kubectl plugin
-            if kind == ROLLOUT
-            else f"kubectl -n {ns} rollout restart {kind.lower()}/{name}"
-        )
         lines.append(
             f"{kind} {ns}/{name}: {count} pods run the sidecar the webhook injected; they keep it until replaced: "
-            + restart
+            + restart_command(kind, ns, name)
         )
     return lines
 

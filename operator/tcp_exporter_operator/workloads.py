@@ -66,3 +66,40 @@ def workload_ref(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return None
     ref = (body.get("spec") or {}).get("workloadRef")
     return ref if isinstance(ref, Mapping) else None
+
+
+def with_template(workload: Mapping[str, Any], source: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """A workloadRef Rollout as its pods are made: its spec with the pod template (and, where it names none, the
+    selector) of `source`, the referenced Deployment, read afresh (or, in the webhook, the pod being created). What
+    a plan checks of a template (hostNetwork, the ports, the containers to drain, the pod annotations) is then
+    checked on what runs. Anything else is returned as it is. Never written back: only read."""
+    if workload_ref(workload) is None or source is None:
+        return workload
+    template = (source.get("spec") or {}).get("template")
+    if not isinstance(template, Mapping):
+        return workload
+    spec = dict(workload.get("spec") or {})
+    spec["template"] = template
+    if not isinstance(spec.get("selector"), Mapping):
+        spec["selector"] = (source.get("spec") or {}).get("selector") or {}
+    return {**workload, "spec": spec}
+
+
+def restart_command(kind: str, namespace: str, name: str) -> str:
+    """How a user replaces a workload's pods (a Rollout's through Argo Rollouts' kubectl plugin)."""
+    if kind == ROLLOUT:
+        return f"kubectl argo rollouts -n {namespace} restart {name}"
+    return f"kubectl -n {namespace} rollout restart {kind.lower()}/{name}"
+
+
+def observed_generation(status: Mapping[str, Any]) -> int | None:
+    """status.observedGeneration as a number: an integer (Deployments, StatefulSets) or a string of digits (Argo
+    Rollouts'); None for anything else (an older Argo Rollouts wrote a hash)."""
+    value = status.get("observedGeneration")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
