@@ -54,7 +54,7 @@ from tcp_exporter_operator.annotations import (
 from tcp_exporter_operator.config import Config
 from tcp_exporter_operator.desired import inject, injection
 from tcp_exporter_operator.plan import allowed_method
-from tcp_exporter_operator.workloads import API_VERSION, ROLLOUT, STATEFULSET, key_name, split
+from tcp_exporter_operator.workloads import API_VERSION, ROLLOUT, STATEFULSET, key_name, split, with_template
 
 log = logging.getLogger(__name__)
 # The pod annotation that says which injection a pod got: the operator's version and the injection's hash.
@@ -145,6 +145,10 @@ def mutation(
     why = conflict(deployment)
     if why is not None:
         return Decision(None, why)
+    meta = pod.get("metadata") or {}
+    # A workloadRef Rollout has no template of its own: its checks (hostNetwork, ports, the containers to drain,
+    # the pod's own prometheus.io annotations) are made on the pod being created.
+    deployment = with_template(deployment, {"spec": {"template": {"metadata": meta, "spec": pod.get("spec") or {}}}})
     try:
         spec = parse_spec(deployment, cfg)
     except InvalidSpec:
@@ -153,7 +157,6 @@ def mutation(
     added = injection(deployment, spec, None)
     # The pod as the template of a Deployment, so that the patch mode's `inject` builds it: the same sidecar,
     # discovery annotations and drain hooks, whichever mode injects them.
-    meta = pod.get("metadata") or {}
     wrapper = {"metadata": {}, "spec": {"template": {"metadata": meta, "spec": pod.get("spec") or {}}}}
     template = inject(wrapper, added, None)["spec"]["template"]
     annotations = dict(template["metadata"].get("annotations") or {})
@@ -371,22 +374,15 @@ class Certificates:
             self.kube.set_ca_bundle(
                 self.cfg.webhook_configuration,
                 base64.b64encode(bundle).decode(),
-                replaces=lambda current: not newer_ca(current, bundle),
+                replaces=lambda current: self._still(bundle),
             )
 
-
-def newer_ca(current: str, ours: bytes) -> bool:
-    """Whether a caBundle found in the webhook configuration (base64) leads with a newer CA than our bundle: another
-    replica rotated the CA after our read of the Secret. It is not put back to ours (its certificates would be
-    distrusted until the next round); our next read of the Secret has it."""
-    try:
-        theirs = _pems(base64.b64decode(current, validate=True))
-        if not theirs:
-            return False
-        first = x509.load_pem_x509_certificate(theirs[0]).not_valid_before_utc
-        return bool(first > x509.load_pem_x509_certificate(_pems(ours)[0]).not_valid_before_utc)
-    except (ValueError, IndexError):
-        return False  # unreadable (cleared, or edited by hand): ours goes in
+    def _still(self, bundle: bytes) -> bool:
+        """Whether the Secret still holds this bundle: read again just before it would replace the configuration's.
+        With two replicas, one whose read predates the other's CA rotation would otherwise put the previous bundle
+        back, and the API server would distrust the new certificates until the next round. Not by comparing
+        dates: clocks differ, and a Secret restored from a backup must still be trusted."""
+        return self._read().get("ca.crt") == bundle
 
 
 def _pems(bundle: bytes) -> list[bytes]:
