@@ -23,11 +23,26 @@ from tcp_exporter_operator.annotations import A_PORT, asks_for_scaled_object, re
 from tcp_exporter_operator.desired import is_ours, query
 from tcp_exporter_operator.events import MANAGED_BY
 from tcp_exporter_operator.kube import Kube
+from tcp_exporter_operator.signalcheck import FOUND, NO_SERIES
 from tcp_exporter_operator.uninstall import children, deployments, rollouts, statefulsets
 from tcp_exporter_operator.watch import revision
 from tcp_exporter_operator.workloads import DEPLOYMENT, kind_of
 
 PROMETHEUS_DEADLINE = 5.0  # seconds per query of --prometheus
+
+# The operator's Normal Events that say a Warning no longer holds: what it was refused is now written (the sidecar
+# injected or updated, the ScaledObject created), or Prometheus has the series. A Warning not named here counts
+# while its Event is kept (about an hour). KEDA's are not counted from Events: status reads KEDA's conditions.
+WRITTEN = frozenset({"Injected", "Updated", "Upgraded", "ScaledObjectCreated", "ScaledObjectUpdated"})
+CLEARED_BY = {
+    **dict.fromkeys(
+        ("InvalidAnnotation", "ContainerConflict", "AutoscalerConflict", "WriteRefused", "ReconcileFailed"), WRITTEN
+    ),
+    "KedaMissing": frozenset({"ScaledObjectCreated"}),
+    "ScaledObjectConflict": frozenset({"ScaledObjectCreated"}),
+    NO_SERIES: frozenset({FOUND}),
+}
+KEDA_WARNINGS = ("ScaledObjectNotReady", "ScaledObjectFallback")
 
 
 def annotated(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
@@ -38,8 +53,8 @@ def annotated(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
 
 
 def last_warning(kube: Kube, workload: Mapping[str, Any]) -> str | None:
-    """The operator's latest Event on this very workload (by uid: not an earlier one of the same name), when it is
-    a Warning: a later Normal Event of the operator's (it injected, upgraded, created) means it acted since."""
+    """The latest of the operator's Warnings on this very workload (by uid: not an earlier one of the same name)
+    that still holds: no later Normal Event of the operator's clears it (CLEARED_BY)."""
     meta = workload["metadata"]
     selector = f"involvedObject.kind={kind_of(workload)},involvedObject.name={meta['name']}"
     selector += f",involvedObject.uid={meta.get('uid', '')}"
@@ -49,7 +64,12 @@ def last_warning(kube: Kube, workload: Mapping[str, Any]) -> str | None:
             meta["namespace"], field_selector=selector, _preload_content=False
         )
 
-    body = json.loads(kube.call(listing).data)
+    return holding_warning(json.loads(kube.call(listing).data).get("items") or [])
+
+
+def holding_warning(events: list[Mapping[str, Any]]) -> str | None:
+    """Of a workload's Events, the operator's latest Warning that no later Normal Event of its clears
+    ("REASON: message"), or None."""
 
     def when(event: Mapping[str, Any]) -> tuple[str, int]:
         """Timestamps are to the second; within one, the Events' own versions (etcd revisions) give the order:
@@ -57,22 +77,32 @@ def last_warning(kube: Kube, workload: Mapping[str, Any]) -> str | None:
         stamp = str(event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or "")
         return stamp, revision((event.get("metadata") or {}).get("resourceVersion"))
 
-    ours = [
-        e
-        for e in body.get("items") or []
-        if MANAGED_BY in (e.get("reportingComponent"), (e.get("source") or {}).get("component"))
-    ]
-    events = sorted(ours, key=when)
-    if not events or events[-1].get("type") != "Warning":
+    ours = [e for e in events if MANAGED_BY in (e.get("reportingComponent"), (e.get("source") or {}).get("component"))]
+    holding: dict[str, str] = {}  # reason -> message, in the order posted
+    for event in sorted(ours, key=when):
+        reason = str(event.get("reason") or "")
+        if event.get("type") == "Warning" and reason not in KEDA_WARNINGS:
+            holding.pop(reason, None)
+            holding[reason] = str(event.get("message") or "")
+        elif event.get("type") == "Normal":
+            for held in [r for r in holding if reason in CLEARED_BY.get(r, ())]:
+                del holding[held]
+    if not holding:
         return None
-    return f"{events[-1].get('reason')}: {events[-1].get('message')}"
+    reason = list(holding)[-1]
+    return f"{reason}: {holding[reason]}"
 
 
-def connections(url: str, workload: Mapping[str, Any]) -> int | None:
-    """The workload's connections now, by the ScaledObject's own query; None when Prometheus has no answer for it
-    (the query returns nothing: what makes KEDA's fallback hold). Raises ValueError / TimeoutError / OSError."""
+def connections(url: str, workload: Mapping[str, Any], scaled_object: Mapping[str, Any] | None) -> int | None:
+    """The workload's connections now, by its ScaledObject's query (as the operator would write it where there is
+    none); None when Prometheus has no answer for it (what makes KEDA's fallback hold). Raises ValueError /
+    TimeoutError / OSError."""
     meta = workload["metadata"]
-    result = scalein.query(url, {}, PROMETHEUS_DEADLINE, query(meta["namespace"], meta["name"]))
+    promql = query(meta["namespace"], meta["name"])
+    for trigger in ((scaled_object or {}).get("spec") or {}).get("triggers") or []:
+        if isinstance(trigger, Mapping) and isinstance((trigger.get("metadata") or {}).get("query"), str):
+            promql = trigger["metadata"]["query"]
+    result = scalein.query(url, {}, PROMETHEUS_DEADLINE, promql)
     if not result or not isinstance(result[0], Mapping):
         return None
     value = result[0].get("value")
@@ -166,7 +196,7 @@ def status(
             now: int | str | None = "-"
             if prometheus is not None:
                 try:
-                    now = connections(prometheus, deployment)
+                    now = connections(prometheus, deployment, ours)
                 except (ValueError, TimeoutError, OSError) as exc:  # unreachable, or not Prometheus: not asked again
                     print(f"tcp-exporter-operator: status: --prometheus {prometheus}: {exc}", file=err)
                     prometheus = None
@@ -193,5 +223,5 @@ def status(
             out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1] + "\n")
         for r in rows:
             if r["lastWarning"]:
-                out.write(f"{r['namespace']}/{r['name']}: {r['lastWarning'][:300]}\n")
+                out.write(f"{r['kind']} {r['namespace']}/{r['name']}: {r['lastWarning'][:300]}\n")
     return 1 if any(r["problems"] for r in rows) else 0
