@@ -1,7 +1,8 @@
 """Webhook injection's cost at pod creation, on a fresh local control plane: the latency of a pod create through
 the API server with no webhook (the reference), with the operator's webhook for a pod that is not its business
-(most pods of a cluster: answered without an API call), and for a pod of an annotated Deployment (the webhook
-reads the Deployment and the pod's ReplicaSet, then injects the sidecar).
+(no owner it handles; or a pod of a Deployment that is not annotated, known so from the watch: both answered
+without an API call), and for a pod of an annotated Deployment (the webhook reads the Deployment and the pod's
+ReplicaSet, then injects the sidecar).
 
     python -m bench.webhook [--pods 300] [--json PATH]
 
@@ -58,6 +59,30 @@ def create_pods(core: client.CoreV1Api, case: str, count: int, labels: dict[str,
     return row
 
 
+def replicaset_of(
+    apps: client.AppsV1Api, name: str, annotations: dict[str, str]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """A Deployment (no replicas) and its ReplicaSet: the labels and owner reference of a pod that ReplicaSet makes."""
+    labels = {"app": name}
+    deployment = {
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod("x", labels, None)["spec"]},
+        },
+    }
+    apps.create_namespaced_deployment(NAMESPACE, deployment)
+
+    def replicaset() -> Any:
+        found = apps.list_namespaced_replica_set(NAMESPACE, label_selector=f"app={name}").items
+        return found[0] if found else None
+
+    rs = wait_for(replicaset, 60, f"the ReplicaSet of {name}")
+    owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs.metadata.name, "uid": rs.metadata.uid}
+    return {**labels, "pod-template-hash": rs.metadata.labels["pod-template-hash"]}, {**owner, "controller": True}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pods", type=int, default=300, help="pods created per case (default 300)")
@@ -76,33 +101,13 @@ def main() -> int:
         hook = Webhook(cluster, kubectl, api)
         hook.install()
         hook.start()
-        labels = {"app": "checkout.v2"}
-        deployment = {
-            "metadata": {"name": "checkout.v2", "annotations": {"tcp-exporter/port": "8080"}},
-            "spec": {
-                "replicas": 0,
-                "selector": {"matchLabels": labels},
-                "template": {"metadata": {"labels": labels}, "spec": pod("x", labels, None)["spec"]},
-            },
-        }
-        apps.create_namespaced_deployment(NAMESPACE, deployment)
-
-        def replicaset() -> Any:
-            found = apps.list_namespaced_replica_set(NAMESPACE, label_selector="app=checkout.v2").items
-            return found[0] if found else None
-
-        rs = wait_for(replicaset, 60, "the Deployment's ReplicaSet")
-        owner = {
-            "apiVersion": "apps/v1",
-            "kind": "ReplicaSet",
-            "name": rs.metadata.name,
-            "uid": rs.metadata.uid,
-            "controller": True,
-        }
-        template_hash = rs.metadata.labels["pod-template-hash"]
-        rows.append(create_pods(core, "webhook-not-ours", args.pods, {"bench-case": "webhook-not-ours"}, None))
-        ours = {**labels, "pod-template-hash": template_hash, "bench-case": "webhook-injected"}
-        rows.append(create_pods(core, "webhook-injected", args.pods, ours, owner))
+        rows.append(create_pods(core, "webhook-no-owner", args.pods, {"bench-case": "webhook-no-owner"}, None))
+        for case, name, annotations in (
+            ("webhook-not-annotated", "web-api", {}),
+            ("webhook-injected", "checkout.v2", {"tcp-exporter/port": "8080"}),
+        ):
+            labels, owner = replicaset_of(apps, name, annotations)
+            rows.append(create_pods(core, case, args.pods, {**labels, "bench-case": case}, owner))
         hook.remove()
     finally:
         cluster.stop()
