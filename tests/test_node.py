@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 from conftest import need
 from tcp_exporter import __version__
+from test_quickstart import quickstart_commands
 
 from harness.helpers import sidecar_in, wait_for
 from harness.images import SAMPLE_IMAGE
+from harness.localkube.cluster import kubectl as kubectl_path
 from harness.nodedemo import endpoints, ready_pods, serves_only
 
 pytestmark = [pytest.mark.node, pytest.mark.cluster]
@@ -165,14 +167,27 @@ def operator_pod(node_cluster: tuple[Any, Callable[..., str], Any]) -> Callable[
 
 
 def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_connections_through_the_service(
-    operator_pod: Callable[..., str],
+    node_cluster: tuple[Any, Callable[..., str], Any], operator_pod: Callable[..., str]
 ) -> None:
-    # The sample is applied as the quickstart says; the sidecar the operator's pod injects runs from the image
-    # built from Dockerfile.sidecar, under the securityContext the operator wrote, on the real runtime.
+    # The README quickstart's steps 2 to 4 as written (step 2 is the fixture's `kubectl apply -k manifests/`: the
+    # operator runs as the pod it makes); the sidecar the operator's pod injects runs from the image built from
+    # Dockerfile.sidecar, under the securityContext the operator wrote, on the real runtime.
     kubectl = operator_pod
+    path = f"{Path(kubectl_path()).parent}:{os.environ['PATH']}"
+    shell = {**os.environ, "KUBECONFIG": node_cluster[0].kubeconfig, "PATH": path}
+
+    def run(command: str) -> str:
+        done = subprocess.run(["bash", "-c", command], cwd=REPO, env=shell, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+        return done.stdout
+
+    apply_operator, create_namespace, apply_sample, containers, scaled_object = [
+        c for c in quickstart_commands() if not c.startswith("helm ")
+    ]
+    assert apply_operator == "kubectl apply -k manifests/"  # what the fixture ran
     try:
-        kubectl("create", "namespace", "demo")
-        kubectl("apply", "-n", "demo", "-k", str(REPO / "manifests" / "samples"))
+        run(create_namespace)
+        run(apply_sample)
 
         def pod() -> dict[str, Any] | None:
             items = json.loads(kubectl("-n", "demo", "get", "pods", "-o", "json"))["items"]
@@ -199,6 +214,7 @@ def test_the_sample_is_injected_and_its_sidecar_runs_from_our_image_counting_con
         statuses = running["status"]["containerStatuses"] + running["status"]["initContainerStatuses"]
         (sidecar,) = [c for c in statuses if c["name"] == "tcp-exporter"]
         assert sidecar["restartCount"] == 0 and sidecar["image"].endswith("tcp-exporter:" + __version__)
+        assert (run(containers), run(scaled_object)) == ("tcp-exporter echo-server\n", "echo-server\n")  # step 4
         (process,) = sidecar_processes("echo-server")
         assert process["uid"].split() == ["65532"] * 4 and int(process["effective"], 16) == 0, process
         service = json.loads(kubectl("-n", "demo", "get", "service", "echo-server", "-o", "json"))["spec"]
