@@ -151,3 +151,31 @@ def test_kedas_admission_webhook_runs_and_refuses_what_keda_refuses_but_never_th
     so = injected(kube, long_name)  # the operator's own: a 54-character name, accepted by the same webhook
     assert len(so["metadata"]["name"]) <= 54
     assert not kube.events(long_name, "Warning")
+
+
+def test_kedas_ready_false_is_a_warning_on_the_deployment_and_its_end_a_normal_event(
+    operator: Operator, keda: Any, kube: Kube
+) -> None:
+    # A TriggerAuthentication named before it exists (in the order a GitOps sync may apply them): KEDA cannot build
+    # the trigger (no bearer token) and says Ready=False; the operator tells the Deployment, with KEDA's message,
+    # and tells it again once KEDA scales it.
+    name = "checkout.v2"
+    auth = {"tcp-exporter/authentication-ref": "prometheus-creds", "tcp-exporter/auth-modes": "bearer"}
+    kube.create(deployment(name, {"tcp-exporter/port": "web", **auth}))
+    warned = wait_for(
+        lambda: [e for e in kube.events(name, "Warning") if e.reason == "ScaledObjectNotReady"], 90, "the Warning"
+    )
+    assert "KEDA does not scale this Deployment" in warned[0].message and "bearer token" in warned[0].message
+    kube.core.create_namespaced_secret(kube.ns, {"metadata": {"name": "prometheus-creds"}, "stringData": {"t": "x"}})
+    kube.custom.create_namespaced_custom_object(
+        "keda.sh", "v1alpha1", kube.ns, "triggerauthentications",
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "TriggerAuthentication",
+            "metadata": {"name": "prometheus-creds"},
+            "spec": {"secretTargetRef": [{"parameter": "bearerToken", "name": "prometheus-creds", "key": "t"}]},
+        },
+    )  # fmt: skip
+    wait_for(
+        lambda: [e for e in kube.events(name, "Normal") if e.reason == "ScaledObjectReady"], 120, "the Normal Event"
+    )
