@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,23 @@ def install(kubectl: Callable[..., str], components: tuple[str, ...] = ()) -> No
             with open(manifests / "kustomization.yaml", "a") as f:
                 f.write("components:\n" + "".join(f"  - {c}\n" for c in components))
         kubectl("apply", "-k", str(manifests))
+
+
+@contextlib.contextmanager
+def operator_with_kind(cluster: Any, kubectl: Callable[..., str], session: Operator, kind: str) -> Iterator[Operator]:
+    """The operator with one more workload kind enabled (`kind`: statefulsets or rollouts), its component and RBAC
+    installed, in place of the session's operator; after, the kind's rights go again and the session's is back."""
+    session.stop()
+    install(kubectl, components=("scale-in", kind))
+    kinds = {"statefulsets": "Deployment,StatefulSet", "rollouts": "Deployment,Rollout"}[kind]
+    op = Operator(cluster, kubectl, env={"TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS": kinds})
+    try:
+        yield op
+    finally:
+        op.close()
+        install(kubectl, components=("scale-in",))
+        kubectl("delete", "clusterrole,clusterrolebinding", f"tcp-exporter-operator-{kind}", "--ignore-not-found")
+        session.start()
 
 
 def deployment(

@@ -40,6 +40,17 @@ def kustomized(path: Path = REPO / "manifests") -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
+def kustomized_with(tmp_path: Path, *components: str) -> list[dict[str, Any]]:
+    """What `kubectl kustomize` makes of manifests/ with these optional components enabled (on a copy)."""
+    import shutil
+
+    manifests = tmp_path / "manifests"
+    shutil.copytree(REPO / "manifests", manifests)
+    with open(manifests / "kustomization.yaml", "a") as f:
+        f.write("components:\n" + "".join(f"  - {c}\n" for c in components))
+    return kustomized(manifests)
+
+
 def test_helm_lint_passes_for_the_defaults_and_with_every_option_on() -> None:
     for extra in ([], ["--set", "peering.enabled=true,monitoring.podMonitor.enabled=true"]):
         every = ["--set", "monitoring.prometheusRule.enabled=true,monitoring.dashboard.enabled=true"] if extra else []
@@ -100,13 +111,7 @@ def test_without_scale_in_neither_install_grants_any_right_on_pods_and_with_it_t
 
 
 def test_the_optional_parts_match_their_kustomize_components(tmp_path: Path) -> None:
-    import shutil
-
-    manifests = tmp_path / "manifests"
-    shutil.copytree(REPO / "manifests", manifests)
-    with open(manifests / "kustomization.yaml", "a") as f:
-        f.write("components:\n  - peering\n  - monitoring\n  - scale-in\n  - validation\n  - statefulsets\n")
-    kustomize = kustomized(manifests)
+    kustomize = kustomized_with(tmp_path, "peering", "monitoring", "scale-in", "validation", "statefulsets")
     chart = render(
         "--set",
         "peering.enabled=true,monitoring.podMonitor.enabled=true,monitoring.prometheusRule.enabled=true,"
@@ -163,13 +168,7 @@ def test_the_optional_parts_match_their_kustomize_components(tmp_path: Path) -> 
 def test_rollouts_as_targets_grant_the_same_rights_on_rollouts_alone_in_the_chart_and_the_component(
     tmp_path: Path,
 ) -> None:
-    import shutil
-
-    manifests = tmp_path / "manifests"
-    shutil.copytree(REPO / "manifests", manifests)
-    with open(manifests / "kustomization.yaml", "a") as f:
-        f.write("components:\n  - rollouts\n")
-    kustomize = kustomized(manifests)
+    kustomize = kustomized_with(tmp_path, "rollouts")
     chart = render("--set-string", "config.workloadKinds=Deployment\\,Rollout")
 
     def rollouts(docs: list[dict[str, Any]]) -> Any:
@@ -191,13 +190,7 @@ def test_rollouts_as_targets_grant_the_same_rights_on_rollouts_alone_in_the_char
 def test_webhook_injection_matches_the_kustomize_component_and_points_at_the_releases_namespace(
     tmp_path: Path,
 ) -> None:
-    import shutil
-
-    manifests = tmp_path / "manifests"
-    shutil.copytree(REPO / "manifests", manifests)
-    with open(manifests / "kustomization.yaml", "a") as f:
-        f.write("components:\n  - webhook\n")
-    kustomize = kustomized(manifests)
+    kustomize = kustomized_with(tmp_path, "webhook")
     chart = render("--set", "config.injection=webhook", namespace="platform-x")
     assert sorted(d["kind"] for d in chart) == sorted(d["kind"] for d in kustomize if d["kind"] != "Namespace")
 

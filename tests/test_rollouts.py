@@ -17,11 +17,10 @@ import pytest
 from kubernetes import client
 
 from harness.helpers import wait_for
-from harness.operator_proc import Kube, Operator, deployment, install
+from harness.operator_proc import Kube, Operator, deployment, operator_with_kind
 from harness.rolloutstack import Rollouts, rollout, sidecar
 
 pytestmark = pytest.mark.cluster
-KINDS = {"TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS": "Deployment,Rollout"}
 
 
 def test_where_rollouts_are_not_enabled_the_operator_has_no_right_on_them(operator: Operator, kube: Kube) -> None:
@@ -39,16 +38,8 @@ def test_where_rollouts_are_not_enabled_the_operator_has_no_right_on_them(operat
 def operator_with_rollouts(cluster: Any, kubectl: Callable[..., str], operator: Operator) -> Iterator[Operator]:
     """The operator with Rollouts enabled (and their RBAC installed), in place of the session's, for the tests of
     this module that need it: they come after the one that needs the session's (module order)."""
-    operator.stop()
-    install(kubectl, components=("scale-in", "rollouts"))
-    op = Operator(cluster, kubectl, env=KINDS)
-    try:
+    with operator_with_kind(cluster, kubectl, operator, "rollouts") as op:
         yield op
-    finally:
-        op.close()
-        install(kubectl, components=("scale-in",))  # the Rollout rights go again
-        kubectl("delete", "clusterrole,clusterrolebinding", "tcp-exporter-operator-rollouts", "--ignore-not-found")
-        operator.start()
 
 
 def test_a_rollout_is_injected_once_argo_rollouts_is_installed_scaled_through_its_kind_and_uninjected(

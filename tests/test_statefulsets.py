@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 from harness.helpers import wait_for
-from harness.operator_proc import Audit, Kube, Operator, deployment, install, operator_writes
+from harness.operator_proc import Audit, Kube, Operator, deployment, operator_with_kind, operator_writes
 
 pytestmark = pytest.mark.cluster
-KINDS = {"TCP_EXPORTER_OPERATOR_WORKLOAD_KINDS": "Deployment,StatefulSet"}
 
 
 def statefulset(name: str, annotations: dict[str, str]) -> dict[str, Any]:
@@ -71,16 +70,8 @@ def test_where_statefulsets_are_not_enabled_the_operator_has_no_right_on_them_an
 def operator_with_statefulsets(cluster: Any, kubectl: Callable[..., str], operator: Operator) -> Iterator[Operator]:
     """The operator with StatefulSets enabled (and their RBAC installed), in place of the session's, for the
     tests of this module that need it: they come after the one that needs the session's (module order)."""
-    operator.stop()
-    install(kubectl, components=("scale-in", "statefulsets"))
-    op = Operator(cluster, kubectl, env=KINDS)
-    try:
+    with operator_with_kind(cluster, kubectl, operator, "statefulsets") as op:
         yield op
-    finally:
-        op.close()
-        install(kubectl, components=("scale-in",))  # the StatefulSet rights go again
-        kubectl("delete", "clusterrole,clusterrolebinding", "tcp-exporter-operator-statefulsets", "--ignore-not-found")
-        operator.start()
 
 
 def test_a_statefulset_is_injected_and_scaled_with_a_scaledobject_of_its_own_kind_and_uninjected(
