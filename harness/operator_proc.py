@@ -193,6 +193,18 @@ def install(kubectl: Callable[..., str], components: tuple[str, ...] = ()) -> No
         kubectl("apply", "-k", str(manifests))
 
 
+def operator_may(kube: Kube, verb: str, resource: str, group: str) -> bool:
+    """Whether the operator's ServiceAccount (as installed from manifests/) may do this, cluster-wide: a
+    SubjectAccessReview, the API server's own answer."""
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=f"system:serviceaccount:{NAMESPACE}:tcp-exporter-operator",
+            resource_attributes=client.V1ResourceAttributes(verb=verb, resource=resource, group=group),
+        )
+    )
+    return bool(client.AuthorizationV1Api(kube.apps.api_client).create_subject_access_review(review).status.allowed)
+
+
 @contextlib.contextmanager
 def operator_with_kind(cluster: Any, kubectl: Callable[..., str], session: Operator, kind: str) -> Iterator[Operator]:
     """The operator with one more workload kind enabled (`kind`: statefulsets or rollouts), its component and RBAC

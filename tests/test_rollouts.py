@@ -14,24 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
 
 from harness.helpers import wait_for
-from harness.operator_proc import Kube, Operator, deployment, operator_with_kind
+from harness.operator_proc import Kube, Operator, deployment, operator_may, operator_with_kind
 from harness.rolloutstack import Rollouts, rollout, sidecar
 
 pytestmark = pytest.mark.cluster
 
 
 def test_where_rollouts_are_not_enabled_the_operator_has_no_right_on_them(operator: Operator, kube: Kube) -> None:
-    review = client.V1SubjectAccessReview(
-        spec=client.V1SubjectAccessReviewSpec(
-            user="system:serviceaccount:tcp-exporter:tcp-exporter-operator",
-            resource_attributes=client.V1ResourceAttributes(verb="list", resource="rollouts", group="argoproj.io"),
-        )
-    )
-    answer = client.AuthorizationV1Api(kube.apps.api_client).create_subject_access_review(review)
-    assert answer.status.allowed is False
+    assert not operator_may(kube, "list", "rollouts", "argoproj.io")
 
 
 @pytest.fixture(scope="module")

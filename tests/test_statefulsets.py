@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from harness.helpers import wait_for
-from harness.operator_proc import Audit, Kube, Operator, deployment, operator_with_kind, operator_writes
+from harness.operator_proc import Audit, Kube, Operator, deployment, operator_may, operator_with_kind, operator_writes
 
 pytestmark = pytest.mark.cluster
 
@@ -48,16 +48,7 @@ class Sets:
 def test_where_statefulsets_are_not_enabled_the_operator_has_no_right_on_them_and_leaves_them_be(
     operator: Operator, kube: Kube, audit: Audit
 ) -> None:
-    from kubernetes import client
-
-    review = client.V1SubjectAccessReview(
-        spec=client.V1SubjectAccessReviewSpec(
-            user="system:serviceaccount:tcp-exporter:tcp-exporter-operator",
-            resource_attributes=client.V1ResourceAttributes(verb="list", resource="statefulsets", group="apps"),
-        )
-    )
-    answer = client.AuthorizationV1Api(kube.apps.api_client).create_subject_access_review(review)
-    assert answer.status.allowed is False
+    assert not operator_may(kube, "list", "statefulsets", "apps")
     mark = audit.mark()
     Sets(kube).create(statefulset("redis", {"tcp-exporter/port": "8080"}))
     kube.create(deployment("after-it", {"tcp-exporter/port": "8080"}))  # the operator is alive and handles this
