@@ -690,7 +690,7 @@ class Controller:
         # A Warning is posted once while it holds, not on every watch event of the Deployment.
         already = self.warned.get(uid, set())
         # KEDA's Warning posted here whose condition has cleared: a Normal Event says so (once, as the Warning is
-        # then forgotten), and the workload's latest Event is true again (`status` reads it).
+        # then forgotten), so that whoever reads the workload's Events sees that it cleared.
         events += [e for e in plan.cleared if any(reason == CLEARS[e.reason] for reason, _ in already)]
         self.post(deployment, [e for e in events if not (e.type == "Warning" and (e.reason, e.message) in already)])
         self.warned[uid] = warnings
