@@ -10,13 +10,16 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
+from tcp_exporter import __version__
 from tcp_exporter_operator.webhook import INJECTED, issue, remaining
 
 from harness.helpers import wait_for
@@ -114,6 +117,14 @@ def test_pods_get_the_sidecar_at_creation_and_the_deployment_stays_exactly_as_ap
     assert kube.get(name).metadata.resource_version == version
     kubectl("diff", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=applied)  # exit 0: no diff
     assert [w for w in operator_writes(audit, mark, kube.ns) if w[1] == "deployments"] == []
+
+    # `status` reads what the webhook injected from the pods: nothing of it is in the Deployment.
+    cli = str(Path(sys.executable).with_name("tcp-exporter-operator"))
+    env = {**os.environ, "KUBECONFIG": webhook.cluster.kubeconfig}
+    shown = subprocess.run([cli, "status", "-n", kube.ns, "-o", "json"], capture_output=True, text=True, env=env)
+    (row,) = [r for r in json.loads(shown.stdout) if r["name"] == name]
+    assert (row["injectedBy"], row["version"], row["sidecar"]) == ("webhook", __version__, "native")
+    assert row["problems"] == [], row
 
 
 def test_a_rollout_injects_the_new_pods_and_starts_no_second_one(webhook: Webhook, kube: Kube) -> None:

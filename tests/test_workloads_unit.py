@@ -104,3 +104,17 @@ def test_status_counts_a_warning_until_a_normal_event_says_what_it_asked_for_was
     assert holding_warning([event("Warning", "ScaledObjectFallback", 1, 10)]) is None
     foreign = {**event("Warning", "FailedCreate", 1, 10), "source": {"component": "replicaset-controller"}}
     assert holding_warning([foreign]) is None
+
+
+def test_status_reads_a_webhook_injection_from_the_pods_and_says_how_many_lack_the_sidecar() -> None:
+    from tcp_exporter_operator.status import InPods, row
+
+    workload = {"kind": "Deployment", "metadata": {"name": "web-api", "namespace": "shop", "annotations": {}}}
+    workload["metadata"]["annotations"]["tcp-exporter/port"] = "8080"
+    so = {"metadata": {"name": "web-api"}, "spec": {"minReplicaCount": 1, "maxReplicaCount": 10}}
+    shown = row(workload, so, None, pods=InPods(3, 2, "0.2.0", "sockdiag", "native"))
+    assert (shown["injectedBy"], shown["version"], shown["method"], shown["sidecar"]) == (
+        "webhook", "0.2.0", "sockdiag", "native"
+    )  # fmt: skip
+    assert shown["problems"] == ["1 of 3 pods without the sidecar"]
+    assert row(workload, so, None, pods=InPods(2, 0))["problems"] == ["not injected"]

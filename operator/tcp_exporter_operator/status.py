@@ -14,19 +14,21 @@ import json
 import math
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from kubernetes import client
 
 from tcp_exporter_operator import scalein
-from tcp_exporter_operator.annotations import A_PORT, asks_for_scaled_object, recorded_status, tracked
+from tcp_exporter_operator.annotations import A_PORT, asks_for_scaled_object, recorded_status, sidecar_of, tracked
 from tcp_exporter_operator.desired import is_ours, query
 from tcp_exporter_operator.events import MANAGED_BY
 from tcp_exporter_operator.kube import Kube
 from tcp_exporter_operator.signalcheck import FOUND, NO_SERIES
 from tcp_exporter_operator.uninstall import children, deployments, rollouts, statefulsets
 from tcp_exporter_operator.watch import revision
-from tcp_exporter_operator.workloads import DEPLOYMENT, kind_of
+from tcp_exporter_operator.webhook import INJECTED, owning_deployment
+from tcp_exporter_operator.workloads import DEPLOYMENT, key_of, kind_of
 
 PROMETHEUS_DEADLINE = 5.0  # seconds per query of --prometheus
 
@@ -113,17 +115,59 @@ def connections(url: str, workload: Mapping[str, Any], scaled_object: Mapping[st
     return int(number) if math.isfinite(number) and number >= 0 else None
 
 
+@dataclass(frozen=True)
+class InPods:
+    """What the webhook injected, as the workload's running pods show it (INJECTION=webhook: nothing of it is in
+    the workload): the pods, those with the sidecar, and the version, method and form of the newest one's."""
+
+    pods: int = 0
+    injected: int = 0
+    version: str | None = None
+    method: str | None = None
+    mode: str | None = None
+
+
+def in_pods(kube: Kube, workload: Mapping[str, Any]) -> InPods:
+    """The workload's own pods (by its selector, then by owner), read from the API server's cache."""
+    meta = workload["metadata"]
+    match = ((workload.get("spec") or {}).get("selector") or {}).get("matchLabels")
+    if not isinstance(match, Mapping) or not match:
+        return InPods()
+    key = key_of(workload)[1]
+    pods = [
+        p
+        for p in kube.list_pods(meta["namespace"], match)
+        if not p["metadata"].get("deletionTimestamp") and owning_deployment(p) == key
+    ]
+    injected = [p for p in pods if INJECTED in (p["metadata"].get("annotations") or {})]
+    if not injected:
+        return InPods(len(pods))
+    newest = max(injected, key=lambda p: str(p["metadata"].get("creationTimestamp") or ""))
+    container = sidecar_of({"spec": {"template": {"spec": newest.get("spec") or {}}}}) or {}
+    method = next((a.split("=", 1)[1] for a in container.get("args") or [] if str(a).startswith("--method=")), None)
+    return InPods(
+        len(pods),
+        len(injected),
+        str(newest["metadata"]["annotations"][INJECTED]).split("/", 1)[0],
+        method,
+        "native" if container.get("restartPolicy") == "Always" else "container",
+    )
+
+
 def row(
     deployment: Mapping[str, Any],
     scaled_object: Mapping[str, Any] | None,
     warning: str | None,
     now: int | str | None = "-",
+    pods: InPods | None = None,
 ) -> dict[str, Any]:
     """One workload's line, and what needs attention in it (`problems`; empty when all is well). `now`: its
-    connections, None when Prometheus returns nothing for it, "-" when not asked."""
+    connections, None when Prometheus returns nothing for it, "-" when not asked. `pods`: what its pods show of a
+    sidecar the webhook injected (read where the workload itself carries no injection)."""
     meta = deployment["metadata"]
     annotations = meta.get("annotations") or {}
     status = recorded_status(deployment)
+    webhook = pods if status is None and pods is not None and pods.injected else None
     conditions = {
         c.get("type"): c.get("status")
         for c in ((scaled_object or {}).get("status") or {}).get("conditions") or []
@@ -132,8 +176,10 @@ def row(
     spec = (scaled_object or {}).get("spec") or {}
     replicas = (deployment.get("spec") or {}).get("replicas")
     problems = []
-    if A_PORT in annotations and status is None:
+    if A_PORT in annotations and status is None and webhook is None:
         problems.append("not injected")
+    if webhook is not None and webhook.injected < webhook.pods:
+        problems.append(f"{webhook.pods - webhook.injected} of {webhook.pods} pods without the sidecar")
     if A_PORT not in annotations:
         problems.append("annotation removed, injection still there")
     if asks_for_scaled_object(annotations) and scaled_object is None:
@@ -153,9 +199,10 @@ def row(
         "namespace": meta.get("namespace"),
         "kind": kind_of(deployment),
         "name": meta.get("name"),
-        "version": status.version if status else None,
-        "method": status.method if status else None,
-        "sidecar": ("native" if status.mode == "native" else "container") if status else None,
+        "version": status.version if status else webhook.version if webhook else None,
+        "method": status.method if status else webhook.method if webhook else None,
+        "sidecar": ("native" if status.mode == "native" else "container") if status else webhook and webhook.mode,
+        "injectedBy": "template" if status else "webhook" if webhook else None,
         "scaledObject": (scaled_object or {}).get("metadata", {}).get("name"),
         "ready": conditions.get("Ready"),
         "active": conditions.get("Active"),
@@ -200,7 +247,8 @@ def status(
                 except (ValueError, TimeoutError, OSError) as exc:  # unreachable, or not Prometheus: not asked again
                     print(f"tcp-exporter-operator: status: --prometheus {prometheus}: {exc}", file=err)
                     prometheus = None
-            rows.append(row(deployment, ours, warning, now))
+            pods = in_pods(kube, deployment) if recorded_status(deployment) is None else None
+            rows.append(row(deployment, ours, warning, now, pods))
     if output == "json":
         json.dump(rows, out, indent=2)
         out.write("\n")
