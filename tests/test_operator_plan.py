@@ -776,11 +776,17 @@ def test_a_rollout_asking_for_connection_aware_scale_in_is_told_it_does_not_appl
     assert warned and "Rollout" in warned[0].message
 
 
-def test_a_rollouts_workloadref_form_is_refused_by_the_patch_mode_and_planned_by_the_webhook_mode() -> None:
+def test_a_workloadref_rollout_is_planned_on_its_deployments_template_or_refused_where_that_is_unread() -> None:
     refused = plan(rollout(workload_ref=True), Facts(), CFG)
     assert refused.deployment_patch is None and not refused.children
     assert [e.reason for e in refused.events] == ["WorkloadRefNotInjected"]
     assert "checkout-template" in refused.events[0].message
+    # Its Deployment read (the controller's `as_made`): planned with that template, patched in its place.
+    made = rollout(workload_ref=True)
+    made["spec"]["template"] = stored()["spec"]["template"]
+    behalf = plan(made, Facts(template_from="checkout-template"), CFG)
+    assert behalf.deployment_patch and sidecar_of(applied(made, behalf)) is not None
+    assert (body(behalf, "ScaledObject") or {})["spec"]["scaleTargetRef"]["kind"] == "Rollout"
     webhook = plan(rollout(workload_ref=True), Facts(), Config(injection="webhook"))
     assert webhook.deployment_patch is None  # the pods get the sidecar as they are created
     so = body(webhook, "ScaledObject") or {}

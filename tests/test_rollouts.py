@@ -72,15 +72,43 @@ def test_a_rollout_is_injected_once_argo_rollouts_is_installed_scaled_through_it
     wait_for(lambda: kube.scaled_object(name) is None, 30, "the ScaledObject deleted")
 
 
-def test_a_rollout_in_its_workloadref_form_is_refused_by_the_patch_mode_with_the_way_out(
-    operator_with_rollouts: Operator, kube: Kube, argo_rollouts: Any
+def test_a_rollout_in_its_workloadref_form_is_injected_through_its_deployments_template_and_uninjected(
+    operator_with_rollouts: Operator, kube: Kube, cluster: Any, argo_rollouts: Any
 ) -> None:
-    kube.create(deployment("checkout-template", {}))
-    Rollouts(kube).create(rollout("checkout", {"tcp-exporter/port": "8080"}, workload_ref="checkout-template"))
-    warned = wait_for(lambda: Rollouts(kube).events("checkout", "Warning"), 30, "a Warning on the Rollout")
-    assert warned[0].reason == "WorkloadRefNotInjected" and "INJECTION=webhook" in warned[0].message
-    assert "tcp-exporter" not in kube.containers("checkout-template")  # the Deployment is not the operator's to edit
-    assert kube.scaled_object("checkout") is None
+    # The pod template is the Deployment's (scaled to nothing, as Argo's workloadRef users leave it): the patch
+    # mode injects it there on the Rollout's behalf; the Rollout itself is not written.
+    template = deployment("lobby-template", {})
+    template["spec"]["replicas"] = 0
+    kube.create(template)
+    rollouts = Rollouts(kube)
+    rollouts.create(rollout("lobby", {"tcp-exporter/port": "web"}, workload_ref="lobby-template"))
+    try:
+        wait_for(lambda: "tcp-exporter" in kube.containers("lobby-template"), 60, "the Deployment's template injected")
+    except AssertionError:
+        raise AssertionError(f"not injected; operator log:\n{operator_with_rollouts.log()[-4000:]}") from None
+    sidecar_args = " ".join(kube.containers("lobby-template")["tcp-exporter"].args)
+    assert "--deployment=lobby" in sidecar_args  # the Rollout's name: its ScaledObject's query selects it
+    assert "tcp-exporter/status" in kube.get("lobby-template").metadata.annotations
+    so = wait_for(lambda: kube.scaled_object("lobby"), 30, "the Rollout's ScaledObject")
+    assert so["spec"]["scaleTargetRef"] == {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "name": "lobby"}
+    written = rollouts.get("lobby")
+    assert "tcp-exporter/status" not in written["metadata"]["annotations"] and "template" not in written["spec"]
+    # Argo Rollouts makes the Rollout's pods from that template: they run the sidecar.
+    wait_for(lambda: [p for p in rollouts.pods("lobby-template") if sidecar(p)] or None, 60, "a pod with the sidecar")
+    cli = str(Path(sys.executable).with_name("tcp-exporter-operator"))
+    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+    shown = subprocess.run([cli, "status", "-n", kube.ns, "-o", "json"], capture_output=True, text=True, env=env)
+    (row,) = [r for r in json.loads(shown.stdout) if r["name"] == "lobby"]
+    assert row["injectedBy"] == "template" and "not injected" not in row["problems"], row
+    # The user's own change of the template is kept, the sidecar with it; the annotation gone, the template is
+    # as the user wrote it.
+    kube.patch("lobby-template", {"spec": {"template": {"metadata": {"labels": {"tier": "games"}}}}})
+    wait_for(lambda: kube.get("lobby-template").metadata.generation >= 3, 30, "the user's change")
+    assert "tcp-exporter" in kube.containers("lobby-template")
+    rollouts.annotate("lobby", port=None)
+    wait_for(lambda: "tcp-exporter" not in kube.containers("lobby-template"), 30, "the sidecar taken out")
+    assert "tcp-exporter/status" not in (kube.get("lobby-template").metadata.annotations or {})
+    wait_for(lambda: kube.scaled_object("lobby") is None, 30, "the ScaledObject deleted")
 
 
 def test_uninstall_takes_the_injection_out_of_a_rollout_and_deletes_its_scaledobject(

@@ -159,6 +159,10 @@ class Controller:
         # is answered without an API call.
         self.tracked_keys: dict[Key, bool] = {}
         self.scale_targets: dict[Key, Target] = {}  # (namespace, name) -> what scale-in needs of each opted in
+        # Patch injection of workloadRef Rollouts (`as_made`): (namespace, Deployment) -> the key name of the
+        # annotated Rollout whose pods it makes, and (namespace, that key name) -> the Deployment.
+        self.referenced: dict[Key, str] = {}
+        self.references: dict[Key, str] = {}
         self.signal = SignalCheck(
             config,
             post=lambda body, event: self.post(body, [event]),
@@ -317,6 +321,8 @@ class Controller:
         meta = body["metadata"]
         is_tracked = type != "DELETED" and tracked(meta.get("annotations") or {})
         key = key_of(body)
+        if kind_of(body) == ROLLOUT and not self.webhook:
+            self.refer(key, body if is_tracked else None)
         if self.webhook:
             if type == "DELETED":
                 self.tracked_keys.pop(key, None)
@@ -327,6 +333,23 @@ class Controller:
             self.scale_target(body if is_tracked else None, key)
             self.signal.observe(body if is_tracked else None, key)
         return is_tracked
+
+    def refer(self, key: Key, rollout: Mapping[str, Any] | None) -> None:
+        """Keep which Deployment a tracked workloadRef Rollout is made from (from the watch thread). A Deployment
+        it no longer names plans itself again: its injection, if it carries one, is nobody's now."""
+        namespace = key[0]
+        previous = self.references.pop(key, None)
+        ref = workload_ref(rollout) if rollout is not None else None
+        name = ref.get("name") if ref is not None and ref.get("kind") == DEPLOYMENT else None
+        if isinstance(name, str) and name and "/" not in name:
+            self.references[key] = name
+            self.referenced[(namespace, name)] = key[1]
+        else:
+            name = None
+        if previous is not None and previous != name:
+            if self.referenced.get((namespace, previous)) == key[1]:
+                del self.referenced[(namespace, previous)]
+            self.enqueue(namespace, previous)
 
     def scale_target(self, body: Mapping[str, Any] | None, key: Key) -> None:
         """Keep what connection-aware scale-in needs of an opted-in Deployment (its replicas change with the HPA)."""
@@ -510,11 +533,19 @@ class Controller:
                 if current is None or current["metadata"].get("deletionTimestamp"):
                     self.rollouts.unreserve(deployment["metadata"].get("uid", ""))
                     return "in_sync"
-                made = self.as_made(current)
+                owner = self.referenced.get((namespace, name)) if kind_of(current) == DEPLOYMENT else None
+                if owner is not None and not self.webhook:
+                    # Injected on a workloadRef Rollout's behalf: planned by the Rollout's reconcile, asked for now
+                    # (its template may have changed); its status updates are not planned again.
+                    self.enqueue(namespace, owner)
+                    self.synced[current["metadata"].get("uid", "")] = self.state(current)
+                    return "in_sync"
+                made, target = self.as_made(current)
                 facts = replace(
                     self.indexes.facts_for(current, hpas),
                     scale_in_installed=self.scale_in_installed,
                     uninjected_pods=self.uninjected_pods(made),
+                    template_from=target,
                 )
                 uid = current["metadata"].get("uid", "")
                 result = plan(made, facts, self.config)
@@ -536,7 +567,7 @@ class Controller:
                     hpas = kube.list_hpas(namespace, current["metadata"].get("resourceVersion"))
                     continue
                 try:
-                    self.apply(current, result)
+                    self.apply(current, result, target)
                 finally:
                     self.rollouts.unreserve(uid)  # a no-op once the rollout has started
                 if result.writes == 0 and not result.upgrade_deferred:
@@ -574,14 +605,37 @@ class Controller:
         )
         return "failed"
 
-    def as_made(self, workload: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The workload with the pod template its pods are made from: a workloadRef Rollout's is its Deployment's,
-        read afresh (checked and planned on it, never written: the patch mode refuses that form)."""
+    def as_made(self, workload: Mapping[str, Any]) -> tuple[Mapping[str, Any], str | None]:
+        """The workload as planned, with the pod template its pods are made from, and the Deployment patched in its
+        place (None: the workload itself).
+
+        A workloadRef Rollout's template is its Deployment's, read afresh. In the webhook mode it is only checked
+        and planned on it. In the patch mode that Deployment is injected on the Rollout's behalf: the plan is of
+        the Rollout (its name, kind and uid: the sidecar's label, the ScaledObject's target and owner, the Events;
+        its tcp-exporter/ annotations) with the Deployment's template, status annotation and version, and its
+        patch goes to the Deployment, whose own reconcile then leaves it to the Rollout's (`referenced`)."""
         ref = workload_ref(workload)
         name = ref.get("name") if ref is not None else None
         if ref is None or ref.get("kind") != DEPLOYMENT or not isinstance(name, str) or "/" in name:
-            return workload
-        return with_template(workload, self.kube.get_deployment(workload["metadata"]["namespace"], name))
+            return workload, None
+        source = self.kube.get_deployment(workload["metadata"]["namespace"], name)
+        if source is None:
+            return workload, None
+        made = with_template(workload, source)
+        if self.webhook:
+            return made, None
+        ours = {k: v for k, v in (workload["metadata"].get("annotations") or {}).items() if k.startswith(PREFIX)}
+        ours.pop(A_STATUS, None)  # the Rollout's own would be forged: the injection's is the Deployment's
+        theirs = source["metadata"]
+        if A_STATUS in (theirs.get("annotations") or {}):
+            ours[A_STATUS] = theirs["annotations"][A_STATUS]
+        meta = {
+            **workload["metadata"],
+            "annotations": ours,
+            "resourceVersion": theirs.get("resourceVersion"),
+            "generation": theirs.get("generation"),
+        }
+        return {**made, "metadata": meta}, name
 
     def state(self, deployment: Mapping[str, Any]) -> tuple[int, ...]:
         return unchanged(deployment, pods=self.webhook)
@@ -641,11 +695,14 @@ class Controller:
         levels = list(self.indexes.psa_levels.get(namespace, [None]))
         return levels[0] if levels else None
 
-    def apply(self, deployment: Mapping[str, Any], plan: Plan) -> None:
+    def apply(self, deployment: Mapping[str, Any], plan: Plan, target: str | None = None) -> None:
+        """The plan's writes; the workload's patch goes to `target` where it names the Deployment that a
+        workloadRef Rollout's pods are made from (`as_made`)."""
         kube = self.kube
         meta = deployment["metadata"]
         if plan.deployment_patch is not None:
-            written, generation = kube.patch_deployment(*key_of(deployment), plan.deployment_patch)
+            key: tuple[str, str] = (meta["namespace"], target) if target is not None else key_of(deployment)
+            written, generation = kube.patch_deployment(*key, plan.deployment_patch)
             self.awaiting[meta.get("uid")] = (written, time.monotonic() + CONSISTENCY_TIMEOUT)
             if plan.upgrade and paced(deployment):
                 self.rollouts.started(meta.get("uid", ""), generation, deployment)

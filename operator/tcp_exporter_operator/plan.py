@@ -75,6 +75,9 @@ class Facts:
     scale_in_installed: bool = True
     # Webhook injection: (pods of the Deployment created without the sidecar, its pods); None where not counted.
     uninjected_pods: tuple[int, int] | None = None
+    # Patch injection of a workloadRef Rollout: the Deployment whose template its pods are made from, read, which is
+    # patched in its place (the plan is of the Rollout, with that Deployment's template and status annotation).
+    template_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -293,14 +296,15 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
             )
         )
     ref = workload_ref(deployment)
-    if ref is not None and cfg.injection != "webhook":
+    if ref is not None and cfg.injection != "webhook" and facts.template_from is None:
         result.events.append(
             Event(
                 "Warning",
                 "WorkloadRefNotInjected",
                 f"this Rollout takes its pod template from {ref.get('kind', 'Deployment')} {ref.get('name')!r} "
-                "(spec.workloadRef), which the patch mode does not edit: nothing changed. Use the webhook injection "
-                "(TCP_EXPORTER_OPERATOR_INJECTION=webhook), which injects the Rollout's pods as they are created",
+                "(spec.workloadRef), which could not be read as a Deployment of this namespace: nothing changed. "
+                "Name a Deployment there, or use the webhook injection (TCP_EXPORTER_OPERATOR_INJECTION=webhook), "
+                "which injects the Rollout's pods as they are created",
             )
         )
         return result

@@ -20,7 +20,14 @@ from typing import Any, TextIO
 from kubernetes import client
 
 from tcp_exporter_operator import scalein
-from tcp_exporter_operator.annotations import A_PORT, asks_for_scaled_object, recorded_status, sidecar_of, tracked
+from tcp_exporter_operator.annotations import (
+    A_PORT,
+    Status,
+    asks_for_scaled_object,
+    recorded_status,
+    sidecar_of,
+    tracked,
+)
 from tcp_exporter_operator.desired import is_ours, query
 from tcp_exporter_operator.events import MANAGED_BY
 from tcp_exporter_operator.kube import Kube
@@ -28,7 +35,7 @@ from tcp_exporter_operator.signalcheck import FOUND, NO_SERIES
 from tcp_exporter_operator.uninstall import children, deployments, rollouts, statefulsets
 from tcp_exporter_operator.watch import revision
 from tcp_exporter_operator.webhook import INJECTED, owning_deployment
-from tcp_exporter_operator.workloads import DEPLOYMENT, key_of, kind_of
+from tcp_exporter_operator.workloads import DEPLOYMENT, key_of, kind_of, workload_ref
 
 PROMETHEUS_DEADLINE = 5.0  # seconds per query of --prometheus
 
@@ -160,13 +167,15 @@ def row(
     warning: str | None,
     now: int | str | None = "-",
     pods: InPods | None = None,
+    recorded: Status | None = None,
 ) -> dict[str, Any]:
     """One workload's line, and what needs attention in it (`problems`; empty when all is well). `now`: its
     connections, None when Prometheus returns nothing for it, "-" when not asked. `pods`: what its pods show of a
-    sidecar the webhook injected (read where the workload itself carries no injection)."""
+    sidecar the webhook injected (read where the workload itself carries no injection). `recorded`: the injection
+    of the Deployment a workloadRef Rollout is made from, injected on its behalf."""
     meta = deployment["metadata"]
     annotations = meta.get("annotations") or {}
-    status = recorded_status(deployment)
+    status = recorded or recorded_status(deployment)
     webhook = pods if status is None and pods is not None and pods.injected else None
     conditions = {
         c.get("type"): c.get("status")
@@ -247,8 +256,15 @@ def status(
                 except (ValueError, TimeoutError, OSError) as exc:  # unreachable, or not Prometheus: not asked again
                     print(f"tcp-exporter-operator: status: --prometheus {prometheus}: {exc}", file=err)
                     prometheus = None
-            pods = in_pods(kube, deployment) if recorded_status(deployment) is None else None
-            rows.append(row(deployment, ours, warning, now, pods))
+            recorded, pods = recorded_status(deployment), None
+            ref = workload_ref(deployment) or {}
+            made_from = str(ref.get("name") or "")
+            if recorded is None and ref.get("kind") == DEPLOYMENT and made_from and "/" not in made_from:
+                source = kube.get_deployment(meta["namespace"], made_from)
+                recorded = recorded_status(source) if source is not None else None  # injected on its behalf
+            if recorded is None:
+                pods = in_pods(kube, deployment)
+            rows.append(row(deployment, ours, warning, now, pods, recorded))
     if output == "json":
         json.dump(rows, out, indent=2)
         out.write("\n")
