@@ -95,3 +95,28 @@ def test_a_keda_warning_that_cleared_gets_one_normal_event_and_only_where_it_was
     assert posted == ["ScaledObjectFallbackCleared"]  # Ready was never warned of: nothing to clear
     controller.apply(body, Plan(cleared=cleared))
     assert posted == ["ScaledObjectFallbackCleared"]  # once
+
+
+def test_a_deployment_two_workloadref_rollouts_name_is_injected_for_one_only(controller: Controller) -> None:
+    """The patch mode injects a workloadRef Rollout's Deployment on its behalf; where another Rollout names it too,
+    only the one that named it last does (the other is told): two would undo each other's injection."""
+    template = {"metadata": {"name": "lobby-template", "namespace": "shop", "resourceVersion": "7"}}
+    pods = {"spec": {"containers": [{"name": "app"}]}}
+    template["spec"] = {"template": pods, "selector": {"matchLabels": {"a": "b"}}}
+    controller.kube.get_deployment = lambda namespace, name, timeout=0: template  # type: ignore[assignment,misc]
+
+    def rollout(name: str) -> dict[str, Any]:
+        body = deployment(name)
+        body.update(kind="Rollout", apiVersion="argoproj.io/v1alpha1")
+        body["spec"] = {"workloadRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "lobby-template"}}
+        return body
+
+    controller.refer(("shop", "Rollout/lobby"), rollout("lobby"))
+    made, target = controller.as_made(rollout("lobby"))
+    assert target == "lobby-template" and made["metadata"]["resourceVersion"] == "7"  # planned as the Deployment is
+    assert made["metadata"]["name"] == "lobby" and made["spec"]["template"] == template["spec"]["template"]
+    controller.refer(("shop", "Rollout/lobby-b"), rollout("lobby-b"))  # a second one names it: it alone injects
+    assert controller.as_made(rollout("lobby"))[1] is None and controller.as_made(rollout("lobby-b"))[1] is not None
+    controller.refer(("shop", "Rollout/lobby-b"), None)  # no longer: the Deployment plans itself again
+    entry = controller.queue.get(timeout=0)
+    assert entry is not None and entry[0] == ("shop", "lobby-template")

@@ -624,6 +624,8 @@ class Controller:
         made = with_template(workload, source)
         if self.webhook:
             return made, None
+        if self.referenced.get((workload["metadata"]["namespace"], name), key_of(workload)[1]) != key_of(workload)[1]:
+            return made, None  # another Rollout named it since: that one injects it (two would undo each other)
         ours = {k: v for k, v in (workload["metadata"].get("annotations") or {}).items() if k.startswith(PREFIX)}
         ours.pop(A_STATUS, None)  # the Rollout's own would be forged: the injection's is the Deployment's
         theirs = source["metadata"]

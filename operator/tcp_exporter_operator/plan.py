@@ -302,8 +302,9 @@ def plan(deployment: Mapping[str, Any], facts: Facts, cfg: Config) -> Plan:
                 "Warning",
                 "WorkloadRefNotInjected",
                 f"this Rollout takes its pod template from {ref.get('kind', 'Deployment')} {ref.get('name')!r} "
-                "(spec.workloadRef), which could not be read as a Deployment of this namespace: nothing changed. "
-                "Name a Deployment there, or use the webhook injection (TCP_EXPORTER_OPERATOR_INJECTION=webhook), "
+                "(spec.workloadRef), which the patch mode cannot inject on its behalf: it is not a Deployment of this "
+                "namespace the operator can read, or another Rollout names it too. Nothing changed. Name a "
+                "Deployment of its own, or use the webhook injection (TCP_EXPORTER_OPERATOR_INJECTION=webhook), "
                 "which injects the Rollout's pods as they are created",
             )
         )
