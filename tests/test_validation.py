@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from tcp_exporter_operator import rules
 from tcp_exporter_operator.config import Config
@@ -19,6 +20,7 @@ from tcp_exporter_operator.plan import Facts, plan
 
 from harness.helpers import wait_for
 from harness.operator_proc import REPO, Kube, deployment
+from harness.rolloutstack import rollout
 
 POLICY_FILE = REPO / "manifests" / "validation" / "policy.yaml"
 OPERATOR = str(Path(sys.executable).with_name("tcp-exporter-operator"))
@@ -111,7 +113,7 @@ def refusal(kube: Kube, body: dict[str, Any]) -> str | None:
 
 @pytest.mark.cluster
 def test_the_api_server_refuses_each_malformed_annotation_with_the_operators_message(
-    kube: Kube, kubectl: Callable[..., str], api: Any
+    kube: Kube, kubectl: Callable[..., str], api: Any, argo_rollouts: Any
 ) -> None:
     old = annotated("threshold", "ten")  # applied before the policy: its later unrelated updates still go through
     old["metadata"]["name"] = "orders-api"
@@ -134,6 +136,13 @@ def test_the_api_server_refuses_each_malformed_annotation_with_the_operators_mes
         with pytest.raises(ApiException) as refused:
             kube.apps.create_namespaced_stateful_set(kube.ns, sts, dry_run="All")
         assert rules.BY_KEY["tcp-exporter/method"].message in str(refused.value.body)
+        custom = client.CustomObjectsApi(api)
+        argo = rollout("checkout.v2", {"tcp-exporter/method": "ebpf"})  # Argo Rollouts' CRD is served here
+        with pytest.raises(ApiException) as refused:
+            custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", kube.ns, "rollouts", argo, dry_run="All")
+        assert rules.BY_KEY["tcp-exporter/method"].message in str(refused.value.body)
+        argo["metadata"]["annotations"]["tcp-exporter/method"] = "sockdiag"
+        custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", kube.ns, "rollouts", argo, dry_run="All")
         kube.patch("orders-api", {"spec": {"replicas": 2}})  # the old value is left as it was: allowed
         with pytest.raises(ApiException) as err:
             kube.annotate("orders-api", threshold="eleven")  # changed, and still malformed: refused
