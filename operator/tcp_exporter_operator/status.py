@@ -30,7 +30,7 @@ from tcp_exporter_operator.annotations import (
 )
 from tcp_exporter_operator.desired import is_ours, query
 from tcp_exporter_operator.events import MANAGED_BY
-from tcp_exporter_operator.kube import Kube
+from tcp_exporter_operator.kube import ApiError, Kube
 from tcp_exporter_operator.signalcheck import FOUND, NO_SERIES
 from tcp_exporter_operator.uninstall import children, deployments, rollouts, statefulsets
 from tcp_exporter_operator.watch import revision
@@ -135,17 +135,20 @@ class InPods:
 
 
 def in_pods(kube: Kube, workload: Mapping[str, Any]) -> InPods:
-    """The workload's own pods (by its selector, then by owner), read from the API server's cache."""
+    """The workload's own pods (by its selector, then by owner), read from the API server's cache; none where the
+    caller may not list pods (then only what the workload itself says is shown)."""
     meta = workload["metadata"]
     match = ((workload.get("spec") or {}).get("selector") or {}).get("matchLabels")
     if not isinstance(match, Mapping) or not match:
         return InPods()
     key = key_of(workload)[1]
-    pods = [
-        p
-        for p in kube.list_pods(meta["namespace"], match)
-        if not p["metadata"].get("deletionTimestamp") and owning_deployment(p) == key
-    ]
+    try:
+        listed = kube.list_pods(meta["namespace"], match)
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        return InPods()
+    pods = [p for p in listed if not p["metadata"].get("deletionTimestamp") and owning_deployment(p) == key]
     injected = [p for p in pods if INJECTED in (p["metadata"].get("annotations") or {})]
     if not injected:
         return InPods(len(pods))
