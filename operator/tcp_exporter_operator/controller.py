@@ -68,9 +68,9 @@ from tcp_exporter_operator.workloads import (
     key_name,
     key_of,
     kind_of,
+    made_from,
     with_kind,
     with_template,
-    workload_ref,
 )
 
 log = logging.getLogger(__name__)
@@ -339,13 +339,10 @@ class Controller:
         it no longer names plans itself again: its injection, if it carries one, is nobody's now."""
         namespace = key[0]
         previous = self.references.pop(key, None)
-        ref = workload_ref(rollout) if rollout is not None else None
-        name = ref.get("name") if ref is not None and ref.get("kind") == DEPLOYMENT else None
-        if isinstance(name, str) and name and "/" not in name:
+        name = made_from(rollout) if rollout is not None else None
+        if name is not None:
             self.references[key] = name
             self.referenced[(namespace, name)] = key[1]
-        else:
-            name = None
         if previous is not None and previous != name:
             if self.referenced.get((namespace, previous)) == key[1]:
                 del self.referenced[(namespace, previous)]
@@ -614,9 +611,8 @@ class Controller:
         the Rollout (its name, kind and uid: the sidecar's label, the ScaledObject's target and owner, the Events;
         its tcp-exporter/ annotations) with the Deployment's template, status annotation and version, and its
         patch goes to the Deployment, whose own reconcile then leaves it to the Rollout's (`referenced`)."""
-        ref = workload_ref(workload)
-        name = ref.get("name") if ref is not None else None
-        if ref is None or ref.get("kind") != DEPLOYMENT or not isinstance(name, str) or "/" in name:
+        name = made_from(workload)
+        if name is None:
             return workload, None
         source = self.kube.get_deployment(workload["metadata"]["namespace"], name)
         if source is None:

@@ -35,7 +35,7 @@ from tcp_exporter_operator.signalcheck import FOUND, NO_SERIES
 from tcp_exporter_operator.uninstall import children, deployments, rollouts, statefulsets
 from tcp_exporter_operator.watch import revision
 from tcp_exporter_operator.webhook import INJECTED, owning_deployment
-from tcp_exporter_operator.workloads import DEPLOYMENT, key_of, kind_of, workload_ref
+from tcp_exporter_operator.workloads import DEPLOYMENT, key_of, kind_of, made_from
 
 PROMETHEUS_DEADLINE = 5.0  # seconds per query of --prometheus
 
@@ -260,10 +260,9 @@ def status(
                     print(f"tcp-exporter-operator: status: --prometheus {prometheus}: {exc}", file=err)
                     prometheus = None
             recorded, pods = recorded_status(deployment), None
-            ref = workload_ref(deployment) or {}
-            made_from = str(ref.get("name") or "")
-            if recorded is None and ref.get("kind") == DEPLOYMENT and made_from and "/" not in made_from:
-                source = kube.get_deployment(meta["namespace"], made_from)
+            template_owner = made_from(deployment)
+            if recorded is None and template_owner is not None:
+                source = kube.get_deployment(meta["namespace"], template_owner)
                 recorded = recorded_status(source) if source is not None else None  # injected on its behalf
             if recorded is None:
                 pods = in_pods(kube, deployment)

@@ -22,7 +22,7 @@ from tcp_exporter_operator.annotations import A_STATUS, recorded_status
 from tcp_exporter_operator.desired import uninject
 from tcp_exporter_operator.diff import deployment_patch
 from tcp_exporter_operator.events import CHILDREN, MANAGED_BY
-from tcp_exporter_operator.kube import ApiError, Conflict, Kube
+from tcp_exporter_operator.kube import ApiError, Conflict, Kube, custom_lister
 from tcp_exporter_operator.webhook import INJECTED, owning_deployment
 from tcp_exporter_operator.workloads import (
     ROLLOUT,
@@ -70,32 +70,26 @@ def deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
     return _workloads(kube, namespace, "deployment")
 
 
-def statefulsets(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
+def _optional(listed: Iterator[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:
+    """The items of a kind the cluster may not serve (a CRD not installed) or this account may not read, kind said;
+    none then: the rest is uninstalled all the same."""
     try:
-        for item in _workloads(kube, namespace, "stateful_set"):
-            yield said(item, STATEFULSET)
+        for item in listed:
+            yield said(item, kind)
     except ApiError as exc:
-        if exc.status not in (403, 404):  # this account may not read StatefulSets: it uninstalls the rest
+        if exc.status not in (403, 404):
             raise
+
+
+def statefulsets(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
+    return _optional(_workloads(kube, namespace, "stateful_set"), STATEFULSET)
 
 
 def rollouts(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:
     """Every Argo Rollout, where its kind is served and this account may read it."""
-
-    def page(api: client.ApiClient, token: str | None) -> Any:
-        custom = client.CustomObjectsApi(api)
-        if namespace is None:
-            return custom.list_cluster_custom_object(*ROLLOUTS, limit=500, _continue=token, _preload_content=False)
-        return custom.list_namespaced_custom_object(
-            ROLLOUTS[0], ROLLOUTS[1], namespace, ROLLOUTS[2], limit=500, _continue=token, _preload_content=False
-        )
-
-    try:
-        for item in _pages(kube, page):
-            yield said(item, ROLLOUT)
-    except ApiError as exc:
-        if exc.status not in (403, 404):  # not installed, or not readable by this account: the rest is uninstalled
-            raise
+    lister = custom_lister(*ROLLOUTS)
+    listed = _pages(kube, lambda api, token: lister(api, namespace, limit=500, _continue=token))
+    return _optional(listed, ROLLOUT)
 
 
 def injected_deployments(kube: Kube, namespace: str | None) -> Iterator[dict[str, Any]]:

@@ -68,6 +68,14 @@ def workload_ref(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return ref if isinstance(ref, Mapping) else None
 
 
+def made_from(workload: Mapping[str, Any]) -> str | None:
+    """The name of the Deployment (of its namespace) whose template a workloadRef Rollout's pods are made from;
+    None for any other workload, or a reference to another kind or to no name a Deployment can have."""
+    ref = workload_ref(workload)
+    name = ref.get("name") if ref is not None and ref.get("kind") == DEPLOYMENT else None
+    return name if isinstance(name, str) and name and "/" not in name else None
+
+
 def with_template(workload: Mapping[str, Any], source: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """A workloadRef Rollout as its pods are made: its spec with the pod template (and, where it names none, the
     selector) of `source`, the referenced Deployment, read afresh (or, in the webhook, the pod being created). What
